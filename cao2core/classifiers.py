@@ -1,0 +1,177 @@
+"""Selection classifiers: any timm model, a local checkpoint, or the embedded MNIST judge.
+
+The MNIST judge is registered in timm's registry, so ``timm.create_model("mnist_cnn")`` builds it like any
+other timm architecture and the engine needs no special case for it.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.resources
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import timm
+import timm.data
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+from timm.models import register_model
+from torch import nn
+
+from .errors import UserError
+from .labels import LabelSpace
+
+
+class MnistCNN(nn.Module):
+    """3 x (conv3x3 + ReLU + maxpool) with 32/64/64 channels, then FC 1024 -> 128 -> classes; input 32x32 in [-1, 1]."""
+
+    def __init__(self, num_classes: int = 10, in_chans: int = 1, drop_rate: float = 0.2, **_):
+        super().__init__()
+        layers, c = [], in_chans
+        for width in (32, 64, 64):
+            layers += [nn.Conv2d(c, width, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+            c = width
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(64 * 4 * 4, 128), nn.ReLU(inplace=True),
+                                  nn.Dropout(drop_rate), nn.Linear(128, num_classes))
+        self.num_classes = num_classes
+        # timm-style metadata: how this model wants its input (images in [-1, 1], no resize).
+        self.pretrained_cfg = {"input_size": (in_chans, 32, 32), "mean": (0.5,), "std": (0.5,),
+                               "crop_pct": 1.0, "interpolation": "bilinear", "num_classes": num_classes}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+@register_model
+def mnist_cnn(pretrained: bool = False, **kwargs) -> MnistCNN:
+    if pretrained:
+        raise ValueError("mnist_cnn has no hub weights; load the embedded checkpoint through cao2core.classifiers")
+    kwargs.pop("pretrained_cfg", None)
+    kwargs.pop("pretrained_cfg_overlay", None)
+    return MnistCNN(**kwargs)
+
+
+# --- loading -------------------------------------------------------------------------------------------------
+
+
+DEFAULT_IMAGENET_CLASSIFIER = "resnet18.tv_in1k"   # the weights of torchvision's resnet18, as the reference uses
+
+
+def embedded_mnist_classifier() -> Path:
+    return Path(str(importlib.resources.files("cao2core") / "assets" / "mnist_cnn.safetensors"))
+
+
+@dataclass
+class Classifier:
+    """A frozen classifier with its own preprocessing and the class ids of its outputs, in order."""
+
+    model: nn.Module
+    classes: list[str] | None
+    source: str
+    sha256: str | None = None
+    class_accuracy: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.model.eval().requires_grad_(False)
+        self.transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=self.model))
+        self.in_chans = timm.data.resolve_data_config({}, model=self.model)["input_size"][0]
+
+    def output_indices(self, space: LabelSpace) -> list[int]:
+        """The output index of each class of ``space``; refuses a classifier whose class list does not cover it."""
+        if self.classes is None:
+            raise UserError(f"classifier {self.source} does not say which class each output is; "
+                            "give its class ids with --classifier-classes FILE (one per line, in output order)")
+        index = {c: i for i, c in enumerate(self.classes)}
+        missing = [c for c in space.ids if c not in index]
+        if missing:
+            raise UserError(f"classifier {self.source} has no output for class {missing[0]!r} of dataset "
+                            f"{space.name}; use a classifier trained on this label space")
+        return [index[c] for c in space.ids]
+
+    @torch.no_grad()
+    def probs(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Softmax over the classifier's outputs for pixels in [-1, 1], after its own preprocessing."""
+        x = (pixels.clamp(-1, 1) + 1) / 2
+        if x.shape[1] != self.in_chans:
+            x = x.expand(-1, self.in_chans, -1, -1) if x.shape[1] == 1 else x.mean(1, keepdim=True)
+        device = next(self.model.parameters()).device
+        return self.model(self.transform(x).to(device)).float().softmax(-1)
+
+
+def load_classifier(spec: str | None, space: LabelSpace, device: torch.device, arch: str | None = None,
+                    classes_file: str | None = None) -> Classifier:
+    """A timm model name (hub weights), a local .safetensors/.pt checkpoint, or None for the dataset's default."""
+    if spec is None:
+        spec = str(embedded_mnist_classifier()) if space.generator_space == "mnist" else DEFAULT_IMAGENET_CLASSIFIER
+    path = Path(spec)
+    if path.suffix in (".safetensors", ".pt", ".pth", ".bin") or path.exists():
+        clf = _load_local(path, arch)
+    else:
+        clf = _load_timm(spec)
+    if classes_file is not None:
+        lines = [ln.split()[0] for ln in Path(classes_file).read_text().splitlines() if ln.strip()]
+        clf.classes = lines
+    if clf.classes is not None and len(clf.classes) != _num_outputs(clf.model):
+        raise UserError(f"classifier {clf.source} has {_num_outputs(clf.model)} outputs but its class list has "
+                        f"{len(clf.classes)} entries; fix the class list")
+    clf.model.to(device)
+    return clf
+
+
+def _num_outputs(model: nn.Module) -> int:
+    return int(getattr(model, "num_classes", 0) or model.pretrained_cfg.get("num_classes", 0))
+
+
+def _load_timm(name: str) -> Classifier:
+    if name.split(".")[0] not in timm.list_models():
+        raise UserError(f"classifier {name!r} is neither a file nor a timm model name; "
+                        "give a timm name (e.g. resnet18.tv_in1k) or a checkpoint path")
+    try:
+        model = timm.create_model(name, pretrained=True)
+    except Exception as exc:  # hub unreachable, unknown tag, ...
+        raise UserError(f"cannot load timm classifier {name!r} ({type(exc).__name__}: {exc}); "
+                        "check the name and network access, or pass a local checkpoint") from None
+    subset = timm.data.infer_imagenet_subset(model)
+    classes = timm.data.ImageNetInfo(subset).label_names() if subset == "imagenet-1k" else None
+    return Classifier(model, classes, name)
+
+
+def _load_local(path: Path, arch: str | None) -> Classifier:
+    if not path.is_file():
+        raise UserError(f"classifier checkpoint {path} not found; give an existing file or a timm model name")
+    meta: dict[str, str] = {}
+    try:
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata() or {}
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else state
+    except Exception as exc:
+        raise UserError(f"cannot read classifier checkpoint {path} ({type(exc).__name__}); "
+                        "it is truncated or not a safetensors/torch state dict") from None
+    arch = arch or meta.get("arch")
+    if not arch:
+        raise UserError(f"classifier checkpoint {path} does not name its architecture; pass --classifier-arch")
+    num_classes = int(meta["num_classes"]) if "num_classes" in meta else _infer_num_classes(state)
+    model = timm.create_model(arch, pretrained=False, num_classes=num_classes)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise UserError(f"classifier checkpoint {path} does not fit architecture {arch}: {first}") from None
+    classes = json.loads(meta["classes"]) if "classes" in meta else None
+    acc = json.loads(meta["class_accuracy"]) if "class_accuracy" in meta else None
+    class_accuracy = dict(zip(classes, acc)) if classes and acc else {}
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    return Classifier(model, classes, str(path), digest, class_accuracy)
+
+
+def _infer_num_classes(state: dict) -> int:
+    last = [v for k, v in state.items() if k.endswith("weight") and v.ndim == 2]
+    if not last:
+        raise UserError("cannot tell the classifier's number of classes; save it as safetensors with metadata")
+    return int(last[-1].shape[0])

@@ -1,0 +1,93 @@
+"""``cao2`` command line: ``cao2 run`` distills, ``cao2 plugins`` lists what is installed."""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import MISSING, fields
+
+from . import __version__
+from .config import RunConfig, load_toml
+from .errors import UserError
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _add_run_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE", help="TOML file whose keys are these flag names; flags override it")
+    for f in fields(RunConfig):
+        meta = f.metadata
+        default = f.default if f.default is not MISSING else f.default_factory()
+        help_text = meta["help"] if default in (None, []) else f"{meta['help']} (default: {default})"
+        kw = dict(dest=f.name, default=argparse.SUPPRESS, help=help_text)
+        if meta.get("nargs") == "append_kv":
+            p.add_argument(_flag(f.name), action="append", metavar="KEY=VALUE", **kw)
+        else:
+            base = str(f.type).split("|")[0].strip()
+            if base == "bool":
+                p.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, **kw)
+                continue
+            p.add_argument(_flag(f.name), type={"int": int, "float": float}.get(base, str),
+                           choices=meta.get("choices"), **kw)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cao2", description="Dataset distillation with pretrained generators (CaO2).")
+    parser.add_argument("--version", action="version", version=f"cao2 {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run_p = sub.add_parser("run", help="distill a dataset", description="Sample a pool per class, select (OSS), "
+                           "optimize the latents (CLO), decode and write the distilled set.")
+    _add_run_flags(run_p)
+    sub.add_parser("plugins", help="list installed generator and other plugins with their hooks")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    values = load_toml(args.config) if getattr(args, "config", None) else {}
+    values.update({k: v for k, v in vars(args).items() if k not in ("command", "config")})
+    try:
+        return RunConfig(**values)
+    except TypeError as exc:
+        raise UserError(f"bad configuration: {exc}") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "plugins":
+            return _plugins()
+        return _run(config_from_args(args))
+    except UserError as exc:
+        print(f"cao2: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("cao2: interrupted; rerun the same command to continue", file=sys.stderr)
+        return 130
+
+
+def _run(cfg: RunConfig) -> int:
+    from .engine import run     # heavy imports only for the command that needs them
+    result = run(cfg)
+    print(f"distilled {len(result.completed)} classes "
+          f"({len(result.skipped)} already complete) into {result.out.resolve()}")
+    print(f"  images:   {result.out / 'images'}  (ImageFolder)")
+    print(f"  preview:  {result.out / 'preview.png'}")
+    print(f"  manifest: {result.out / 'manifest.json'}")
+    if result.failed:
+        cid, reason = next(iter(result.failed.items()))
+        raise UserError(f"{len(result.failed)} class(es) failed and were not written (class {cid}: {reason}); "
+                        "lower --clo-lr or check the generator, then rerun the same command to redo them")
+    return 0
+
+
+def _plugins() -> int:
+    from .plugins import Host
+    for info in Host().describe():
+        print(f"{info.name} {info.version} [{info.kind}]")
+        print("  hooks: " + ", ".join(h.removeprefix("cao2_") for h in info.hooks))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

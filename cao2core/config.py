@@ -1,0 +1,108 @@
+"""The run configuration: one table of options drives ``cao2 run``'s flags, ``--config`` TOML keys and defaults."""
+from __future__ import annotations
+
+import math
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from .errors import UserError
+from .hookspecs import CONDITION_KINDS
+from .select import ORDERS, STRATEGIES
+
+CONDITIONS = CONDITION_KINDS + ("auto",)
+
+
+def _opt(default, help, choices=None, affects_output=True, **kw):
+    meta = dict(help=help, choices=choices, affects_output=affects_output, **kw)
+    if callable(default):
+        return field(default_factory=default, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class RunConfig:
+    generator: str = _opt("dit", "generator plugin (see `cao2 plugins`)")
+    model: str | None = _opt(None, "generator checkpoint: a diffusers folder, an original checkpoint file or a hub "
+                                   "id; default: the generator's embedded MNIST world")
+    vae: str | None = _opt(None, "VAE folder or hub id; default: the one beside --model, else the generator's default")
+    classifier: str | None = _opt(None, "selection classifier: a timm model name or a local checkpoint; default: "
+                                        "the embedded MNIST judge, resnet18.tv_in1k for ImageNet")
+    classifier_arch: str | None = _opt(None, "timm architecture of a --classifier checkpoint that does not name it")
+    classifier_classes: str | None = _opt(None, "file of the classifier's class ids in output order (one per line)")
+    dataset: str | None = _opt(None, "label space: mnist, nette, woof, in100, in1k or a file of wnids; "
+                                     "default: the generator's own")
+    classes: str | None = _opt(None, "subset of classes: comma-separated ids or positions, A-B ranges; default: all")
+    ipc: int = _opt(10, "images per class to distill")
+    pool_factor: int = _opt(4, "pool size per class = pool-factor x IPC (m in the paper)")
+    select: str = _opt("confidence", "selection strategy", STRATEGIES)
+    order: str = _opt("easy", "confidence order: easy = most confident first, hard = least first", ORDERS)
+    clo_iters: int = _opt(100, "CLO iterations (0 = selection only)")
+    clo_lr: float = _opt(6e-4, "CLO Adam learning rate")
+    clo_lambda: float = _opt(10.0, "weight of the L-infinity term of the CLO loss")
+    clo_tmax: int | None = _opt(None, "largest CLO corruption level T-hat; default: the generator's (DiT: 224, "
+                                      "or 11 with --timestep-convention reference)")
+    condition: str = _opt("null", "CLO condition per class: class label, null (CFG) label, zero label embedding, "
+                                  "or auto = class label for easy classes, null for hard ones", CONDITIONS)
+    condition_threshold: float = _opt(0.7, "auto: classes whose classifier validation accuracy is at least this "
+                                           "use the class label")
+    class_accuracy: str | None = _opt(None, "auto: JSON file {class id: validation accuracy}; default: the "
+                                            "classifier checkpoint's own record")
+    timestep_convention: str = _opt("default", "DiT CLO timesteps: default = model told the noise level's own t; "
+                                               "reference = as the official code (respaced noise, raw index)",
+                                    ("default", "reference"))
+    sampler: str | None = _opt(None, "generator sampler (DiT: ddpm or ddim); default: the generator's")
+    sample_steps: int | None = _opt(None, "sampling steps; default: the generator's (DiT: 50)")
+    guidance: float | None = _opt(None, "classifier-free guidance scale; default: the generator's (DiT-XL/2: 2.7)")
+    gen_opt: list = _opt(list, "generator-specific option KEY=VALUE (repeatable)", nargs="append_kv")
+    batch_size: int = _opt(64, "samples per forward pass (sampling, scoring, CLO, decoding)", affects_output=False)
+    seed: int = _opt(0, "run seed; every draw comes from a generator seeded by (seed, class, index)")
+    device: str = _opt("auto", "torch device: auto, cpu, cuda, cuda:N", affects_output=False)
+    dtype: str = _opt("fp32", "generator weights dtype", ("fp32", "bf16", "fp16"))
+    out: str = _opt("out/cao2", "output folder", affects_output=False)
+    progress: bool = _opt(True, "show progress bars", affects_output=False)
+
+    def validate(self) -> None:
+        checks = [(self.ipc >= 1, f"--ipc must be at least 1, got {self.ipc}"),
+                  (self.pool_factor >= 1, f"--pool-factor must be at least 1, got {self.pool_factor}"),
+                  (self.clo_iters >= 0, f"--clo-iters must be 0 or more, got {self.clo_iters}"),
+                  (math.isfinite(self.clo_lr) and self.clo_lr > 0, f"--clo-lr must be a positive number, got {self.clo_lr}"),
+                  (math.isfinite(self.clo_lambda) and self.clo_lambda >= 0,
+                   f"--clo-lambda must be 0 or more, got {self.clo_lambda}"),
+                  (self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}"),
+                  (self.sample_steps is None or self.sample_steps >= 1, "--sample-steps must be at least 1")]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(message)
+
+    def output_key(self) -> dict:
+        """The options that change what is written: a rerun with the same key may resume the output."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.metadata["affects_output"]}
+
+    def gen_options(self) -> dict:
+        opts = {k: getattr(self, k) for k in ("model", "vae", "dataset", "sampler", "sample_steps", "guidance",
+                                              "timestep_convention", "dtype")}
+        for item in self.gen_opt:
+            key, sep, value = item.partition("=")
+            if not sep or not key:
+                raise UserError(f"--gen-opt {item!r} is not KEY=VALUE")
+            opts[key.replace("-", "_")] = value
+        return opts
+
+
+def load_toml(path: str) -> dict:
+    """Read a --config file; keys are the flag names (dashes or underscores)."""
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise UserError(f"config file {path} not found") from None
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise UserError(f"config file {path} is not valid TOML: {exc}") from None
+    names = {f.name for f in fields(RunConfig)}
+    out = {}
+    for key, value in data.items():
+        name = key.replace("-", "_")
+        if name not in names:
+            raise UserError(f"config file {path}: unknown key {key!r}; keys are the `cao2 run` flag names")
+        out[name] = value
+    return out

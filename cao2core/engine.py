@@ -1,0 +1,213 @@
+"""The distillation run: for each class, sample a pool, select (OSS), optimize (CLO), decode, store.
+
+Read ``run`` top to bottom to follow one class from the command line to its PNG files.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from . import __version__, clo, select
+from .classifiers import Classifier, load_classifier
+from .config import RunConfig
+from .errors import UserError
+from .labels import LabelSpace, label_space
+from .plugins import Generator, Host
+from .seeding import unit_generators
+from .store import Store, to_uint8
+
+PREVIEW_CLASSES, PREVIEW_IMAGES = 16, 8
+
+
+@dataclass
+class RunResult:
+    out: Path
+    completed: list[str]
+    skipped: list[str]
+    failed: dict[str, str]
+
+
+def run(cfg: RunConfig, host: Host | None = None) -> RunResult:
+    cfg.validate()
+    host = host or Host()
+    gen = host.generator(cfg.generator)
+    device = resolve_device(cfg.device)
+    handle = gen.load(options=cfg.gen_options(), device=device)
+    spec = gen.latent_spec(handle=handle)
+
+    space = resolve_classes(cfg, spec)
+    clo_settings = clo.CLOSettings(cfg.clo_iters, cfg.clo_lr, cfg.clo_lambda, spec.level_range[0],
+                                   cfg.clo_tmax if cfg.clo_tmax is not None else spec.default_level_max)
+    clo.check_levels(clo_settings, spec.level_range)
+    classifier = None
+    if cfg.select == "confidence" or cfg.condition == "auto":
+        classifier = load_classifier(cfg.classifier, space, device, cfg.classifier_arch, cfg.classifier_classes)
+        targets = classifier.output_indices(space)
+    conditions = condition_per_class(cfg, space, classifier)
+
+    store = Store(Path(cfg.out), run_id(cfg), manifest_header(cfg, gen, handle, space, classifier, clo_settings))
+    store.check()
+    store.open()                        # nothing is written before every input has been checked
+
+    todo = [i for i, cid in enumerate(space.ids) if not store.is_complete(cid)]
+    pool = cfg.ipc * (cfg.pool_factor if cfg.select != "none" else 1)
+    sample_bar = tqdm(total=len(todo) * pool, desc="sample pool", unit="img", disable=not cfg.progress)
+    clo_bar = tqdm(total=len(todo) * _chunks(cfg.ipc, cfg.batch_size) * cfg.clo_iters, desc="CLO",
+                   unit="it", disable=not cfg.progress)
+    failed: dict[str, str] = {}
+    for pos in todo:
+        cid, label = space.ids[pos], space.generator_labels[pos]
+        times = {}
+        # 1. pool: every sample from its own generator, in chunks of --batch-size
+        t0 = time.perf_counter()
+        pool_latents = torch.cat([
+            gen.sample(handle=handle, labels=torch.full((len(idx),), label, device=device),
+                       generators=unit_generators(cfg.seed, label, idx, "sample"), snapshot_steps=[]).latents.float()
+            for idx in _batches(range(pool), cfg.batch_size, sample_bar)])
+        times["sample"] = time.perf_counter() - t0
+
+        # 2. OSS: classify the decoded pool with the classifier's own preprocessing
+        t0 = time.perf_counter()
+        if cfg.select == "confidence":
+            probs = torch.cat([classifier.probs(gen.decode(handle=handle, latents=pool_latents[idx]))
+                               for idx in _batches(range(pool), cfg.batch_size)]).cpu()
+            keep = select.select_confidence(probs, targets[pos], cfg.ipc, cfg.order)
+            scores = select.scores_of(probs, targets[pos])[keep]
+        else:
+            keep = (select.select_random(pool, cfg.ipc, unit_generators(cfg.seed, label, [0], "select")[0])
+                    if cfg.select == "random" else torch.arange(cfg.ipc))
+            scores = torch.full((cfg.ipc,), float("nan"))
+        latents_init = pool_latents[keep.to(pool_latents.device)]
+        times["select"] = time.perf_counter() - t0
+
+        # 3. CLO: all selected latents of the class, batched, each with its own noise and level draws
+        t0 = time.perf_counter()
+        kinds = [conditions[cid]] * cfg.ipc
+        try:
+            latents = torch.cat([
+                clo.optimize(gen, handle, latents_init[idx], torch.full((len(idx),), label, device=device),
+                             kinds[: len(idx)], unit_generators(cfg.seed, label, idx, "clo-noise"),
+                             unit_generators(cfg.seed, label, idx, "clo-level"), clo_settings, clo_bar.update)
+                for idx in _batches(range(cfg.ipc), cfg.batch_size)])
+        except clo.NonFiniteLatents as exc:
+            failed[cid] = str(exc)
+            store.set_status(cid, {"status": "failed", "reason": str(exc), "label": pos, "generator_label": label})
+            continue
+        times["clo"] = time.perf_counter() - t0
+
+        # 4. decode and store; the class appears only once all its files are in place
+        t0 = time.perf_counter()
+        pixels = torch.cat([gen.decode(handle=handle, latents=latents[idx]) for idx in _batches(range(cfg.ipc), cfg.batch_size)])
+        tensors = {"latents": latents, "latents_init": latents_init, "labels": torch.full((cfg.ipc,), label),
+                   "scores": scores.float(), "pool_index": keep.long()}
+        times["decode"] = time.perf_counter() - t0
+        store.write_class(cid, pixels, tensors, {
+            "name": space.names[pos], "label": pos, "generator_label": label, "condition": conditions[cid],
+            "seconds": {k: round(v, 3) for k, v in times.items()}})
+    sample_bar.close()
+    clo_bar.close()
+
+    rows = []
+    for cid in [c for c in space.ids if store.is_complete(c)][:PREVIEW_CLASSES]:
+        t = store.load_latents(cid)
+        n = min(PREVIEW_IMAGES, len(t["latents"]))
+        pair = torch.cat([t["latents_init"][:n], t["latents"][:n]]).to(device)
+        img = to_uint8(gen.decode(handle=handle, latents=pair))
+        rows.append((img[:n], img[n:]))
+    if rows:
+        store.write_preview(rows)
+    completed = [c for c in space.ids if store.is_complete(c)]
+    return RunResult(Path(cfg.out), completed, [space.ids[i] for i in range(len(space.ids)) if i not in todo], failed)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown --device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name} asked for CUDA but no GPU is visible; use --device cpu")
+    return dev
+
+
+def resolve_classes(cfg: RunConfig, spec) -> LabelSpace:
+    dataset = cfg.dataset or spec.label_space
+    if dataset is None:
+        raise UserError("this generator does not say which label space it uses; pass --dataset")
+    space = label_space(dataset).select(cfg.classes)
+    if spec.label_space is not None and label_space(spec.label_space).generator_space != space.generator_space:
+        raise UserError(f"dataset {dataset} uses {space.generator_space} labels but the generator was trained on "
+                        f"{spec.label_space}; pass a matching --dataset or --model")
+    bad = [l for l in space.generator_labels if not 0 <= l < spec.num_classes]
+    if bad:
+        raise UserError(f"class id {bad[0]} is out of range for this generator's {spec.num_classes} classes")
+    return space
+
+
+def condition_per_class(cfg: RunConfig, space: LabelSpace, classifier: Classifier | None) -> dict[str, str]:
+    """The CLO condition of each class; ``auto`` = task-oriented: class label if the class is easy, else null."""
+    if cfg.condition != "auto":
+        return {cid: cfg.condition for cid in space.ids}
+    if cfg.class_accuracy:
+        try:
+            acc = {str(k): float(v) for k, v in json.loads(Path(cfg.class_accuracy).read_text()).items()}
+        except (OSError, ValueError, AttributeError):
+            raise UserError(f"--class-accuracy {cfg.class_accuracy} is not a readable JSON object "
+                            "{class id: accuracy}") from None
+    else:
+        acc = classifier.class_accuracy if classifier else {}
+    missing = [c for c in space.ids if c not in acc]
+    if missing:
+        raise UserError(f"--condition auto needs the classifier's validation accuracy of class {missing[0]!r}; "
+                        "pass --class-accuracy FILE or choose --condition class|null|zero")
+    return {c: "class" if acc[c] >= cfg.condition_threshold else "null" for c in space.ids}
+
+
+def run_id(cfg: RunConfig) -> str:
+    return hashlib.sha256(json.dumps(cfg.output_key(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def manifest_header(cfg, gen: Generator, handle, space: LabelSpace, classifier, settings) -> dict:
+    def ver(pkg):
+        try:
+            return version(pkg)
+        except PackageNotFoundError:
+            return None
+    return {
+        "config": {**cfg.output_key(), "clo_tmax": settings.level_max},
+        "versions": {"cao2": __version__, "python": platform.python_version(), "torch": torch.__version__,
+                     **{p: ver(p) for p in ("diffusers", "timm", "safetensors", "pluggy")}},
+        "command": " ".join(sys.argv),
+        "generator": {"name": gen.name, **gen.describe(handle=handle)},
+        "classifier": None if classifier is None else {"source": classifier.source, "sha256": classifier.sha256},
+        "dataset": space.name,
+        "class_ids": list(space.ids),
+        "class_names": list(space.names),
+        "generator_labels": list(space.generator_labels),
+        "seeds": {"run_seed": cfg.seed, "unit_seed": "sha256('cao2/{seed}/{generator label}/{index}/{stream}')[:8]",
+                  "streams": ["sample", "clo-noise", "clo-level", "select"]},
+    }
+
+
+def _chunks(n: int, size: int) -> int:
+    return -(-n // size)
+
+
+def _batches(indices, size: int, bar=None):
+    indices = list(indices)
+    for i in range(0, len(indices), size):
+        chunk = indices[i:i + size]
+        yield chunk
+        if bar is not None:
+            bar.update(len(chunk))

@@ -1,0 +1,113 @@
+"""The generator contract: pluggy hookspecs (project ``cao2``) and the small types they exchange.
+
+A generator plugin implements these hooks in one module and registers it under the ``cao2.generators``
+entry-point group. The engine calls a generator's hooks only on that plugin (plus any cross-cutting plugins
+from the ``cao2.plugins`` group, which may wrap them), so several generators can be installed side by side.
+
+Latents are always the *scaled* latents the generator denoises, batched along dim 0. Pixels are in [-1, 1].
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import pluggy
+import torch
+
+PROJECT = "cao2"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+CONDITION_KINDS = ("class", "null", "zero")
+
+
+@dataclass(frozen=True)
+class LatentSpec:
+    """What the engine needs to know about a loaded generator."""
+
+    shape: tuple[int, ...]          # one sample's latent shape, e.g. (4, 32, 32)
+    num_classes: int                # labels are 0 .. num_classes-1
+    level_range: tuple[int, int]    # allowed CLO corruption levels (inclusive), e.g. (1, 999) timesteps
+    default_level_max: int          # T-hat used when the user gives none
+    label_space: str | None = None  # the dataset whose label order the generator uses ("mnist", "in1k", ...)
+    corruption: str = "noise"       # "noise" (q_sample) or "mask" (token masking)
+
+
+@dataclass
+class SampleOutput:
+    latents: torch.Tensor                                   # (B, *shape)
+    snapshots: dict[int, torch.Tensor] = field(default_factory=dict)  # step -> latents at that step
+
+
+@dataclass
+class Corrupted:
+    """A corrupted batch as the generator's ``predict`` needs it; ``extras`` is the plugin's own business."""
+
+    inputs: torch.Tensor
+    levels: torch.Tensor
+    target: torch.Tensor
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Prediction:
+    pred: torch.Tensor                   # (B, ...) prediction
+    target: torch.Tensor                 # (B, ...) what it should equal
+    weight: torch.Tensor | None = None   # optional per-element weight (e.g. a token mask), broadcastable to pred
+    aux_loss: torch.Tensor | None = None  # optional (B,) extra per-sample loss added to the CLO loss
+
+
+@hookspec(firstresult=True)
+def cao2_load(options: dict, device: torch.device) -> Any:
+    """Load the generator (frozen, eval mode, on ``device``) and return an opaque handle.
+
+    ``options`` holds ``model``, ``vae``, ``dataset`` (may be None: use the plugin's default world) and the
+    generic sampling options (``guidance``, ``sample_steps``, ``sampler``, ``timestep_convention``, ``dtype``)
+    plus any ``--gen-opt key=value`` pairs. Raise ``cao2core.errors.UserError`` for bad checkpoints.
+    """
+
+
+@hookspec(firstresult=True)
+def cao2_latent_spec(handle: Any) -> LatentSpec:
+    """Describe the latents, the label space and the CLO level range of a loaded generator."""
+
+
+@hookspec(firstresult=True)
+def cao2_describe(handle: Any) -> dict:
+    """Return what the manifest records about the loaded generator (checkpoints, sha256, resolved options)."""
+
+
+@hookspec(firstresult=True)
+def cao2_sample(handle: Any, labels: torch.Tensor, generators: list, snapshot_steps: list) -> SampleOutput:
+    """Sample one latent per label; sample i draws all its randomness from ``generators[i]`` only."""
+
+
+@hookspec(firstresult=True)
+def cao2_decode(handle: Any, latents: torch.Tensor) -> torch.Tensor:
+    """Scaled latents -> pixels in [-1, 1] (not clamped), shape (B, C, H, W)."""
+
+
+@hookspec(firstresult=True)
+def cao2_encode(handle: Any, pixels: torch.Tensor, generators: list) -> torch.Tensor:
+    """Pixels in [-1, 1] -> scaled latents (optional hook)."""
+
+
+@hookspec(firstresult=True)
+def cao2_condition(handle: Any, labels: torch.Tensor, kinds: list) -> Any:
+    """Build the condition for ``predict``: per sample, kind ``class``, ``null`` (CFG null) or ``zero``."""
+
+
+@hookspec(firstresult=True)
+def cao2_corrupt(handle: Any, latents: torch.Tensor, levels: torch.Tensor, noise: torch.Tensor,
+                 generators: list) -> Corrupted:
+    """Corrupt latents at per-sample ``levels`` with the fixed per-sample ``noise`` (noise or mask)."""
+
+
+@hookspec(firstresult=True)
+def cao2_predict(handle: Any, corrupted: Corrupted, condition: Any) -> Prediction:
+    """Run the frozen generator on a corrupted batch; gradients flow to the latents only."""
+
+
+REQUIRED_HOOKS = ("cao2_load", "cao2_latent_spec", "cao2_describe", "cao2_sample", "cao2_decode",
+                  "cao2_condition", "cao2_corrupt", "cao2_predict")
+OPTIONAL_HOOKS = ("cao2_encode",)

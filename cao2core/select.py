@@ -1,0 +1,33 @@
+"""Objective-guided sample selection (OSS): which ``ipc`` samples of a class's pool are kept.
+
+``confidence`` keeps samples the classifier predicts as their class, ordered by the classifier's top-1
+probability (``easy``: most confident first, as the reference does for low IPC; ``hard``: least confident
+first), and fills any shortfall from the remaining (wrongly predicted) samples in the same order.
+Ties keep pool order, so the result is deterministic.
+"""
+from __future__ import annotations
+
+import torch
+
+STRATEGIES = ("confidence", "random", "none")
+ORDERS = ("easy", "hard")
+
+
+def select_confidence(probs: torch.Tensor, target: int, ipc: int, order: str = "easy") -> torch.Tensor:
+    """Pool indices to keep, in selection order. ``probs``: (P, K) softmax; ``target``: the class's output index."""
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {ORDERS}")
+    confidence, pred = probs.max(dim=1)
+    ranked = torch.sort(confidence, descending=(order == "easy"), stable=True).indices
+    correct = pred[ranked] == target
+    keep = torch.cat([ranked[correct], ranked[~correct]])
+    return keep[:ipc]
+
+
+def select_random(pool_size: int, ipc: int, generator: torch.Generator) -> torch.Tensor:
+    return torch.randperm(pool_size, generator=generator)[:ipc]
+
+
+def scores_of(probs: torch.Tensor, target: int) -> torch.Tensor:
+    """Per-sample record for the store: the classifier's probability of the target class."""
+    return probs[:, target]

@@ -1,0 +1,189 @@
+"""The DiT generator plugin: diffusers ``DiTTransformer2DModel`` + ``AutoencoderKL``.
+
+Registered under the ``cao2.generators`` entry point ``dit``. Without ``--model`` it loads the embedded
+MNIST world shipped in ``worlds/mnist``; with ``--model`` a diffusers DiT folder or hub id, or the original
+``DiT-XL-2-256x256.pt``.
+
+CLO corruption is ``q_sample`` on the 1000-step linear schedule. Timestep conventions:
+
+* ``default``: level t in [1, T-hat] on the 1000-step scale; noise at alpha-bar(t) and the model is told t.
+* ``reference``: as the official CaO2 code: level k in [1, T-hat] indexes the 50-step respaced schedule;
+  noise at alpha-bar(map[k]) (original t 20, 41, ..., 224 for k = 1..11) but the model is told k.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from diffusers import AutoencoderKL, DiTTransformer2DModel
+
+from cao2core.errors import UserError
+from cao2core.hookspecs import Corrupted, LatentSpec, Prediction, SampleOutput, hookimpl
+
+from . import loading, sampling
+
+__version__ = "0.1.0"
+CONVENTIONS = ("default", "reference")
+REFERENCE_STEPS = 50      # the reference respaces the 1000-step schedule to 50 steps
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class DiTHandle:
+    transformer: DiTTransformer2DModel
+    vae: AutoencoderKL
+    alphas_cumprod: torch.Tensor
+    label_space: str | None
+    guidance: float
+    steps: int
+    sampler: str
+    convention: str
+    dtype: torch.dtype
+    sources: dict = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return self.transformer.config.num_embeds_ada_norm
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        c = self.transformer.config
+        return (c.in_channels, c.sample_size, c.sample_size)
+
+
+def respaced_map(steps: int = REFERENCE_STEPS, total: int = 1000) -> list[int]:
+    """Original timesteps kept by DiT's ``space_timesteps(1000, "50")``: 0, 20, 41, 61, ..., 999."""
+    stride = (total - 1) / (steps - 1)
+    return [round(i * stride) for i in range(steps)]
+
+
+@hookimpl
+def cao2_load(options: dict, device: torch.device) -> DiTHandle:
+    convention = options.get("timestep_convention") or "default"
+    if convention not in CONVENTIONS:
+        raise UserError(f"unknown --timestep-convention {convention!r}; use one of {', '.join(CONVENTIONS)}")
+    sampler = options.get("sampler") or "ddpm"
+    if sampler not in sampling.SAMPLERS:
+        raise UserError(f"unknown --sampler {sampler!r} for dit; use one of {', '.join(sampling.SAMPLERS)}")
+    t_src, v_src, defaults = loading.resolve(options.get("model"), options.get("vae"), options.get("dataset"))
+    heads = options.get("num_heads")
+    transformer = loading.load_transformer(t_src, int(heads) if heads else None)
+    vae = loading.load_vae(v_src)
+    if vae.config.latent_channels != transformer.config.in_channels:
+        raise UserError(f"VAE {v_src} has {vae.config.latent_channels} latent channels but the DiT expects "
+                        f"{transformer.config.in_channels}; pass the VAE this DiT was trained with")
+    dtype = DTYPES[options.get("dtype") or "fp32"]
+    for m in (transformer, vae):
+        m.eval().requires_grad_(False).to(device)
+    if dtype != torch.float32:
+        transformer.to(dtype)     # the VAE stays fp32: decoding in half precision visibly degrades images
+    n = transformer.config.num_embeds_ada_norm
+    guidance = options.get("guidance")
+    return DiTHandle(
+        transformer=transformer, vae=vae,
+        alphas_cumprod=sampling.noise_schedule().alphas_cumprod.to(device),
+        label_space=defaults.get("label_space") or ("in1k" if n == 1000 else None),
+        guidance=float(guidance if guidance is not None else defaults.get("guidance", 2.7)),
+        steps=int(options.get("sample_steps") or defaults.get("sample_steps", 50)),
+        sampler=sampler, convention=convention, dtype=dtype,
+        sources={"transformer": t_src, "vae": v_src})
+
+
+@hookimpl
+def cao2_latent_spec(handle: DiTHandle) -> LatentSpec:
+    if handle.convention == "reference":
+        return LatentSpec(handle.latent_shape, handle.num_classes, (1, REFERENCE_STEPS - 1), 11, handle.label_space)
+    return LatentSpec(handle.latent_shape, handle.num_classes, (1, 999), 224, handle.label_space)
+
+
+@hookimpl
+def cao2_describe(handle: DiTHandle) -> dict:
+    return {
+        "family": "dit",
+        "transformer": {"source": handle.sources["transformer"], "sha256": loading.sha256_of(handle.sources["transformer"]),
+                        "config": dict(handle.transformer.config)},
+        "vae": {"source": handle.sources["vae"], "sha256": loading.sha256_of(handle.sources["vae"]),
+                "scaling_factor": handle.vae.config.scaling_factor, "shift_factor": handle.vae.config.shift_factor},
+        "sampler": handle.sampler, "sample_steps": handle.steps, "guidance": handle.guidance,
+        "null_label": handle.num_classes, "timestep_convention": handle.convention,
+        "dtype": str(handle.dtype).removeprefix("torch."),
+    }
+
+
+@hookimpl
+def cao2_sample(handle: DiTHandle, labels: torch.Tensor, generators: list, snapshot_steps: list) -> SampleOutput:
+    x = sampling.sample(handle.transformer, labels, generators, null_label=handle.num_classes,
+                        guidance=handle.guidance, steps=handle.steps, sampler=handle.sampler,
+                        latent_shape=handle.latent_shape, dtype=handle.dtype)
+    return SampleOutput(latents=x)
+
+
+def _vae_factors(vae: AutoencoderKL) -> tuple[float, float]:
+    return vae.config.scaling_factor, vae.config.shift_factor or 0.0
+
+
+@hookimpl
+def cao2_decode(handle: DiTHandle, latents: torch.Tensor) -> torch.Tensor:
+    scale, shift = _vae_factors(handle.vae)
+    with torch.no_grad():
+        return handle.vae.decode(latents.float() / scale + shift).sample
+
+
+@hookimpl
+def cao2_encode(handle: DiTHandle, pixels: torch.Tensor, generators: list) -> torch.Tensor:
+    scale, shift = _vae_factors(handle.vae)
+    with torch.no_grad():
+        z = handle.vae.encode(pixels.float()).latent_dist.sample(generator=generators)
+    return (z - shift) * scale
+
+
+@dataclass
+class DiTCondition:
+    labels: torch.Tensor        # label ids fed to the model (null id for kind "null")
+    zero: torch.Tensor          # (B,) bool: kind "zero" -> the label embedding is replaced by zeros
+
+
+@hookimpl
+def cao2_condition(handle: DiTHandle, labels: torch.Tensor, kinds: list) -> DiTCondition:
+    kinds_t = list(kinds)
+    null = torch.tensor([k == "null" for k in kinds_t], device=labels.device)
+    zero = torch.tensor([k == "zero" for k in kinds_t], device=labels.device)
+    return DiTCondition(torch.where(null, torch.full_like(labels, handle.num_classes), labels), zero)
+
+
+@hookimpl
+def cao2_corrupt(handle: DiTHandle, latents: torch.Tensor, levels: torch.Tensor, noise: torch.Tensor,
+                 generators: list) -> Corrupted:
+    if handle.convention == "reference":
+        noise_t = torch.tensor(respaced_map(), device=levels.device)[levels]
+    else:
+        noise_t = levels
+    a = handle.alphas_cumprod[noise_t].view(-1, *([1] * (latents.ndim - 1)))
+    x_t = a.sqrt() * latents + (1 - a).sqrt() * noise
+    return Corrupted(inputs=x_t, levels=levels, target=noise)
+
+
+@hookimpl
+def cao2_predict(handle: DiTHandle, corrupted: Corrupted, condition: DiTCondition) -> Prediction:
+    with _zero_label_embedding(handle.transformer, condition.zero):
+        out = handle.transformer(corrupted.inputs.to(handle.dtype), timestep=corrupted.levels,
+                                 class_labels=condition.labels).sample
+    channels = corrupted.target.shape[1]
+    return Prediction(pred=out[:, :channels].float(), target=corrupted.target)
+
+
+@contextmanager
+def _zero_label_embedding(transformer: DiTTransformer2DModel, zero: torch.Tensor):
+    """Replace the label embedding by zeros for the rows of kind ``zero`` (every block has its own table)."""
+    if not bool(zero.any()):
+        yield
+        return
+    keep = (~zero).to(torch.float32)
+    hooks = [m.register_forward_hook(lambda _m, _i, out: out * keep.to(out.dtype).view(-1, 1))
+             for name, m in transformer.named_modules() if name.endswith("class_embedder")]
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()

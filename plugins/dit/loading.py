@@ -1,0 +1,142 @@
+"""Load a DiT transformer and its VAE from a diffusers folder, a hub id, or an original DiT checkpoint.
+
+Loading is strict: a missing, unexpected or mis-shaped weight is an error, never a silent re-initialisation.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DiTTransformer2DModel
+
+from cao2core.errors import UserError
+
+from . import convert
+
+WORLDS = Path(__file__).parent / "worlds"
+ORIGINAL_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".safetensors")
+DEFAULT_VAE = "stabilityai/sd-vae-ft-mse"   # the VAE of DiT-XL/2 and of the reference code
+
+
+def world_dir(name: str) -> Path | None:
+    d = WORLDS / name
+    return d if (d / "transformer").is_dir() else None
+
+
+def resolve(model: str | None, vae: str | None, dataset: str | None) -> tuple[str, str, dict]:
+    """Return (transformer source, vae source, defaults from a cao2.json beside them)."""
+    if model is None:
+        world = world_dir(dataset or "mnist")
+        if world is None:
+            raise UserError(f"no embedded DiT world for dataset {dataset!r}; pass --model (a diffusers DiT "
+                            "folder, a DiT-XL-2-256x256.pt checkpoint or a hub id such as facebook/DiT-XL-2-256)")
+        model = str(world)
+    path = Path(model)
+    defaults: dict = {}
+    if path.is_dir():
+        if (path / "cao2.json").is_file():
+            defaults = json.loads((path / "cao2.json").read_text())
+        if (path / "transformer").is_dir():            # a DiTPipeline folder (model_index.json) or a world
+            return str(path / "transformer"), vae or str(path / "vae"), defaults
+        if (path / "config.json").is_file():           # a transformer folder on its own
+            return str(path), vae or DEFAULT_VAE, defaults
+        raise UserError(f"{path} is neither a DiTPipeline folder nor a DiT transformer folder "
+                        "(no transformer/ or config.json inside)")
+    if path.suffix in ORIGINAL_SUFFIXES or path.exists() or model.startswith((".", "/", "~")):
+        if not path.is_file():
+            raise UserError(f"DiT checkpoint {model} not found; give an existing file, a diffusers folder or a hub id")
+        return str(path), vae or DEFAULT_VAE, defaults
+    return model, vae or model, defaults    # a hub id; its VAE lives in the same repo unless --vae says otherwise
+
+
+def load_transformer(source: str, num_heads: int | None = None) -> DiTTransformer2DModel:
+    path = Path(source)
+    if path.is_file():
+        state = _read_state_dict(path)
+        if not convert.is_original_layout(state):
+            raise UserError(f"{path} is not a DiT checkpoint in the original facebookresearch layout "
+                            "(no x_embedder / y_embedder entries); is it the right file?")
+        converted, pos_embed = convert.convert_original(state)
+        model = DiTTransformer2DModel(**convert.infer_config(state, num_heads))
+        _load_strict(model, converted, path)
+        expected = model.pos_embed.pos_embed
+        if pos_embed.shape != expected.shape or not torch.allclose(pos_embed.float(), expected.float(), atol=1e-3):
+            raise UserError(f"{path}: its pos_embed differs from the standard 2-D sin-cos embedding; "
+                            "this is not a standard DiT checkpoint")
+        return model
+    try:
+        model, info = DiTTransformer2DModel.from_pretrained(source, subfolder=_subfolder(source, "transformer"),
+                                                            output_loading_info=True, low_cpu_mem_usage=False)
+    except Exception as exc:
+        raise UserError(f"cannot load the DiT transformer from {source} ({_first_line(exc)})") from None
+    _check_info(info, source)
+    return model
+
+
+def load_vae(source: str) -> AutoencoderKL:
+    try:
+        vae, info = AutoencoderKL.from_pretrained(source, subfolder=_subfolder(source, "vae"),
+                                                  output_loading_info=True, low_cpu_mem_usage=False)
+    except Exception as exc:
+        raise UserError(f"cannot load the VAE from {source} ({_first_line(exc)}); "
+                        "pass --vae with a diffusers AutoencoderKL folder or hub id") from None
+    _check_info(info, source)
+    return vae
+
+
+def sha256_of(source: str) -> str | None:
+    """sha256 of a checkpoint file, or of a folder's weight files in name order; None for a hub id."""
+    path = Path(source)
+    files = [path] if path.is_file() else sorted(p for p in path.glob("*") if p.suffix in (".safetensors", ".bin"))
+    if not path.exists() or not files:
+        return None
+    h = hashlib.sha256()
+    for f in files:
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def _subfolder(source: str, name: str) -> str | None:
+    """Hub ids are repos with transformer/ and vae/ subfolders; local folders are the component itself."""
+    return None if Path(source).exists() else name
+
+
+def _read_state_dict(path: Path) -> dict:
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise UserError(f"cannot read checkpoint {path}: it is truncated or not a torch/safetensors file "
+                        f"({_first_line(exc)})") from None
+    if isinstance(state, dict) and "ema" in state and isinstance(state["ema"], dict):
+        state = state["ema"]      # training checkpoints keep the EMA weights, which DiT samples with
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{path} is not a state dict of tensors")
+    return state
+
+
+def _load_strict(model: torch.nn.Module, state: dict, source) -> None:
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        detail = " ".join(str(exc).split())[:300]
+        raise UserError(f"checkpoint {source} does not fit the DiT architecture it describes: {detail}") from None
+
+
+def _check_info(info: dict, source: str) -> None:
+    problems = [f"{k}: {', '.join(map(str, v[:3]))}" for k in ("missing_keys", "unexpected_keys", "mismatched_keys")
+                if (v := list(info.get(k) or []))]
+    if problems:
+        raise UserError(f"checkpoint {source} does not match its config ({'; '.join(problems)})")
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
