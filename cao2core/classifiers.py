@@ -157,7 +157,9 @@ def _load_local(path: Path, arch: str | None) -> Classifier:
     if not arch:
         raise UserError(f"classifier checkpoint {path} does not name its architecture; pass --classifier-arch")
     num_classes = int(meta["num_classes"]) if "num_classes" in meta else _infer_num_classes(state)
-    model = timm.create_model(arch, pretrained=False, num_classes=num_classes)
+    convs = [v for v in state.values() if v.ndim == 4]
+    in_chans = int(meta.get("in_chans", convs[0].shape[1] if convs else 3))
+    model = timm.create_model(arch, pretrained=False, num_classes=num_classes, in_chans=in_chans)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:

@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run(cfg: RunConfig) -> int:
     from .engine import run     # heavy imports only for the command that needs them
     result = run(cfg)
-    print(f"distilled {len(result.completed)} classes "
+    print(f"distilled {len(result.completed) - len(result.skipped)} classes "
           f"({len(result.skipped)} already complete) into {result.out.resolve()}")
     print(f"  images:   {result.out / 'images'}  (ImageFolder)")
     print(f"  preview:  {result.out / 'preview.png'}")

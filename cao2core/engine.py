@@ -91,11 +91,10 @@ def run(cfg: RunConfig, host: Host | None = None) -> RunResult:
 
         # 3. CLO: all selected latents of the class, batched, each with its own noise and level draws
         t0 = time.perf_counter()
-        kinds = [conditions[cid]] * cfg.ipc
         try:
             latents = torch.cat([
                 clo.optimize(gen, handle, latents_init[idx], torch.full((len(idx),), label, device=device),
-                             kinds[: len(idx)], unit_generators(cfg.seed, label, idx, "clo-noise"),
+                             [conditions[cid]] * len(idx), unit_generators(cfg.seed, label, idx, "clo-noise"),
                              unit_generators(cfg.seed, label, idx, "clo-level"), clo_settings, clo_bar.update)
                 for idx in _batches(range(cfg.ipc), cfg.batch_size)])
         except clo.NonFiniteLatents as exc:
@@ -106,7 +105,8 @@ def run(cfg: RunConfig, host: Host | None = None) -> RunResult:
 
         # 4. decode and store; the class appears only once all its files are in place
         t0 = time.perf_counter()
-        pixels = torch.cat([gen.decode(handle=handle, latents=latents[idx]) for idx in _batches(range(cfg.ipc), cfg.batch_size)])
+        pixels = torch.cat([gen.decode(handle=handle, latents=latents[idx])
+                            for idx in _batches(range(cfg.ipc), cfg.batch_size)])
         tensors = {"latents": latents, "latents_init": latents_init, "labels": torch.full((cfg.ipc,), label),
                    "scores": scores.float(), "pool_index": keep.long()}
         times["decode"] = time.perf_counter() - t0
@@ -116,17 +116,21 @@ def run(cfg: RunConfig, host: Host | None = None) -> RunResult:
     sample_bar.close()
     clo_bar.close()
 
+    write_preview(store, gen, handle, [c for c in space.ids if store.is_complete(c)], device)
+    completed = [c for c in space.ids if store.is_complete(c)]
+    return RunResult(Path(cfg.out), completed, [space.ids[i] for i in range(len(space.ids)) if i not in todo], failed)
+
+
+def write_preview(store: Store, gen: Generator, handle, class_ids: list[str], device) -> None:
+    """Selected latents before and after CLO, decoded side by side, for the first classes."""
     rows = []
-    for cid in [c for c in space.ids if store.is_complete(c)][:PREVIEW_CLASSES]:
+    for cid in class_ids[:PREVIEW_CLASSES]:
         t = store.load_latents(cid)
         n = min(PREVIEW_IMAGES, len(t["latents"]))
-        pair = torch.cat([t["latents_init"][:n], t["latents"][:n]]).to(device)
-        img = to_uint8(gen.decode(handle=handle, latents=pair))
+        img = to_uint8(gen.decode(handle=handle, latents=torch.cat([t["latents_init"][:n], t["latents"][:n]]).to(device)))
         rows.append((img[:n], img[n:]))
     if rows:
         store.write_preview(rows)
-    completed = [c for c in space.ids if store.is_complete(c)]
-    return RunResult(Path(cfg.out), completed, [space.ids[i] for i in range(len(space.ids)) if i not in todo], failed)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -146,7 +150,7 @@ def resolve_classes(cfg: RunConfig, spec) -> LabelSpace:
     if dataset is None:
         raise UserError("this generator does not say which label space it uses; pass --dataset")
     space = label_space(dataset).select(cfg.classes)
-    if spec.label_space is not None and label_space(spec.label_space).generator_space != space.generator_space:
+    if spec.label_space is not None and spec.label_space != space.generator_space:
         raise UserError(f"dataset {dataset} uses {space.generator_space} labels but the generator was trained on "
                         f"{spec.label_space}; pass a matching --dataset or --model")
     bad = [l for l in space.generator_labels if not 0 <= l < spec.num_classes]

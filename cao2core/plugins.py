@@ -31,10 +31,9 @@ class Host:
         self.generators: dict[str, Any] = {}
         self.versions: dict[str, str] = {}
         if load_entry_points:
-            for ep in importlib.metadata.entry_points(group=GENERATOR_GROUP):
-                self.register(ep.load(), ep.name, kind="generator", version=_dist_version(ep))
-            for ep in importlib.metadata.entry_points(group=PLUGIN_GROUP):
-                self.register(ep.load(), ep.name, kind="plugin", version=_dist_version(ep))
+            for group, kind in ((GENERATOR_GROUP, "generator"), (PLUGIN_GROUP, "plugin")):
+                for ep in importlib.metadata.entry_points(group=group):
+                    self.register(_load(ep), ep.name, kind=kind, version=_dist_version(ep))
 
     def register(self, plugin: Any, name: str, kind: str = "generator", version: str = "unknown") -> None:
         """Register a plugin; hookimpls whose names or arguments do not match the specs are refused."""
@@ -93,6 +92,14 @@ class Generator:
 
 def _implements(pm: pluggy.PluginManager, plugin: Any, hook: str) -> bool:
     return any(impl.plugin is plugin for impl in getattr(pm.hook, hook).get_hookimpls())
+
+
+def _load(ep: importlib.metadata.EntryPoint) -> Any:
+    try:
+        return ep.load()
+    except Exception as exc:
+        raise UserError(f"plugin {ep.name!r} ({ep.value}) failed to import: {type(exc).__name__}: {exc}; "
+                        "reinstall or uninstall it") from None
 
 
 def _dist_version(ep: importlib.metadata.EntryPoint) -> str:

@@ -82,11 +82,10 @@ def train_judge(args, out_root: str):
     xte, yte = load_split("test")
     model = timm.create_model("mnist_cnn", num_classes=10)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    step = 0
+    step, run = 0, 0.0
     for epoch in range(args.judge_epochs):
         model.train()
         perm = torch.randperm(len(xtr), generator=g)
-        run = 0.0
         for i in range(0, len(xtr), 128):
             idx = perm[i:i + 128]
             loss = F.cross_entropy(model(xtr[idx]), ytr[idx])

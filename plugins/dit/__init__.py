@@ -63,10 +63,10 @@ def cao2_load(options: dict, device: torch.device) -> DiTHandle:
     convention = options.get("timestep_convention") or "default"
     if convention not in CONVENTIONS:
         raise UserError(f"unknown --timestep-convention {convention!r}; use one of {', '.join(CONVENTIONS)}")
-    sampler = options.get("sampler") or "ddpm"
+    t_src, v_src, defaults = loading.resolve(options.get("model"), options.get("vae"), options.get("dataset"))
+    sampler = options.get("sampler") or defaults.get("sampler", "ddpm")
     if sampler not in sampling.SAMPLERS:
         raise UserError(f"unknown --sampler {sampler!r} for dit; use one of {', '.join(sampling.SAMPLERS)}")
-    t_src, v_src, defaults = loading.resolve(options.get("model"), options.get("vae"), options.get("dataset"))
     heads = options.get("num_heads")
     transformer = loading.load_transformer(t_src, int(heads) if heads else None)
     vae = loading.load_vae(v_src)
