@@ -12,24 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
+from . import kernels
 from .errors import UserError
-
-
-def clo_loss(pred: torch.Tensor, target: torch.Tensor, lam: float, weight: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-sample loss (B,): (weighted) mean of squared error + lam * max |pred - target| over each sample.
-
-    With a weight (e.g. MAR's token mask), the mean is sum(w * e^2) / sum(w) and the max runs over elements
-    with w > 0. The max's gradient follows ``torch.amax``: ties share the gradient equally.
-    """
-    diff = (pred.float() - target.float()).flatten(1)
-    if weight is None:
-        mse = diff.square().mean(1)
-        linf = diff.abs().amax(1)
-    else:
-        w = torch.broadcast_to(weight.float(), pred.shape).flatten(1)
-        mse = (w * diff.square()).sum(1) / w.sum(1).clamp_min(1e-12)
-        linf = torch.where(w > 0, diff.abs(), torch.zeros_like(diff)).amax(1)
-    return mse + lam * linf
+from .kernels.reference import clo_loss  # noqa: F401  (the semantics every kernel backend is tested against)
 
 
 class NonFiniteLatents(Exception):
@@ -47,6 +32,7 @@ class CLOSettings:
     lam: float = 10.0
     level_min: int = 1
     level_max: int = 11
+    kernels: str = "auto"   # backend of the fused loss and Adam ops (see cao2core.kernels)
 
 
 def optimize(gen, handle, latents: torch.Tensor, labels: torch.Tensor, kinds: list[str],
@@ -58,13 +44,13 @@ def optimize(gen, handle, latents: torch.Tensor, labels: torch.Tensor, kinds: li
         return z.detach()
     noise = torch.stack([torch.randn(z.shape[1:], generator=g) for g in noise_gens]).to(z.device)
     condition = gen.condition(handle=handle, labels=labels, kinds=kinds)
-    opt = torch.optim.Adam([z], lr=settings.lr)
+    opt = kernels.LatentAdam([z], lr=settings.lr, backend=settings.kernels)
     for it in range(settings.iters):
         levels = torch.cat([torch.randint(settings.level_min, settings.level_max + 1, (1,), generator=g)
                             for g in level_gens]).to(z.device)
         corrupted = gen.corrupt(handle=handle, latents=z, levels=levels, noise=noise, generators=noise_gens)
         p = gen.predict(handle=handle, corrupted=corrupted, condition=condition)
-        loss = clo_loss(p.pred, p.target, settings.lam, p.weight)
+        loss = kernels.clo_loss(p.pred, p.target, settings.lam, p.weight, backend=settings.kernels)
         if p.aux_loss is not None:
             loss = loss + p.aux_loss
         opt.zero_grad(set_to_none=True)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .errors import UserError
 from .hookspecs import CONDITION_KINDS
+from .kernels import BACKENDS as KERNEL_BACKENDS
 from .select import ORDERS, STRATEGIES
 
 CONDITIONS = CONDITION_KINDS + ("auto",)
@@ -55,6 +56,9 @@ class RunConfig:
     sample_steps: int | None = _opt(None, "sampling steps; default: the generator's (DiT: 50)")
     guidance: float | None = _opt(None, "classifier-free guidance scale; default: the generator's (DiT-XL/2: 2.7)")
     gen_opt: list = _opt(list, "generator-specific option KEY=VALUE (repeatable)", nargs="append_kv")
+    kernels: str = _opt("auto", "CLO loss/Adam kernels: auto = triton or cuda on GPUs, cpp on CPUs, else torch; "
+                                "the CAO2_KERNELS environment variable overrides auto", KERNEL_BACKENDS,
+                        affects_output=False)
     batch_size: int = _opt(64, "samples per forward pass (sampling, scoring, CLO, decoding)", affects_output=False)
     seed: int = _opt(0, "run seed; every draw comes from a generator seeded by (seed, class, index)")
     device: str = _opt("auto", "torch device: auto, cpu, cuda, cuda:N", affects_output=False)

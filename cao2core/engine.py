@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import __version__, clo, select
+from . import __version__, clo, kernels, select
 from .classifiers import Classifier, load_classifier
 from .config import RunConfig
 from .errors import UserError
@@ -46,7 +46,8 @@ def run(cfg: RunConfig, host: Host | None = None) -> RunResult:
 
     space = resolve_classes(cfg, spec)
     clo_settings = clo.CLOSettings(cfg.clo_iters, cfg.clo_lr, cfg.clo_lambda, spec.level_range[0],
-                                   cfg.clo_tmax if cfg.clo_tmax is not None else spec.default_level_max)
+                                   cfg.clo_tmax if cfg.clo_tmax is not None else spec.default_level_max,
+                                   resolve_kernels(cfg.kernels, device))
     clo.check_levels(clo_settings, spec.level_range)
     classifier = None
     if cfg.select == "confidence" or cfg.condition == "auto":
@@ -133,6 +134,14 @@ def write_preview(store: Store, gen: Generator, handle, class_ids: list[str], de
         store.write_preview(rows)
 
 
+def resolve_kernels(backend: str, device: torch.device) -> str:
+    """The kernel backend CLO will use (builds the native ops now, so a failure comes before any output)."""
+    try:
+        return kernels.resolve(backend, device)
+    except (kernels.KernelUnavailable, ValueError) as exc:
+        raise UserError(f"{exc}; choose another --kernels (auto, torch, ...)") from None
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -190,6 +199,7 @@ def manifest_header(cfg, gen: Generator, handle, space: LabelSpace, classifier, 
             return None
     return {
         "config": {**cfg.output_key(), "clo_tmax": settings.level_max},
+        "kernels": settings.kernels,
         "versions": {"cao2": __version__, "python": platform.python_version(), "torch": torch.__version__,
                      **{p: ver(p) for p in ("diffusers", "timm", "safetensors", "pluggy")}},
         "command": " ".join(sys.argv),

@@ -25,8 +25,10 @@ Stages (the measured recipe of embedded-world.md, sections 1-3 and 5):
 
 Everything derives from ``--seed``: data order, posterior/diffusion noise and sampling use explicit
 ``torch.Generator`` objects; weight init and dropout use the global RNG, reseeded before each stage.
-Runtime on a 2-core CPU (torch.set_num_threads(2)): about 30 min in all (judge ~2 min, VAE ~10 min,
-encode ~1 min, DiT ~13-15 min, eval ~2 min); slower if other jobs share the CPU.
+Runtime on a 2-core CPU (torch.set_num_threads(2)): about 30 min on an idle machine (judge ~2 min, VAE ~10 min,
+encode ~1 min, DiT ~13-15 min, eval ~2 min). The shipped weights (seed 0) took 69 min because other jobs shared
+the CPU (judge 4.5, VAE 15.5 incl. encode, DiT 42, eval 7 min). Weights are bit-identical across runs with the
+same seed and thread count (the judge file's metadata key order may differ: safetensors does not keep it).
 Smoke test: ``--judge-epochs 1 --judge-max-steps 20 --vae-steps 5 --dit-steps 5 --eval-per-class 2
 --dit-images 500 --out-root /tmp/world_smoke``.
 """

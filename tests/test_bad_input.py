@@ -44,6 +44,7 @@ def replace(args, flag, value):
     ("--model", "/no/such/DiT-XL-2-256x256.pt", "not found"),
     ("--classifier", "/no/such/judge.safetensors", "classifier checkpoint"),
     ("--device", "cuda:3", "no GPU is visible"),
+    ("--kernels", "cuda", "kernel backend 'cuda' cannot run"),
 ])
 def test_bad_flag(tiny_args, capsys, flag, value, match):
     args = replace(tiny_args, flag, value)

@@ -124,3 +124,15 @@ def test_help_explains_every_flag(capsys):
     for f in fields(RunConfig):
         assert "--" + f.name.replace("_", "-") in text
     assert "(default: 100)" in text and "(default: 0.0006)" in text
+
+
+def test_kernel_backends_give_the_same_result(tiny_args, tmp_path):
+    outs = {}
+    for backend in ("torch", "cpp"):
+        args = list(tiny_args)
+        args[args.index("--out") + 1] = str(tmp_path / backend)
+        run_ok(args + ["--kernels", backend])
+        m = json.loads((tmp_path / backend / "manifest.json").read_text())
+        assert m["kernels"] == backend
+        outs[backend] = load_file(str(tmp_path / backend / "latents" / "3.safetensors"))["latents"]
+    torch.testing.assert_close(outs["torch"], outs["cpp"], rtol=1e-5, atol=1e-6)
