@@ -5,7 +5,7 @@ import argparse
 import sys
 from dataclasses import MISSING, fields
 
-from . import __version__
+from . import __version__, presets
 from .config import RunConfig, load_toml
 from .errors import UserError
 
@@ -16,6 +16,8 @@ def _flag(name: str) -> str:
 
 def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE", help="TOML file whose keys are these flag names; flags override it")
+    p.add_argument("--preset", metavar="NAME", help="settings of the official code for a dataset (`cao2 presets`); "
+                   "the config file and flags override it")
     for f in fields(RunConfig):
         meta = f.metadata
         default = f.default if f.default is not MISSING else f.default_factory()
@@ -40,12 +42,14 @@ def build_parser() -> argparse.ArgumentParser:
                            "optimize the latents (CLO), decode and write the distilled set.")
     _add_run_flags(run_p)
     sub.add_parser("plugins", help="list installed generator and other plugins with their hooks")
+    sub.add_parser("presets", help="list the --preset settings with the paper's reported accuracy")
     return parser
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
-    values = load_toml(args.config) if getattr(args, "config", None) else {}
-    values.update({k: v for k, v in vars(args).items() if k not in ("command", "config")})
+    values = dict(presets.get(args.preset).options) if getattr(args, "preset", None) else {}
+    values.update(load_toml(args.config) if getattr(args, "config", None) else {})
+    values.update({k: v for k, v in vars(args).items() if k not in ("command", "config", "preset")})
     try:
         return RunConfig(**values)
     except TypeError as exc:
@@ -57,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "plugins":
             return _plugins()
+        if args.command == "presets":
+            print(presets.table())
+            return 0
         return _run(config_from_args(args))
     except UserError as exc:
         print(f"cao2: error: {exc}", file=sys.stderr)
