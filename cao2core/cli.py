@@ -8,6 +8,8 @@ from dataclasses import MISSING, fields
 from . import __version__, presets
 from .config import RunConfig, load_toml
 from .errors import UserError
+from .evaluate.cli import add_parser as add_eval_parser
+from .evaluate.cli import main as eval_main
 
 
 def _flag(name: str) -> str:
@@ -43,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_flags(run_p)
     sub.add_parser("plugins", help="list installed generator and other plugins with their hooks")
     sub.add_parser("presets", help="list the --preset settings with the paper's reported accuracy")
+    add_eval_parser(sub)
     return parser
 
 
@@ -61,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "plugins":
             return _plugins()
+        if args.command == "eval":
+            return eval_main(args)
         if args.command == "presets":
             print(presets.table())
             return 0

@@ -46,9 +46,9 @@ def run(cfg: RunConfig, host: Host | None = None) -> RunResult:
 
     space = resolve_classes(cfg, spec)
     clo_settings = clo.CLOSettings(cfg.clo_iters, cfg.clo_lr, cfg.clo_lambda, spec.level_range[0],
-                                   cfg.clo_tmax if cfg.clo_tmax is not None else spec.default_level_max,
-                                   resolve_kernels(cfg.kernels, device))
+                                   cfg.clo_tmax if cfg.clo_tmax is not None else spec.default_level_max)
     clo.check_levels(clo_settings, spec.level_range)
+    clo_settings.kernels = resolve_kernels(cfg.kernels, device)
     classifier = None
     if cfg.select == "confidence" or cfg.condition == "auto":
         classifier = load_classifier(cfg.classifier, space, device, cfg.classifier_arch, cfg.classifier_classes)

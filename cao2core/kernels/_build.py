@@ -60,7 +60,7 @@ def _verbose() -> bool:
 
 
 def _jit(name: str, sources: tuple[str, ...], cuda: bool) -> None:
-    from torch.utils import cpp_extension
+    cpp_extension = _cpp_extension()
 
     src = source_dir()
     paths = [str(src / s) for s in sources]
@@ -74,6 +74,19 @@ def _jit(name: str, sources: tuple[str, ...], cuda: bool) -> None:
     if cuda:
         kwargs["extra_cuda_cflags"] = list(CUDA_CFLAGS)
     cpp_extension.load(**kwargs)  # loads the library into torch.ops
+
+
+def _cpp_extension():
+    """torch.utils.cpp_extension, imported without its CUDA_HOME guess warning (CPU builds need no CUDA)."""
+    import logging
+    log = logging.getLogger("torch.utils.cpp_extension")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        from torch.utils import cpp_extension
+    finally:
+        log.setLevel(level)
+    return cpp_extension
 
 
 def load_cpu() -> None:
@@ -113,7 +126,7 @@ def load_cuda() -> None:
             if lib is not None:
                 torch.ops.load_library(str(lib))
             else:
-                from torch.utils import cpp_extension
+                cpp_extension = _cpp_extension()
                 if torch.version.cuda is None or cpp_extension.CUDA_HOME is None:
                     raise RuntimeError(f"no CUDA toolkit for this torch (torch.version.cuda={torch.version.cuda}, "
                                        f"CUDA_HOME={cpp_extension.CUDA_HOME}); set CUDA_HOME to the toolkit root")
