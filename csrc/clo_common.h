@@ -110,6 +110,20 @@ struct AdamScalars {
   float bc2_sqrt;      // sqrt(1 - beta2^step)
 };
 
+// The host-side scalars of one Adam step (shared by the CPU and CUDA bindings).
+inline AdamScalars make_adam_scalars(double beta1, double beta2, double eps, double weight_decay, double step_size,
+                                     double bc2_sqrt) {
+  AdamScalars s;
+  s.beta1_w = static_cast<float>(1.0 - beta1);
+  s.beta2 = static_cast<float>(beta2);
+  s.one_minus_beta2 = static_cast<float>(1.0 - beta2);
+  s.eps = static_cast<float>(eps);
+  s.weight_decay = static_cast<float>(weight_decay);
+  s.neg_step_size = static_cast<float>(-step_size);
+  s.bc2_sqrt = static_cast<float>(bc2_sqrt);
+  return s;
+}
+
 // One element of torch.optim.Adam (L2 weight decay, no amsgrad), in the order of torch's ops:
 //   g = grad + wd * p; m.lerp_(g, 1-b1); v.mul_(b2).addcmul_(g, g, 1-b2);
 //   p.addcdiv_(m, sqrt(v) / bc2_sqrt + eps, -step_size)

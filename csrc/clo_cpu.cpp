@@ -234,19 +234,6 @@ void clo_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& pred, const at::
   });
 }
 
-AdamScalars make_adam_scalars(double beta1, double beta2, double eps, double weight_decay, double step_size,
-                              double bc2_sqrt) {
-  AdamScalars s;
-  s.beta1_w = static_cast<float>(1.0 - beta1);
-  s.beta2 = static_cast<float>(beta2);
-  s.one_minus_beta2 = static_cast<float>(1.0 - beta2);
-  s.eps = static_cast<float>(eps);
-  s.weight_decay = static_cast<float>(weight_decay);
-  s.neg_step_size = static_cast<float>(-step_size);
-  s.bc2_sqrt = static_cast<float>(bc2_sqrt);
-  return s;
-}
-
 void adam_step_cpu(at::Tensor& param, const at::Tensor& grad, at::Tensor& exp_avg, at::Tensor& exp_avg_sq,
                    double beta1, double beta2, double eps, double weight_decay, double step_size, double bc2_sqrt) {
   const char* where = "cao2::adam_step";

@@ -113,14 +113,7 @@ void adam_step_cuda_op(at::Tensor& param, const at::Tensor& grad, at::Tensor& ex
   check_vec(grad, param, n, at::kFloat, "grad", where);
   check_vec(exp_avg, param, n, at::kFloat, "exp_avg", where);
   check_vec(exp_avg_sq, param, n, at::kFloat, "exp_avg_sq", where);
-  AdamScalars s;
-  s.beta1_w = static_cast<float>(1.0 - beta1);
-  s.beta2 = static_cast<float>(beta2);
-  s.one_minus_beta2 = static_cast<float>(1.0 - beta2);
-  s.eps = static_cast<float>(eps);
-  s.weight_decay = static_cast<float>(weight_decay);
-  s.neg_step_size = static_cast<float>(-step_size);
-  s.bc2_sqrt = static_cast<float>(bc2_sqrt);
+  const AdamScalars s = make_adam_scalars(beta1, beta2, eps, weight_decay, step_size, bc2_sqrt);
   const c10::cuda::CUDAGuard guard(param.device());
   const cudaError_t err = adam_cuda(param.data_ptr<float>(), grad.data_ptr<float>(), exp_avg.data_ptr<float>(),
                                     exp_avg_sq.data_ptr<float>(), n, s, c10::cuda::getCurrentCUDAStream().stream());

@@ -89,53 +89,49 @@ def _cpp_extension():
     return cpp_extension
 
 
-def load_cpu() -> None:
-    """Make torch.ops.cao2.{clo_fwd,clo_bwd,adam_step} available with CPU kernels, or raise."""
+def _load_once(kind: str, what: str, build) -> None:
+    """Run ``build`` once per process; a failure is remembered and raised again without rebuilding."""
     with _LOCK:
-        st = _STATE.get("cpu")
+        st = _STATE.get(kind)
         if st is True:
             return
         if isinstance(st, BaseException):
             raise st
         try:
-            if not _ops_registered("clo_fwd"):
-                lib = _prebuilt("_C")
-                if lib is not None:
-                    torch.ops.load_library(str(lib))
-                else:
-                    _jit("cao2_kernels_cpu", CPU_SOURCES, cuda=False)
-            _STATE["cpu"] = True
+            build()
+            _STATE[kind] = True
         except Exception as exc:  # noqa: BLE001 (remember any build/load failure)
-            err = RuntimeError(f"cao2 C++ kernels unavailable: {type(exc).__name__}: {exc}")
-            err.__cause__ = exc
-            _STATE["cpu"] = err
+            err = RuntimeError(f"cao2 {what} kernels unavailable: {type(exc).__name__}: {exc}")
+            _STATE[kind] = err
             raise err from exc
+
+
+def load_cpu() -> None:
+    """Make torch.ops.cao2.{clo_fwd,clo_bwd,adam_step} available with CPU kernels, or raise."""
+    def build():
+        if not _ops_registered("clo_fwd"):
+            lib = _prebuilt("_C")
+            if lib is not None:
+                torch.ops.load_library(str(lib))
+            else:
+                _jit("cao2_kernels_cpu", CPU_SOURCES, cuda=False)
+    _load_once("cpu", "C++", build)
 
 
 def load_cuda() -> None:
     """Also register the CUDA kernels (needs the CPU library, which defines the ops), or raise."""
-    with _LOCK:
-        st = _STATE.get("cuda")
-        if st is True:
+    def build():
+        load_cpu()
+        lib = _prebuilt("_C_cuda")
+        if lib is not None:
+            torch.ops.load_library(str(lib))
             return
-        if isinstance(st, BaseException):
-            raise st
-        try:
-            load_cpu()
-            lib = _prebuilt("_C_cuda")
-            if lib is not None:
-                torch.ops.load_library(str(lib))
-            else:
-                cpp_extension = _cpp_extension()
-                if torch.version.cuda is None or cpp_extension.CUDA_HOME is None:
-                    raise RuntimeError(f"no CUDA toolkit for this torch (torch.version.cuda={torch.version.cuda}, "
-                                       f"CUDA_HOME={cpp_extension.CUDA_HOME}); set CUDA_HOME to the toolkit root")
-                _jit("cao2_kernels_cuda", CUDA_SOURCES, cuda=True)
-            _STATE["cuda"] = True
-        except Exception as exc:  # noqa: BLE001
-            err = RuntimeError(f"cao2 CUDA kernels unavailable: {type(exc).__name__}: {exc}")
-            _STATE["cuda"] = err
-            raise err from exc
+        cpp_extension = _cpp_extension()
+        if torch.version.cuda is None or cpp_extension.CUDA_HOME is None:
+            raise RuntimeError(f"no CUDA toolkit for this torch (torch.version.cuda={torch.version.cuda}, "
+                               f"CUDA_HOME={cpp_extension.CUDA_HOME}); set CUDA_HOME to the toolkit root")
+        _jit("cao2_kernels_cuda", CUDA_SOURCES, cuda=True)
+    _load_once("cuda", "CUDA", build)
 
 
 def status(kind: str) -> object:
