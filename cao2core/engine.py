@@ -26,6 +26,7 @@ from .seeding import unit_generators
 from .store import Store, to_uint8
 
 PREVIEW_CLASSES, PREVIEW_IMAGES = 16, 8
+SNAPSHOT_STEP = -2      # the sampler state ``stability`` selection compares with the final sample
 
 
 @dataclass
@@ -50,7 +51,11 @@ def run(cfg: RunConfig, host: Host | None = None) -> RunResult:
     clo.check_levels(clo_settings, spec.level_range)
     clo_settings.kernels = resolve_kernels(cfg.kernels, device)
     classifier = None
-    if cfg.select == "confidence" or cfg.condition == "auto":
+    if cfg.select == "stability" and (spec.sample_steps or 0) < 2:
+        raise UserError(f"--select stability compares the sample one step before the end with the final one, but "
+                        f"this sampler has {spec.sample_steps or 'no'} steps; use --sample-steps 2 or more, or "
+                        "another --select")
+    if cfg.select in ("confidence", "stability") or cfg.condition == "auto":
         classifier = load_classifier(cfg.classifier, space, device, cfg.classifier_arch, cfg.classifier_classes)
         targets = classifier.output_indices(space)
     conditions = condition_per_class(cfg, space, classifier)
@@ -70,19 +75,26 @@ def run(cfg: RunConfig, host: Host | None = None) -> RunResult:
         times = {}
         # 1. pool: every sample from its own generator, in chunks of --batch-size
         t0 = time.perf_counter()
-        pool_latents = torch.cat([
-            gen.sample(handle=handle, labels=torch.full((len(idx),), label, device=device),
-                       generators=unit_generators(cfg.seed, label, idx, "sample"), snapshot_steps=[]).latents.float()
-            for idx in _batches(range(pool), cfg.batch_size, sample_bar)])
+        snapshot = [SNAPSHOT_STEP] if cfg.select == "stability" else []
+        outs = [gen.sample(handle=handle, labels=torch.full((len(idx),), label, device=device),
+                           generators=unit_generators(cfg.seed, label, idx, "sample"), snapshot_steps=snapshot)
+                for idx in _batches(range(pool), cfg.batch_size, sample_bar)]
+        pool_latents = torch.cat([o.latents.float() for o in outs])
+        pool_before = torch.cat([o.snapshots[SNAPSHOT_STEP].float() for o in outs]) if snapshot else None
+        del outs
         times["sample"] = time.perf_counter() - t0
 
         # 2. OSS: classify the decoded pool with the classifier's own preprocessing
         t0 = time.perf_counter()
-        if cfg.select == "confidence":
-            probs = torch.cat([classifier.probs(gen.decode(handle=handle, latents=pool_latents[idx]))
-                               for idx in _batches(range(pool), cfg.batch_size)]).cpu()
-            keep = select.select_confidence(probs, targets[pos], cfg.ipc, cfg.order)
-            scores = select.scores_of(probs, targets[pos])[keep]
+        if cfg.select in ("confidence", "stability"):
+            probs = classify(gen, handle, classifier, pool_latents, cfg.batch_size)
+            if cfg.select == "confidence":
+                keep = select.select_confidence(probs, targets[pos], cfg.ipc, cfg.order)
+                scores = select.scores_of(probs, targets[pos])[keep]
+            else:
+                probs_before = classify(gen, handle, classifier, pool_before, cfg.batch_size)
+                keep = select.select_stability(probs_before, probs, cfg.ipc)
+                scores = select.stability_of(probs_before, probs)[keep]
         else:
             keep = (select.select_random(pool, cfg.ipc, unit_generators(cfg.seed, label, [0], "select")[0])
                     if cfg.select == "random" else torch.arange(cfg.ipc))
@@ -120,6 +132,12 @@ def run(cfg: RunConfig, host: Host | None = None) -> RunResult:
     write_preview(store, gen, handle, [c for c in space.ids if store.is_complete(c)], device)
     completed = [c for c in space.ids if store.is_complete(c)]
     return RunResult(Path(cfg.out), completed, [space.ids[i] for i in range(len(space.ids)) if i not in todo], failed)
+
+
+def classify(gen: Generator, handle, classifier: Classifier, latents: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Classifier probabilities of decoded latents, chunked so no decode sees more than --batch-size latents."""
+    return torch.cat([classifier.probs(gen.decode(handle=handle, latents=latents[idx]))
+                      for idx in _batches(range(len(latents)), batch_size)]).cpu()
 
 
 def write_preview(store: Store, gen: Generator, handle, class_ids: list[str], device) -> None:

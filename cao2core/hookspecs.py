@@ -31,6 +31,7 @@ class LatentSpec:
     default_level_max: int          # T-hat used when the user gives none
     label_space: str | None = None  # the dataset whose label order the generator uses ("mnist", "in1k", ...)
     corruption: str = "noise"       # "noise" (q_sample) or "mask" (token masking)
+    sample_steps: int | None = None  # K, the sampler's step count (snapshot steps are 0 .. K-1)
 
 
 @dataclass
@@ -79,7 +80,12 @@ def cao2_describe(handle: Any) -> dict:
 
 @hookspec(firstresult=True)
 def cao2_sample(handle: Any, labels: torch.Tensor, generators: list, snapshot_steps: list) -> SampleOutput:
-    """Sample one latent per label; sample i draws all its randomness from ``generators[i]`` only."""
+    """Sample one latent per label; sample i draws all its randomness from ``generators[i]`` only.
+
+    ``snapshot_steps``: 0-based sampler steps (negative ones count from the end, -1 = the last) whose state
+    after that step is returned in ``SampleOutput.snapshots`` under the step as asked; the selection strategy
+    ``stability`` asks for ``[-2]``. Raise ``UserError`` for a step the sampler does not have.
+    """
 
 
 @hookspec(firstresult=True)

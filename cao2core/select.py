@@ -4,12 +4,15 @@
 probability (``easy``: most confident first, as the reference does for low IPC; ``hard``: least confident
 first), and fills any shortfall from the remaining (wrongly predicted) samples in the same order.
 Ties keep pool order, so the result is deterministic.
+
+``stability`` (CaO2-MAR) keeps the samples whose classifier probabilities agree best (cosine) between the
+sampler's state one step before the end and the final sample; correctness is not checked.
 """
 from __future__ import annotations
 
 import torch
 
-STRATEGIES = ("confidence", "random", "none")
+STRATEGIES = ("confidence", "stability", "random", "none")
 ORDERS = ("easy", "hard")
 
 
@@ -22,6 +25,16 @@ def select_confidence(probs: torch.Tensor, target: int, ipc: int, order: str = "
     correct = pred[ranked] == target
     keep = torch.cat([ranked[correct], ranked[~correct]])
     return keep[:ipc]
+
+
+def select_stability(probs_before: torch.Tensor, probs_final: torch.Tensor, ipc: int) -> torch.Tensor:
+    """Pool indices of the ``ipc`` most step-consistent samples, most consistent first (ties: pool order)."""
+    agreement = stability_of(probs_before, probs_final)
+    return torch.sort(agreement, descending=True, stable=True).indices[:ipc]
+
+
+def stability_of(probs_before: torch.Tensor, probs_final: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cosine_similarity(probs_before.double(), probs_final.double(), dim=1).float()
 
 
 def select_random(pool_size: int, ipc: int, generator: torch.Generator) -> torch.Tensor:

@@ -136,3 +136,17 @@ def test_kernel_backends_give_the_same_result(tiny_args, tmp_path):
         assert m["kernels"] == backend
         outs[backend] = load_file(str(tmp_path / backend / "latents" / "3.safetensors"))["latents"]
     torch.testing.assert_close(outs["torch"], outs["cpp"], rtol=1e-5, atol=1e-6)
+
+
+def test_stability_selection_uses_the_snapshot_before_the_last_step(tiny_args, tmp_path):
+    args = tiny_args + ["--select", "stability"]
+    run_ok(args)
+    t = load_file(f"{out_of(args)}/latents/3.safetensors")
+    assert t["scores"].shape == (2,) and bool((t["scores"] > 0).all()) and bool((t["scores"] <= 1 + 1e-6).all())
+    assert t["scores"][0] >= t["scores"][1]          # most step-consistent first
+
+
+def test_stability_selection_needs_two_sampler_steps(tiny_args, tmp_path, capsys):
+    assert main(["run", *tiny_args, "--select", "stability", "--sample-steps", "1"]) == 2
+    assert "--select stability" in capsys.readouterr().err
+    assert not Path(out_of(tiny_args)).exists()

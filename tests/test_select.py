@@ -1,7 +1,7 @@
 """OSS rules: correct-only, easy/hard order, shortfall filled from the rest in the same order."""
 import torch
 
-from cao2core.select import select_confidence, select_random
+from cao2core.select import select_confidence, select_random, select_stability
 
 
 def probs_of(rows):
@@ -39,3 +39,11 @@ def test_random_is_seeded():
     a = select_random(10, 4, torch.Generator().manual_seed(5))
     b = select_random(10, 4, torch.Generator().manual_seed(5))
     assert a.tolist() == b.tolist() and len(set(a.tolist())) == 4
+
+
+def test_stability_keeps_most_consistent_regardless_of_correctness():
+    before = probs_of([[0.9, 0.1, 0.0], [0.1, 0.8, 0.1], [0.3, 0.3, 0.4], [0.0, 0.0, 1.0]])
+    final = probs_of([[0.1, 0.9, 0.0], [0.1, 0.8, 0.1], [0.3, 0.3, 0.4], [0.0, 0.1, 0.9]])
+    # rows 1 and 2 agree exactly (cosine 1; tie keeps pool order), row 3 nearly, row 0 hardly
+    assert select_stability(before, final, 3).tolist() == [1, 2, 3]
+    assert select_stability(before, final, 4).tolist()[-1] == 0

@@ -93,8 +93,10 @@ def cao2_load(options: dict, device: torch.device) -> DiTHandle:
 @hookimpl
 def cao2_latent_spec(handle: DiTHandle) -> LatentSpec:
     if handle.convention == "reference":
-        return LatentSpec(handle.latent_shape, handle.num_classes, (1, REFERENCE_STEPS - 1), 11, handle.label_space)
-    return LatentSpec(handle.latent_shape, handle.num_classes, (1, 999), 224, handle.label_space)
+        return LatentSpec(handle.latent_shape, handle.num_classes, (1, REFERENCE_STEPS - 1), 11, handle.label_space,
+                          sample_steps=handle.steps)
+    return LatentSpec(handle.latent_shape, handle.num_classes, (1, 999), 224, handle.label_space,
+                      sample_steps=handle.steps)
 
 
 @hookimpl
@@ -113,10 +115,16 @@ def cao2_describe(handle: DiTHandle) -> dict:
 
 @hookimpl
 def cao2_sample(handle: DiTHandle, labels: torch.Tensor, generators: list, snapshot_steps: list) -> SampleOutput:
-    x = sampling.sample(handle.transformer, labels, generators, null_label=handle.num_classes,
-                        guidance=handle.guidance, steps=handle.steps, sampler=handle.sampler,
-                        latent_shape=handle.latent_shape, dtype=handle.dtype)
-    return SampleOutput(latents=x)
+    wanted = {}
+    for asked in snapshot_steps:
+        step = asked + handle.steps if asked < 0 else asked
+        if not 0 <= step < handle.steps:
+            raise UserError(f"snapshot step {asked} does not exist in a {handle.steps}-step sampler")
+        wanted[step] = asked
+    x, snapshots = sampling.sample(handle.transformer, labels, generators, null_label=handle.num_classes,
+                                   guidance=handle.guidance, steps=handle.steps, sampler=handle.sampler,
+                                   latent_shape=handle.latent_shape, dtype=handle.dtype, snapshot_steps=wanted)
+    return SampleOutput(latents=x, snapshots=snapshots)
 
 
 def _vae_factors(vae: AutoencoderKL) -> tuple[float, float]:

@@ -28,7 +28,10 @@ def make_scheduler(sampler: str, learned_sigma: bool):
 
 @torch.no_grad()
 def sample(transformer, labels: torch.Tensor, generators: list, *, null_label: int, guidance: float,
-           steps: int, sampler: str, latent_shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+           steps: int, sampler: str, latent_shape: tuple, dtype: torch.dtype,
+           snapshot_steps: dict | None = None) -> tuple[torch.Tensor, dict]:
+    """Sample latents; ``snapshot_steps`` maps a 0-based step to the key its state (after that step) is kept under."""
+    snapshot_steps = snapshot_steps or {}
     device = labels.device
     channels = latent_shape[0]
     learned_sigma = transformer.config.out_channels == 2 * channels
@@ -37,7 +40,8 @@ def sample(transformer, labels: torch.Tensor, generators: list, *, null_label: i
     x = torch.stack([torch.randn(latent_shape, generator=g) for g in generators]).to(device)
     guided = guidance != 1.0
     class_in = torch.cat([labels, torch.full_like(labels, null_label)]) if guided else labels
-    for t in scheduler.timesteps:
+    snapshots = {}
+    for step, t in enumerate(scheduler.timesteps):
         x_in = torch.cat([x, x]) if guided else x
         t_in = torch.full((x_in.shape[0],), int(t), device=device, dtype=torch.long)
         out = transformer(x_in.to(dtype), timestep=t_in, class_labels=class_in).sample.float()
@@ -49,4 +53,6 @@ def sample(transformer, labels: torch.Tensor, generators: list, *, null_label: i
             x = scheduler.step(out[:, :channels], t, x, eta=0.0).prev_sample
         else:
             x = scheduler.step(out, t, x, generator=generators).prev_sample
-    return x
+        if step in snapshot_steps:
+            snapshots[snapshot_steps[step]] = x.clone()
+    return x, snapshots
