@@ -19,8 +19,11 @@ $(STAMP): pyproject.toml setup.py Makefile
 	$(BIN)/python -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
+# distill the MNIST world (IPC 10), then score it and the random-real baseline at the same IPC (ConvNet-3)
 demo: $(STAMP)
 	$(BIN)/cao2 run --out out/demo
+	$(BIN)/cao2 eval --data out/demo --quiet
+	$(BIN)/cao2 eval --random-real 10 --dataset mnist --out out/demo/eval-random-real --quiet
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from dataclasses import MISSING, fields
 
-from . import __version__, presets
+from . import __version__, ablate, presets
 from .config import RunConfig, load_toml
 from .errors import UserError
 from .evaluate.cli import add_parser as add_eval_parser
@@ -46,13 +47,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("plugins", help="list installed generator and other plugins with their hooks")
     sub.add_parser("presets", help="list the --preset settings with the paper's reported accuracy")
     add_eval_parser(sub)
+    ablate_p = sub.add_parser("ablate", help="run and score the four OSS/CLO variants (paper-style ablation)",
+                              description="Run `cao2 run` four times on the same seeds (pool, OSS only, CLO only, "
+                              "OSS + CLO), score each with `cao2 eval` and print the ablation table; writes "
+                              "OUT/<variant>/, OUT/ablation.json and OUT/ablation.png.")
+    _add_run_flags(ablate_p)
+    ablate.add_eval_flags(ablate_p)
     return parser
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     values = dict(presets.get(args.preset).options) if getattr(args, "preset", None) else {}
     values.update(load_toml(args.config) if getattr(args, "config", None) else {})
-    values.update({k: v for k, v in vars(args).items() if k not in ("command", "config", "preset")})
+    values.update({k: v for k, v in vars(args).items()
+                   if k not in ("command", "config", "preset") and not k.startswith("eval_")})
     try:
         return RunConfig(**values)
     except TypeError as exc:
@@ -69,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "presets":
             print(presets.table())
             return 0
+        if args.command == "ablate":
+            return _ablate(args)
         return _run(config_from_args(args))
     except UserError as exc:
         print(f"cao2: error: {exc}", file=sys.stderr)
@@ -93,11 +103,26 @@ def _run(cfg: RunConfig) -> int:
     return 0
 
 
+def _ablate(args: argparse.Namespace) -> int:
+    if "out" not in vars(args):
+        args.out = "out/ablate"
+    parser = build_parser()
+    result = ablate.run(config_from_args(args), args, parser.parse_args)
+    print()
+    print(ablate.table(result))
+    print("\nwrote " + ", ".join(str(Path(args.out) / f) for f in (ablate.REPORT, ablate.TABLE, ablate.CHART)))
+    return 0
+
+
 def _plugins() -> int:
     from .plugins import Host
-    for info in Host().describe():
+    host = Host()
+    for info in host.describe():
         print(f"{info.name} {info.version} [{info.kind}]")
         print("  hooks: " + ", ".join(h.removeprefix("cao2_") for h in info.hooks))
+    for name, reason in sorted(host.broken.items()):
+        print(f"{name} [generator, BROKEN]")
+        print(f"  {reason}")
     return 0
 
 

@@ -23,17 +23,27 @@ class PluginInfo:
 
 
 class Host:
-    """A pluggy manager with the cao2 hookspecs, filled from the entry points (or explicit modules)."""
+    """A pluggy manager with the cao2 hookspecs, filled from the entry points (or explicit modules).
+
+    A generator that fails to import or to validate is set aside in ``broken``: it is an error only when it is
+    asked for, so one broken install does not stop the others. A broken cross-cutting plugin is an error at once,
+    since it would wrap every generator's hooks.
+    """
 
     def __init__(self, load_entry_points: bool = True):
         self.pm = pluggy.PluginManager(hookspecs.PROJECT)
         self.pm.add_hookspecs(hookspecs)
         self.generators: dict[str, Any] = {}
         self.versions: dict[str, str] = {}
+        self.broken: dict[str, str] = {}
         if load_entry_points:
-            for group, kind in ((GENERATOR_GROUP, "generator"), (PLUGIN_GROUP, "plugin")):
-                for ep in importlib.metadata.entry_points(group=group):
-                    self.register(_load(ep), ep.name, kind=kind, version=_dist_version(ep))
+            for ep in importlib.metadata.entry_points(group=GENERATOR_GROUP):
+                try:
+                    self.register(_load(ep), ep.name, kind="generator", version=_dist_version(ep))
+                except UserError as exc:
+                    self.broken[ep.name] = str(exc)
+            for ep in importlib.metadata.entry_points(group=PLUGIN_GROUP):
+                self.register(_load(ep), ep.name, kind="plugin", version=_dist_version(ep))
 
     def register(self, plugin: Any, name: str, kind: str = "generator", version: str = "unknown") -> None:
         """Register a plugin; hookimpls whose names or arguments do not match the specs are refused."""
@@ -55,6 +65,8 @@ class Host:
         self.versions[name] = version
 
     def generator(self, name: str) -> "Generator":
+        if name in self.broken:
+            raise UserError(self.broken[name])
         if name not in self.generators:
             known = ", ".join(sorted(self.generators)) or "none"
             raise UserError(f"unknown generator {name!r}; installed generators: {known}")

@@ -146,3 +146,22 @@ def test_installed_third_party_plugin_is_discovered_and_runs(installed_toy, tmp_
         return torch.stack(losses).mean(0)
 
     assert (mean_loss(t["latents"]) < mean_loss(t["latents_init"])).all()
+
+
+def test_broken_generator_is_an_error_only_when_asked_for(monkeypatch, capsys):
+    import importlib.metadata as md
+    import cao2core.plugins as plugins
+    real = md.entry_points
+
+    def entry_points(group):
+        eps = list(real(group=group))
+        if group == plugins.GENERATOR_GROUP:
+            eps.append(md.EntryPoint("ghost", "cao2_no_such_module", group))
+        return eps
+    monkeypatch.setattr(plugins.importlib.metadata, "entry_points", entry_points)
+    host = Host()
+    assert "dit" in host.generators and "ghost" in host.broken
+    with pytest.raises(UserError, match="'ghost' .* failed to import"):
+        host.generator("ghost")
+    assert main(["plugins"]) == 0
+    assert "ghost [generator, BROKEN]" in capsys.readouterr().out

@@ -104,15 +104,19 @@ def plot_png(report: dict) -> bytes:
 
 
 def write_outputs(out: Path, report: dict, plot: bool) -> list[Path]:
-    """Write eval.json (and eval.png) into ``out``: everything is rendered first, then each file is renamed into
-    place, so an error leaves no partial file behind."""
-    payload = (json.dumps(report, indent=2) + "\n").encode()
-    image = plot_png(report) if plot else None
+    """Write eval.json (and eval.png) into ``out``."""
+    return write_files(out, {REPORT: (json.dumps(report, indent=2) + "\n").encode(),
+                             PLOT: plot_png(report) if plot else None})
+
+
+def write_files(out: Path, files: dict[str, bytes | None]) -> list[Path]:
+    """Write ``{name: bytes}`` into ``out`` (None = skip): everything is rendered before the call, then each file
+    is staged and renamed into place, so an error leaves no partial file behind."""
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     staged: list[tuple[str, Path]] = []
     try:
-        for name, data in ((REPORT, payload), (PLOT, image)):
+        for name, data in files.items():
             if data is None:
                 continue
             fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{name}.", suffix=".tmp")
