@@ -17,18 +17,33 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _add_run_flags(p: argparse.ArgumentParser) -> None:
+def ipc_value(text: str):
+    """``--ipc``: a positive count, or ``all`` (refine)."""
+    if text == "all":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'all', got {text!r}") from None
+
+
+def _add_run_flags(p: argparse.ArgumentParser, command: str = "run") -> None:
     p.add_argument("--config", metavar="FILE", help="TOML file whose keys are these flag names; flags override it")
     p.add_argument("--preset", metavar="NAME", help="settings of the official code for a dataset (`cao2 presets`); "
                    "the config file and flags override it")
     for f in fields(RunConfig):
         meta = f.metadata
+        if command not in meta["commands"]:
+            continue
         default = f.default if f.default is not MISSING else f.default_factory()
         help_text = meta["help"] if default in (None, []) else f"{meta['help']} (default: {default})"
         kw = dict(dest=f.name, default=argparse.SUPPRESS, help=help_text)
         if meta.get("nargs") == "append_kv":
             p.add_argument(_flag(f.name), action="append", metavar="KEY=VALUE", **kw)
         else:
+            if meta.get("parse") == "ipc":
+                p.add_argument(_flag(f.name), type=ipc_value, **kw)
+                continue
             base = str(f.type).split("|")[0].strip()
             if base == "bool":
                 p.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, **kw)
@@ -52,6 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
                               "OSS + CLO), score each with `cao2 eval` and print the ablation table; writes "
                               "OUT/<variant>/, OUT/ablation.json and OUT/ablation.png.")
     _add_run_flags(ablate_p)
+    refine_p = sub.add_parser("refine", help="apply CaO2 to an existing set of images (plug-and-play)",
+                              description="Encode the images of a class-folder tree with the generator's VAE, "
+                              "select (OSS) when a class has more than --ipc images, optimize the latents (CLO), "
+                              "decode and write them as `cao2 run` does.")
+    _add_run_flags(refine_p, "refine")
     ablate.add_eval_flags(ablate_p)
     return parser
 
@@ -79,6 +99,11 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "ablate":
             return _ablate(args)
+        if args.command == "refine":
+            cfg = config_from_args(args)
+            if not cfg.images:
+                raise UserError("cao2 refine needs --images DIR (one subfolder of images per class)")
+            return _run(cfg)
         return _run(config_from_args(args))
     except UserError as exc:
         print(f"cao2: error: {exc}", file=sys.stderr)
@@ -91,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run(cfg: RunConfig) -> int:
     from .engine import run     # heavy imports only for the command that needs them
     result = run(cfg)
-    print(f"distilled {len(result.completed) - len(result.skipped)} classes "
+    print(f"{'refined' if cfg.images else 'distilled'} {len(result.completed) - len(result.skipped)} classes "
           f"({len(result.skipped)} already complete) into {result.out.resolve()}")
     print(f"  images:   {result.out / 'images'}  (ImageFolder)")
     print(f"  preview:  {result.out / 'preview.png'}")

@@ -39,7 +39,7 @@ def optimize(gen, handle, latents: torch.Tensor, labels: torch.Tensor, kinds: li
              noise_gens: list[torch.Generator], level_gens: list[torch.Generator], settings: CLOSettings,
              progress=None) -> torch.Tensor:
     """Optimize a batch of latents under the frozen generator; returns the optimized latents (fp32, detached)."""
-    z = latents.detach().float().clone().requires_grad_(True)
+    z = latents.detach().float().clone(memory_format=torch.contiguous_format).requires_grad_(True)
     if settings.iters == 0:
         return z.detach()
     noise = torch.stack([torch.randn(z.shape[1:], generator=g) for g in noise_gens]).to(z.device)

@@ -14,8 +14,8 @@ from .select import ORDERS, STRATEGIES
 CONDITIONS = CONDITION_KINDS + ("auto",)
 
 
-def _opt(default, help, choices=None, affects_output=True, **kw):
-    meta = dict(help=help, choices=choices, affects_output=affects_output, **kw)
+def _opt(default, help, choices=None, affects_output=True, commands=("run", "refine"), **kw):
+    meta = dict(help=help, choices=choices, affects_output=affects_output, commands=commands, **kw)
     if callable(default):
         return field(default_factory=default, metadata=meta)
     return field(default=default, metadata=meta)
@@ -34,8 +34,10 @@ class RunConfig:
     dataset: str | None = _opt(None, "label space: mnist, nette, woof, in100, in1k or a file of wnids; "
                                      "default: the generator's own")
     classes: str | None = _opt(None, "subset of classes: comma-separated ids or positions, A-B ranges; default: all")
-    ipc: int = _opt(10, "images per class to distill")
-    pool_factor: int = _opt(4, "pool size per class = pool-factor x IPC (m in the paper)")
+    images: str | None = _opt(None, "folder of existing images to refine, one subfolder per class (class id or "
+                                    "class name)", commands=("refine",))
+    ipc: int | str = _opt(10, "images per class to distill (refine: or 'all' = every given image)", parse="ipc")
+    pool_factor: int = _opt(4, "pool size per class = pool-factor x IPC (m in the paper)", commands=("run",))
     select: str = _opt("confidence", "selection strategy", STRATEGIES)
     order: str = _opt("easy", "confidence order: easy = most confident first, hard = least first", ORDERS)
     clo_iters: int = _opt(100, "CLO iterations (0 = selection only)")
@@ -67,14 +69,19 @@ class RunConfig:
     progress: bool = _opt(True, "show progress bars", affects_output=False)
 
     def validate(self) -> None:
-        checks = [(self.ipc >= 1, f"--ipc must be at least 1, got {self.ipc}"),
+        if self.ipc == "all" and not self.images:
+            raise UserError("--ipc all keeps every given image: it is for `cao2 refine --images DIR`; give a number")
+        checks = [(self.ipc == "all" or self.ipc >= 1, f"--ipc must be at least 1, got {self.ipc}"),
                   (self.pool_factor >= 1, f"--pool-factor must be at least 1, got {self.pool_factor}"),
                   (self.clo_iters >= 0, f"--clo-iters must be 0 or more, got {self.clo_iters}"),
                   (math.isfinite(self.clo_lr) and self.clo_lr > 0, f"--clo-lr must be a positive number, got {self.clo_lr}"),
                   (math.isfinite(self.clo_lambda) and self.clo_lambda >= 0,
                    f"--clo-lambda must be 0 or more, got {self.clo_lambda}"),
                   (self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}"),
-                  (self.sample_steps is None or self.sample_steps >= 1, "--sample-steps must be at least 1")]
+                  (self.sample_steps is None or self.sample_steps >= 1, "--sample-steps must be at least 1"),
+                  (not (self.images and self.select == "stability"),
+                   "--select stability compares sampler steps, which given images do not have; use confidence, "
+                   "random or none")]
         for ok, message in checks:
             if not ok:
                 raise UserError(message)

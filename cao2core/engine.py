@@ -22,11 +22,11 @@ from .config import RunConfig
 from .errors import UserError
 from .labels import LabelSpace, label_space
 from .plugins import Generator, Host
+from .pools import ImagePool, SampledPool, batches
 from .seeding import unit_generators
 from .store import Store, to_uint8
 
 PREVIEW_CLASSES, PREVIEW_IMAGES = 16, 8
-SNAPSHOT_STEP = -2      # the sampler state ``stability`` selection compares with the final sample
 
 
 @dataclass
@@ -46,42 +46,44 @@ def run(cfg: RunConfig, host: Host | None = None) -> RunResult:
     spec = gen.latent_spec(handle=handle)
 
     space = resolve_classes(cfg, spec)
+    if cfg.images:      # cao2 refine: the pool is the given images; the classes are their folders
+        source = ImagePool(cfg.images, label_space(space.name), cfg, gen, handle, spec, device)
+        space = source.space
+    else:
+        source = SampledPool(cfg, gen, handle, device)
     clo_settings = clo.CLOSettings(cfg.clo_iters, cfg.clo_lr, cfg.clo_lambda, spec.level_range[0],
                                    cfg.clo_tmax if cfg.clo_tmax is not None else spec.default_level_max)
     clo.check_levels(clo_settings, spec.level_range)
     clo_settings.kernels = resolve_kernels(cfg.kernels, device)
-    classifier = None
     if cfg.select == "stability" and (spec.sample_steps or 0) < 2:
         raise UserError(f"--select stability compares the sample one step before the end with the final one, but "
                         f"this sampler has {spec.sample_steps or 'no'} steps; use --sample-steps 2 or more, or "
                         "another --select")
+    classifier = None
     if cfg.select in ("confidence", "stability") or cfg.condition == "auto":
         classifier = load_classifier(cfg.classifier, space, device, cfg.classifier_arch, cfg.classifier_classes)
         targets = classifier.output_indices(space)
     conditions = condition_per_class(cfg, space, classifier)
 
-    store = Store(Path(cfg.out), run_id(cfg), manifest_header(cfg, gen, handle, space, classifier, clo_settings))
+    header = manifest_header(cfg, gen, handle, space, classifier, clo_settings)
+    header["source"] = source.identity()
+    store = Store(Path(cfg.out), run_id(cfg, header["source"]), header)
     store.check()
     store.open()                        # nothing is written before every input has been checked
 
     todo = [i for i, cid in enumerate(space.ids) if not store.is_complete(cid)]
-    pool = cfg.ipc * (cfg.pool_factor if cfg.select != "none" else 1)
-    sample_bar = tqdm(total=len(todo) * pool, desc="sample pool", unit="img", disable=not cfg.progress)
-    clo_bar = tqdm(total=len(todo) * _chunks(cfg.ipc, cfg.batch_size) * cfg.clo_iters, desc="CLO",
-                   unit="it", disable=not cfg.progress)
+    sample_bar = tqdm(total=sum(source.size(space.ids[i]) for i in todo), desc="encode" if cfg.images else
+                      "sample pool", unit="img", disable=not cfg.progress)
+    clo_bar = tqdm(total=sum(_chunks(source.keep(space.ids[i]), cfg.batch_size) for i in todo) * cfg.clo_iters,
+                   desc="CLO", unit="it", disable=not cfg.progress)
     failed: dict[str, str] = {}
     for pos in todo:
         cid, label = space.ids[pos], space.generator_labels[pos]
+        pool, ipc = source.size(cid), source.keep(cid)
         times = {}
-        # 1. pool: every sample from its own generator, in chunks of --batch-size
+        # 1. pool: sampled by the generator, each sample from its own seed (refine: the given images, encoded)
         t0 = time.perf_counter()
-        snapshot = [SNAPSHOT_STEP] if cfg.select == "stability" else []
-        outs = [gen.sample(handle=handle, labels=torch.full((len(idx),), label, device=device),
-                           generators=unit_generators(cfg.seed, label, idx, "sample"), snapshot_steps=snapshot)
-                for idx in _batches(range(pool), cfg.batch_size, sample_bar)]
-        pool_latents = torch.cat([o.latents.float() for o in outs])
-        pool_before = torch.cat([o.snapshots[SNAPSHOT_STEP].float() for o in outs]) if snapshot else None
-        del outs
+        pool_latents, pool_before = source.latents(cid, label, sample_bar)
         times["sample"] = time.perf_counter() - t0
 
         # 2. OSS: classify the decoded pool with the classifier's own preprocessing
@@ -89,16 +91,16 @@ def run(cfg: RunConfig, host: Host | None = None) -> RunResult:
         if cfg.select in ("confidence", "stability"):
             probs = classify(gen, handle, classifier, pool_latents, cfg.batch_size)
             if cfg.select == "confidence":
-                keep = select.select_confidence(probs, targets[pos], cfg.ipc, cfg.order)
+                keep = select.select_confidence(probs, targets[pos], ipc, cfg.order)
                 scores = select.scores_of(probs, targets[pos])[keep]
             else:
                 probs_before = classify(gen, handle, classifier, pool_before, cfg.batch_size)
-                keep = select.select_stability(probs_before, probs, cfg.ipc)
+                keep = select.select_stability(probs_before, probs, ipc)
                 scores = select.stability_of(probs_before, probs)[keep]
         else:
-            keep = (select.select_random(pool, cfg.ipc, unit_generators(cfg.seed, label, [0], "select")[0])
-                    if cfg.select == "random" else torch.arange(cfg.ipc))
-            scores = torch.full((cfg.ipc,), float("nan"))
+            keep = (select.select_random(pool, ipc, unit_generators(cfg.seed, label, [0], "select")[0])
+                    if cfg.select == "random" else torch.arange(ipc))
+            scores = torch.full((ipc,), float("nan"))
         latents_init = pool_latents[keep.to(pool_latents.device)]
         times["select"] = time.perf_counter() - t0
 
@@ -109,7 +111,7 @@ def run(cfg: RunConfig, host: Host | None = None) -> RunResult:
                 clo.optimize(gen, handle, latents_init[idx], torch.full((len(idx),), label, device=device),
                              [conditions[cid]] * len(idx), unit_generators(cfg.seed, label, idx, "clo-noise"),
                              unit_generators(cfg.seed, label, idx, "clo-level"), clo_settings, clo_bar.update)
-                for idx in _batches(range(cfg.ipc), cfg.batch_size)])
+                for idx in batches(range(ipc), cfg.batch_size)])
         except clo.NonFiniteLatents as exc:
             failed[cid] = str(exc)
             store.set_status(cid, {"status": "failed", "reason": str(exc), "label": pos, "generator_label": label})
@@ -119,13 +121,13 @@ def run(cfg: RunConfig, host: Host | None = None) -> RunResult:
         # 4. decode and store; the class appears only once all its files are in place
         t0 = time.perf_counter()
         pixels = torch.cat([gen.decode(handle=handle, latents=latents[idx])
-                            for idx in _batches(range(cfg.ipc), cfg.batch_size)])
-        tensors = {"latents": latents, "latents_init": latents_init, "labels": torch.full((cfg.ipc,), label),
+                            for idx in batches(range(ipc), cfg.batch_size)])
+        tensors = {"latents": latents, "latents_init": latents_init, "labels": torch.full((ipc,), label),
                    "scores": scores.float(), "pool_index": keep.long()}
         times["decode"] = time.perf_counter() - t0
         store.write_class(cid, pixels, tensors, {
             "name": space.names[pos], "label": pos, "generator_label": label, "condition": conditions[cid],
-            "seconds": {k: round(v, 3) for k, v in times.items()}})
+            "pool": pool, "kept": ipc, "seconds": {k: round(v, 3) for k, v in times.items()}})
     sample_bar.close()
     clo_bar.close()
 
@@ -137,7 +139,7 @@ def run(cfg: RunConfig, host: Host | None = None) -> RunResult:
 def classify(gen: Generator, handle, classifier: Classifier, latents: torch.Tensor, batch_size: int) -> torch.Tensor:
     """Classifier probabilities of decoded latents, chunked so no decode sees more than --batch-size latents."""
     return torch.cat([classifier.probs(gen.decode(handle=handle, latents=latents[idx]))
-                      for idx in _batches(range(len(latents)), batch_size)]).cpu()
+                      for idx in batches(range(len(latents)), batch_size)]).cpu()
 
 
 def write_preview(store: Store, gen: Generator, handle, class_ids: list[str], device) -> None:
@@ -205,8 +207,9 @@ def condition_per_class(cfg: RunConfig, space: LabelSpace, classifier: Classifie
     return {c: "class" if acc[c] >= cfg.condition_threshold else "null" for c in space.ids}
 
 
-def run_id(cfg: RunConfig) -> str:
-    return hashlib.sha256(json.dumps(cfg.output_key(), sort_keys=True).encode()).hexdigest()[:16]
+def run_id(cfg: RunConfig, source: dict | None = None) -> str:
+    key = cfg.output_key() if source is None else {**cfg.output_key(), "source": source["sha256"]}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def manifest_header(cfg, gen: Generator, handle, space: LabelSpace, classifier, settings) -> dict:
@@ -234,12 +237,3 @@ def manifest_header(cfg, gen: Generator, handle, space: LabelSpace, classifier, 
 
 def _chunks(n: int, size: int) -> int:
     return -(-n // size)
-
-
-def _batches(indices, size: int, bar=None):
-    indices = list(indices)
-    for i in range(0, len(indices), size):
-        chunk = indices[i:i + size]
-        yield chunk
-        if bar is not None:
-            bar.update(len(chunk))

@@ -114,15 +114,16 @@ def test_reference_timestep_convention(tiny_args, tmp_path):
     assert m["config"]["clo_tmax"] == 11 and m["generator"]["timestep_convention"] == "reference"
 
 
-def test_help_explains_every_flag(capsys):
+@pytest.mark.parametrize("command", ["run", "refine"])
+def test_help_explains_every_flag(capsys, command):
     from dataclasses import fields
 
     from cao2core.config import RunConfig
     with pytest.raises(SystemExit):
-        main(["run", "--help"])
+        main([command, "--help"])
     text = " ".join(capsys.readouterr().out.split())
     for f in fields(RunConfig):
-        assert "--" + f.name.replace("_", "-") in text
+        assert (("--" + f.name.replace("_", "-")) in text) == (command in f.metadata["commands"])
     assert "(default: 100)" in text and "(default: 0.0006)" in text
 
 
