@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 from dataclasses import MISSING, fields
 
-from . import __version__, ablate, presets
+from . import __version__, ablate, distributed, presets
 from .config import RunConfig, load_toml
 from .errors import UserError
 from .evaluate.cli import add_parser as add_eval_parser
@@ -115,7 +115,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(cfg: RunConfig) -> int:
     from .engine import run     # heavy imports only for the command that needs them
-    result = run(cfg)
+    try:
+        result = run(cfg)
+    finally:
+        distributed.shutdown()
+    if result.rank != 0:
+        return 0
     print(f"{'refined' if cfg.images else 'distilled'} {len(result.completed) - len(result.skipped)} classes "
           f"({len(result.skipped)} already complete) into {result.out.resolve()}")
     print(f"  images:   {result.out / 'images'}  (ImageFolder)")

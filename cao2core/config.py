@@ -66,6 +66,8 @@ class RunConfig:
     device: str = _opt("auto", "torch device: auto, cpu, cuda, cuda:N", affects_output=False)
     dtype: str = _opt("fp32", "generator weights dtype", ("fp32", "bf16", "fp16"))
     out: str = _opt("out/cao2", "output folder", affects_output=False)
+    overwrite: bool = _opt(False, "replace an output folder that holds a run of another configuration",
+                           affects_output=False)
     progress: bool = _opt(True, "show progress bars", affects_output=False)
 
     def validate(self) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import __version__, clo, kernels, select
+from . import __version__, clo, distributed, kernels, select
 from .classifiers import Classifier, load_classifier
 from .config import RunConfig
 from .errors import UserError
@@ -35,13 +35,15 @@ class RunResult:
     completed: list[str]
     skipped: list[str]
     failed: dict[str, str]
+    rank: int = 0
 
 
 def run(cfg: RunConfig, host: Host | None = None) -> RunResult:
     cfg.validate()
+    ranks = distributed.init(cfg.device)         # torchrun: this process distills every world_size-th class
     host = host or Host()
     gen = host.generator(cfg.generator)
-    device = resolve_device(cfg.device)
+    device = resolve_device(distributed.rank_device(cfg.device, ranks))
     handle = gen.load(options=cfg.gen_options(), device=device)
     spec = gen.latent_spec(handle=handle)
 
@@ -67,11 +69,18 @@ def run(cfg: RunConfig, host: Host | None = None) -> RunResult:
 
     header = manifest_header(cfg, gen, handle, space, classifier, clo_settings)
     header["source"] = source.identity()
-    store = Store(Path(cfg.out), run_id(cfg, header["source"]), header)
-    store.check()
-    store.open()                        # nothing is written before every input has been checked
+    store = Store(Path(cfg.out), run_id(cfg, header["source"]), header, ranks.rank, ranks.world_size)
+    store.check(cfg.overwrite)
+    ranks.barrier()
+    if ranks.is_main:
+        store.open()                    # nothing is written before every input has been checked
+    ranks.barrier()
+    store.load()
 
-    todo = [i for i, cid in enumerate(space.ids) if not store.is_complete(cid)]
+    already = [cid for cid in space.ids if store.is_complete(cid)]
+    todo = ranks.shard([i for i, cid in enumerate(space.ids) if cid not in already])
+    for cid, why in store.redone.items():
+        print(f"cao2: class {cid} will be redone: {why}", file=sys.stderr)
     sample_bar = tqdm(total=sum(source.size(space.ids[i]) for i in todo), desc="encode" if cfg.images else
                       "sample pool", unit="img", disable=not cfg.progress)
     clo_bar = tqdm(total=sum(_chunks(source.keep(space.ids[i]), cfg.batch_size) for i in todo) * cfg.clo_iters,
@@ -125,15 +134,24 @@ def run(cfg: RunConfig, host: Host | None = None) -> RunResult:
         tensors = {"latents": latents, "latents_init": latents_init, "labels": torch.full((ipc,), label),
                    "scores": scores.float(), "pool_index": keep.long()}
         times["decode"] = time.perf_counter() - t0
-        store.write_class(cid, pixels, tensors, {
-            "name": space.names[pos], "label": pos, "generator_label": label, "condition": conditions[cid],
-            "pool": pool, "kept": ipc, "seconds": {k: round(v, 3) for k, v in times.items()}})
+        try:
+            store.write_class(cid, pixels, tensors, {
+                "name": space.names[pos], "label": pos, "generator_label": label, "condition": conditions[cid],
+                "pool": pool, "kept": ipc, "seconds": {k: round(v, 3) for k, v in times.items()}})
+        except OSError as exc:
+            raise UserError(f"cannot write class {cid} into {cfg.out} ({exc.strerror or exc}); free disk space or "
+                            "fix permissions, then rerun the same command to continue") from None
     sample_bar.close()
     clo_bar.close()
 
-    write_preview(store, gen, handle, [c for c in space.ids if store.is_complete(c)], device)
+    ranks.barrier()                     # every rank's classes are written
+    if ranks.is_main:
+        store.finish()
+        failed = {c: e.get("reason", "") for c, e in store.manifest["classes"].items() if e.get("status") == "failed"}
+        write_preview(store, gen, handle, [c for c in space.ids if store.is_complete(c)], device)
+    ranks.barrier()
     completed = [c for c in space.ids if store.is_complete(c)]
-    return RunResult(Path(cfg.out), completed, [space.ids[i] for i in range(len(space.ids)) if i not in todo], failed)
+    return RunResult(Path(cfg.out), completed, already, failed, ranks.rank)
 
 
 def classify(gen: Generator, handle, classifier: Classifier, latents: torch.Tensor, batch_size: int) -> torch.Tensor:

@@ -1,10 +1,12 @@
 """The distilled-set store: ImageFolder PNGs, per-class latents (safetensors), manifest.json, preview.png.
 
 A class becomes visible only when complete: its files are written under temporary names and renamed, and
-the manifest marks it complete last. An output folder that belongs to another run is refused.
+its record marks it complete last. An output folder that belongs to another run is refused (or replaced with
+``--overwrite``); a complete class whose files no longer match its record is redone.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -20,6 +22,7 @@ from .errors import UserError
 
 MANIFEST = "manifest.json"
 FORMAT = "cao2-run/1"
+OWN_NAMES = (MANIFEST, "images", "latents", "records", "preview.png", "eval")   # what a run (and its eval) writes
 
 
 def to_uint8(pixels: torch.Tensor) -> np.ndarray:
@@ -30,6 +33,14 @@ def to_uint8(pixels: torch.Tensor) -> np.ndarray:
 
 def _image(arr: np.ndarray) -> Image.Image:
     return Image.fromarray(arr[..., 0], "L") if arr.shape[-1] == 1 else Image.fromarray(arr, "RGB")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -46,38 +57,95 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 class Store:
-    def __init__(self, out: Path, run_id: str, header: dict):
+    """One run's output folder. Each class's completion record (``records/<class>.json``, with the sha256 of
+    every file) is written last, after its images and latents; ``manifest.json`` is the header plus all records,
+    rewritten by rank 0. Several ranks may fill one store: each writes only its own classes' files and records.
+    """
+
+    def __init__(self, out: Path, run_id: str, header: dict, rank: int = 0, world_size: int = 1):
         self.out = Path(out)
         self.run_id = run_id
+        self.rank, self.world_size = rank, world_size
         self.manifest = {"format": FORMAT, "run_id": run_id, **header, "classes": {}}
+        self.redone: dict[str, str] = {}        # complete classes whose files no longer match their record
+        self._verified: set[str] = set()
 
-    def check(self) -> None:
-        """Refuse an output folder that holds another run (or unknown files); touches nothing."""
+    def check(self, overwrite: bool = False) -> None:
+        """Refuse an output folder that holds another run (unless ``overwrite``), unknown files, or that cannot
+        be written; touches nothing."""
         path = self.out / MANIFEST
         if path.is_file():
             try:
                 old = json.loads(path.read_text())
             except (OSError, ValueError):
                 raise UserError(f"{path} is unreadable; choose another --out or remove that folder") from None
-            if old.get("run_id") != self.run_id:
+            if old.get("run_id") != self.run_id and not overwrite:
                 raise UserError(f"{self.out} holds a different run (its manifest's configuration differs); "
-                                "choose another --out or remove that folder")
+                                "choose another --out, or pass --overwrite to replace it")
+            unknown = [p.name for p in self.out.iterdir() if p.name not in OWN_NAMES]
+            if unknown and old.get("run_id") != self.run_id:
+                raise UserError(f"--overwrite would leave {self.out / unknown[0]}, which cao2 did not write; "
+                                "move it away or choose another --out")
         elif self.out.exists() and (not self.out.is_dir() or any(self.out.iterdir())):
             raise UserError(f"{self.out} exists and is not a cao2 output folder; choose another --out")
+        parent = self.out
+        while not parent.exists():
+            parent = parent.parent
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise UserError(f"cannot write to {parent}; choose another --out or fix its permissions")
 
     def open(self) -> None:
-        """Create the folder or take over the same run's manifest (completed classes are kept)."""
+        """Rank 0: create the folder, or replace another run's files (after ``check(overwrite=True)``), or take
+        over this same run's records (complete classes are kept)."""
         path = self.out / MANIFEST
-        if path.is_file():
-            self.manifest["classes"] = json.loads(path.read_text()).get("classes", {})
-        (self.out / "images").mkdir(parents=True, exist_ok=True)
-        (self.out / "latents").mkdir(exist_ok=True)
+        if path.is_file() and json.loads(path.read_text()).get("run_id") != self.run_id:
+            for name in OWN_NAMES:
+                target = self.out / name
+                if target.is_dir():
+                    shutil.rmtree(target)
+                else:
+                    target.unlink(missing_ok=True)
+        for sub in ("images", "latents", "records"):
+            (self.out / sub).mkdir(parents=True, exist_ok=True)
+        self.load()
         self.save_manifest()
 
+    def load(self) -> None:
+        """Read the completion records (all ranks, after rank 0 opened the folder)."""
+        records = {}
+        for p in sorted((self.out / "records").glob("*.json")):
+            try:
+                records[p.stem] = json.loads(p.read_text())
+            except (OSError, ValueError):
+                self.redone[p.stem] = "its record is unreadable"
+        self.manifest["classes"] = records
+
     def is_complete(self, cid: str) -> bool:
+        """Complete, and every file still matches the sha256 its record holds (checked once per class)."""
         entry = self.manifest["classes"].get(cid, {})
-        return (entry.get("status") == "complete" and (self.out / "images" / cid).is_dir()
-                and (self.out / "latents" / f"{cid}.safetensors").is_file())
+        if entry.get("status") != "complete":
+            return False
+        if cid in self._verified:
+            return True
+        bad = self._mismatch(cid, entry.get("files") or {})
+        if bad:
+            self.redone[cid] = bad
+            return False
+        self._verified.add(cid)
+        return True
+
+    def _mismatch(self, cid: str, files: dict) -> str | None:
+        expected = {f"images/{cid}/{name}": sha for name, sha in files.get("images", {}).items()}
+        expected[f"latents/{cid}.safetensors"] = files.get("latents")
+        folder = self.out / "images" / cid
+        on_disk = {f"images/{cid}/{p.name}" for p in folder.iterdir()} if folder.is_dir() else set()
+        if on_disk != {k for k in expected if k.startswith("images/")}:
+            return f"images/{cid} does not hold the files its record lists"
+        for rel, sha in expected.items():
+            path = self.out / rel
+            if not path.is_file() or _sha256(path) != sha:
+                return f"{rel} is missing or differs from what this run wrote"
+        return None
 
     def write_class(self, cid: str, pixels: torch.Tensor, tensors: dict[str, torch.Tensor], entry: dict) -> None:
         lat = self.out / "latents" / f"{cid}.safetensors"
@@ -85,7 +153,8 @@ class Store:
         os.close(fd)
         try:
             save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp,
-                      metadata={"class": cid, "run_id": self.run_id})
+                      # one key: safetensors orders several metadata keys differently in every process
+                      metadata={"cao2": json.dumps({"class": cid, "run_id": self.run_id}, sort_keys=True)})
             os.replace(tmp, lat)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -95,16 +164,25 @@ class Store:
         try:
             for i, arr in enumerate(to_uint8(pixels)):
                 _image(arr).save(staging / f"{i}.png")
-            if final.exists():           # left by an interrupted attempt of this same run
+            images = {p.name: _sha256(p) for p in sorted(staging.iterdir())}
+            if final.exists():           # left by an interrupted or corrupted attempt of this same run
                 shutil.rmtree(final)
             os.replace(staging, final)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-        self.set_status(cid, dict(entry, status="complete"))
+        self.set_status(cid, dict(entry, status="complete", files={"images": images, "latents": _sha256(lat)}))
+        self._verified.add(cid)
 
     def set_status(self, cid: str, entry: dict) -> None:
+        atomic_write_bytes(self.out / "records" / f"{cid}.json", (json.dumps(entry, indent=2) + "\n").encode())
         self.manifest["classes"][cid] = entry
+        if self.world_size == 1:
+            self.save_manifest()
+
+    def finish(self) -> None:
+        """Rank 0, after every rank is done: the manifest lists every class's record."""
+        self.load()
         self.save_manifest()
 
     def save_manifest(self) -> None:

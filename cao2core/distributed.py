@@ -1,0 +1,61 @@
+"""Class sharding over ``torchrun`` ranks with ``torch.distributed`` (NCCL on GPUs, gloo on CPUs).
+
+Under ``torchrun --nproc-per-node N cao2 run ...`` every rank loads the generator, checks the inputs, and
+distills the classes at positions ``rank, rank + N, ...``. Because every draw is seeded per (run seed, class,
+index), the files do not depend on N. Rank 0 creates the output folder before the others start and writes
+the manifest once all ranks are done. Without torchrun (no ``WORLD_SIZE`` above 1) this is a no-op.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+TIMEOUT = timedelta(minutes=int(os.environ.get("CAO2_DIST_TIMEOUT_MIN", "60")))
+
+
+@dataclass(frozen=True)
+class Ranks:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def shard(self, positions: list[int]) -> list[int]:
+        return [p for p in positions if p % self.world_size == self.rank]
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+
+def init(device: str) -> Ranks:
+    """Join the torchrun process group if there is one (``device`` picks the backend)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Ranks()
+    ranks = Ranks(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+    if not dist.is_initialized():
+        gpu = device != "cpu" and torch.cuda.is_available()
+        if gpu:
+            torch.cuda.set_device(ranks.local_rank)
+        dist.init_process_group("nccl" if gpu else "gloo", timeout=TIMEOUT)
+    return ranks
+
+
+def rank_device(name: str, ranks: Ranks) -> str:
+    """``auto``/``cuda`` under torchrun: this rank's own GPU."""
+    if ranks.world_size > 1 and name in ("auto", "cuda") and torch.cuda.is_available():
+        return f"cuda:{ranks.local_rank}"
+    return name
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

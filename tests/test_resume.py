@@ -1,0 +1,153 @@
+"""Reliability: torchrun sharding, kill -9 and resume, atomic class folders, faults in the output folder."""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from cao2core.cli import main
+
+CLASSES = "0,3,5,8"
+
+
+def base_args(tiny_world, tiny_classifier, out, *extra):
+    return ["--model", str(tiny_world), "--classifier", str(tiny_classifier), "--classes", CLASSES, "--ipc", "2",
+            "--pool-factor", "2", "--clo-iters", "4", "--out", str(out), "--no-progress", "--device", "cpu", *extra]
+
+
+def snapshot(out: Path) -> dict[str, bytes]:
+    """Every file a run writes, except the manifest's run-dependent fields (command line, timings)."""
+    files = {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*"))
+             if p.is_file() and p.name != "manifest.json" and not p.parent.name == "records"}
+    files["latents"] = b"".join(json.dumps({k: v.tolist() for k, v in load_file(str(p)).items()}).encode()
+                                for p in sorted((out / "latents").glob("*.safetensors")))
+    m = json.loads((out / "manifest.json").read_text())
+    files["manifest"] = json.dumps({"run_id": m["run_id"], "class_ids": m["class_ids"],
+                                    "files": {c: e["files"] for c, e in m["classes"].items()}}, sort_keys=True).encode()
+    return files
+
+
+@pytest.fixture(scope="module")
+def straight(tiny_world, tiny_classifier, tmp_path_factory):
+    out = tmp_path_factory.mktemp("straight") / "out"
+    assert main(["run", *base_args(tiny_world, tiny_classifier, out)]) == 0
+    return snapshot(out)
+
+
+def cli(*args, env_extra=None):
+    env = dict(os.environ, OMP_NUM_THREADS="1", **(env_extra or {}))
+    return [sys.executable, "-m", "cao2core.cli", *args], env
+
+
+def test_two_ranks_write_the_same_files_as_one(tiny_world, tiny_classifier, tmp_path, straight):
+    out = tmp_path / "ranks"
+    cmd, env = cli("run", *base_args(tiny_world, tiny_classifier, out))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *cmd[1:]]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert snapshot(out) == straight
+    m = json.loads((out / "manifest.json").read_text())
+    assert sorted(m["classes"]) == sorted(CLASSES.split(","))
+    assert proc.stdout.count("distilled 4 classes") == 1          # rank 0 reports for all ranks
+
+
+def _complete_classes_are_whole(out: Path) -> None:
+    """Whatever a kill left: every visible class folder is whole, every latents file loads."""
+    for folder in (out / "images").iterdir() if (out / "images").is_dir() else []:
+        if folder.name.startswith("."):
+            continue
+        pngs = sorted(folder.iterdir())
+        assert [p.name for p in pngs] == ["0.png", "1.png"], folder
+        for p in pngs:
+            Image.open(p).load()
+    for p in (out / "latents").glob("*.safetensors") if (out / "latents").is_dir() else []:
+        load_file(str(p))
+
+
+def test_killed_runs_resume_to_identical_files(tiny_world, tiny_classifier, tmp_path, straight):
+    """SIGKILL a little after each class completes (so inside the next class's sampling, CLO or writing), check
+    what is visible after every kill, then rerun: the files equal a straight run's."""
+    import random
+    out = tmp_path / "killed"
+    cmd, env = cli("run", *base_args(tiny_world, tiny_classifier, out))
+    rng = random.Random(0)
+    records = lambda: len(list((out / "records").glob("*.json"))) if (out / "records").is_dir() else 0  # noqa: E731
+    kills = 0
+    while records() < 3:
+        start = records()
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        while records() == start and proc.poll() is None:
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.0, 0.3))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        kills += 1
+        _complete_classes_are_whole(out)
+    assert kills >= 2
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert snapshot(out) == straight
+    assert not [p for p in out.rglob(".*")]                     # no temporary file survives the rerun
+
+
+def test_corrupt_file_in_output_is_redone(tiny_world, tiny_classifier, tmp_path, straight, capsys):
+    out = tmp_path / "o"
+    args = base_args(tiny_world, tiny_classifier, out)
+    assert main(["run", *args]) == 0
+    (out / "images" / "3" / "1.png").write_bytes(b"\x89PNG truncated")
+    (out / "latents" / "5.safetensors").write_bytes(b"\0" * 10)
+    capsys.readouterr()
+    assert main(["run", *args]) == 0
+    err = capsys.readouterr().err
+    assert "class 3 will be redone" in err and "class 5 will be redone" in err
+    assert snapshot(out) == straight
+
+
+def test_other_run_needs_overwrite(tiny_world, tiny_classifier, tmp_path, capsys):
+    out = tmp_path / "o"
+    assert main(["run", *base_args(tiny_world, tiny_classifier, out, "--classes", "0")]) == 0
+    before = (out / "manifest.json").read_text()
+    assert main(["run", *base_args(tiny_world, tiny_classifier, out, "--classes", "0", "--seed", "9")]) == 2
+    assert "pass --overwrite" in capsys.readouterr().err and (out / "manifest.json").read_text() == before
+    assert main(["run", *base_args(tiny_world, tiny_classifier, out, "--classes", "1", "--seed", "9",
+                                   "--overwrite")]) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    assert list(m["classes"]) == ["1"] and not (out / "images" / "0").exists()
+
+
+def test_disk_full_keeps_what_was_written(tiny_world, tiny_classifier, tmp_path, capsys, monkeypatch):
+    import cao2core.store as store
+    out = tmp_path / "o"
+    real, calls = store.save_file, []
+
+    def full_after_one(tensors, path, metadata=None):
+        calls.append(path)
+        if len(calls) > 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(tensors, path, metadata=metadata)
+    monkeypatch.setattr(store, "save_file", full_after_one)
+    assert main(["run", *base_args(tiny_world, tiny_classifier, out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "No space left on device" in err and "rerun the same command" in err
+    assert sorted(p.name for p in (out / "images").iterdir()) == ["0"]          # the first class is kept
+    assert not [p for p in out.rglob(".*")]
+    monkeypatch.setattr(store, "save_file", real)
+    assert main(["run", *base_args(tiny_world, tiny_classifier, out)]) == 0
+    assert "(1 already complete)" in capsys.readouterr().out
+
+
+def test_unwritable_output_is_refused(tiny_world, tiny_classifier, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    assert main(["run", *base_args(tiny_world, tiny_classifier, tmp_path / "o")]) == 2
+    assert "cannot write to" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
