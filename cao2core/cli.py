@@ -44,6 +44,9 @@ def _add_run_flags(p: argparse.ArgumentParser, command: str = "run") -> None:
             if meta.get("parse") == "ipc":
                 p.add_argument(_flag(f.name), type=ipc_value, **kw)
                 continue
+            if meta.get("parse") == "dry_run":
+                p.add_argument(_flag(f.name), type=int, nargs="?", const=1, metavar="RANKS", **kw)
+                continue
             base = str(f.type).split("|")[0].strip()
             if base == "bool":
                 p.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, **kw)
@@ -120,6 +123,9 @@ def _run(cfg: RunConfig) -> int:
     finally:
         distributed.shutdown()
     if result.rank != 0:
+        return 0
+    if result.plan:
+        print(result.plan)
         return 0
     print(f"{'refined' if cfg.images else 'distilled'} {len(result.completed) - len(result.skipped)} classes "
           f"({len(result.skipped)} already complete) into {result.out.resolve()}")

@@ -66,6 +66,9 @@ class RunConfig:
     device: str = _opt("auto", "torch device: auto, cpu, cuda, cuda:N", affects_output=False)
     dtype: str = _opt("fp32", "generator weights dtype", ("fp32", "bf16", "fp16"))
     out: str = _opt("out/cao2", "output folder", affects_output=False)
+    dry_run: int | None = _opt(None, "print the work, FLOPs and projected time for RANKS ranks (default 1), "
+                                     "measured on one chunk; write nothing", affects_output=False,
+                               commands=("run",), parse="dry_run")
     overwrite: bool = _opt(False, "replace an output folder that holds a run of another configuration",
                            affects_output=False)
     progress: bool = _opt(True, "show progress bars", affects_output=False)
@@ -80,6 +83,7 @@ class RunConfig:
                   (math.isfinite(self.clo_lambda) and self.clo_lambda >= 0,
                    f"--clo-lambda must be 0 or more, got {self.clo_lambda}"),
                   (self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}"),
+                  (self.dry_run is None or self.dry_run >= 1, "--dry-run RANKS must be at least 1"),
                   (self.sample_steps is None or self.sample_steps >= 1, "--sample-steps must be at least 1"),
                   (not (self.images and self.select == "stability"),
                    "--select stability compares sampler steps, which given images do not have; use confidence, "

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import __version__, clo, distributed, kernels, select
+from . import __version__, clo, distributed, dryrun, kernels, select
 from .classifiers import Classifier, load_classifier
 from .config import RunConfig
 from .errors import UserError
@@ -36,6 +36,7 @@ class RunResult:
     skipped: list[str]
     failed: dict[str, str]
     rank: int = 0
+    plan: str | None = None     # --dry-run: what the run would do
 
 
 def run(cfg: RunConfig, host: Host | None = None) -> RunResult:
@@ -61,6 +62,9 @@ def run(cfg: RunConfig, host: Host | None = None) -> RunResult:
         raise UserError(f"--select stability compares the sample one step before the end with the final one, but "
                         f"this sampler has {spec.sample_steps or 'no'} steps; use --sample-steps 2 or more, or "
                         "another --select")
+    if cfg.dry_run:
+        plan = dryrun.report(cfg, gen, handle, spec, space, clo_settings, device, cfg.dry_run)
+        return RunResult(Path(cfg.out), [], [], {}, ranks.rank, plan)
     classifier = None
     if cfg.select in ("confidence", "stability") or cfg.condition == "auto":
         classifier = load_classifier(cfg.classifier, space, device, cfg.classifier_arch, cfg.classifier_classes)

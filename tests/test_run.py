@@ -151,3 +151,13 @@ def test_stability_selection_needs_two_sampler_steps(tiny_args, tmp_path, capsys
     assert main(["run", *tiny_args, "--select", "stability", "--sample-steps", "1"]) == 2
     assert "--select stability" in capsys.readouterr().err
     assert not Path(out_of(tiny_args)).exists()
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(tiny_args, capsys):
+    assert main(["run", *tiny_args, "--dry-run", "2"]) == 0
+    text = capsys.readouterr().out
+    assert "dry run: 2 classes of mnist on 2 rank(s); IPC 2, pool 4 per class, CLO 3 iterations" in text
+    assert "| 0 | 1 (0) | 4 | 6 |" in text and "| 1 | 1 (3) | 4 | 6 |" in text
+    flops = float(text.split("FLOPs (torch FLOP counter): ")[1].split(" GFLOP")[0])
+    assert flops > 0 and "CLO latent-iterations/s" in text
+    assert not Path(out_of(tiny_args)).exists()

@@ -1,0 +1,97 @@
+"""``cao2 run --dry-run [RANKS]``: the work a run would do, its FLOPs and, measured here, its projected time.
+
+Nothing is written. The FLOPs come from torch's FLOP counter on one pool sample and one CLO iteration of one
+latent (forward, backward and Adam) of the loaded generator; the throughput from timing one pool chunk and
+two CLO iterations of one chunk at ``--batch-size`` on the run's device. Classification and decoding are left
+out of the projection (they are a small share for DiT/MAR-sized generators).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from . import clo
+from .pools import batches
+from .seeding import unit_generators
+
+
+def _count(fn) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def _timed(fn, device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t0
+
+
+def _fmt_time(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.2f} h"
+
+
+def report(cfg, gen, handle, spec, space, settings, device, ranks: int) -> str:
+    ipc, pool = cfg.ipc, cfg.ipc * (cfg.pool_factor if cfg.select != "none" else 1)
+    positions = list(range(len(space.ids)))
+    per_rank = [[p for p in positions if p % ranks == r] for r in range(ranks)]
+    label = space.generator_labels[0]
+    cond = "null" if cfg.condition == "auto" else cfg.condition
+    params = sum(p.numel() for m in _modules(handle) for p in m.parameters())
+
+    def sample(n):
+        idx = list(range(n))
+        return gen.sample(handle=handle, labels=torch.full((n,), label, device=device),
+                          generators=unit_generators(cfg.seed, label, idx, "sample"), snapshot_steps=[]).latents
+
+    def optimize(latents, iters):
+        n = len(latents)
+        clo.optimize(gen, handle, latents, torch.full((n,), label, device=device), [cond] * n,
+                     unit_generators(cfg.seed, label, range(n), "clo-noise"),
+                     unit_generators(cfg.seed, label, range(n), "clo-level"), replace(settings, iters=iters))
+
+    one = sample(1)
+    flops_sample = _count(lambda: sample(1))
+    flops_clo = _count(lambda: optimize(one, 1)) if cfg.clo_iters else 0
+    b_pool, b_clo = min(pool, cfg.batch_size), min(ipc, cfg.batch_size)
+    t_sample = _timed(lambda: sample(b_pool), device) / b_pool
+    lat = sample(b_clo) if cfg.clo_iters else None
+    t_clo = _timed(lambda: optimize(lat, 2), device) / (2 * b_clo) if cfg.clo_iters else 0.0
+
+    lines = [f"dry run: {len(space.ids)} classes of {space.name} on {ranks} rank(s); IPC {ipc}, pool {pool} per "
+             f"class, CLO {cfg.clo_iters} iterations, batch size {cfg.batch_size}; nothing is written",
+             f"generator {gen.name}: {params:,} parameters (all its modules, VAE included); latent "
+             f"{tuple(spec.shape)}",
+             f"per class: sample {pool} ({len(list(batches(range(pool), cfg.batch_size)))} chunk(s)), "
+             f"select {ipc}, CLO {ipc} latents x {cfg.clo_iters} iterations = {ipc * cfg.clo_iters} forward/backward "
+             f"passes ({len(list(batches(range(ipc), cfg.batch_size)))} chunk(s) per iteration), decode {ipc}",
+             f"FLOPs (torch FLOP counter): {flops_sample / 1e9:.3g} GFLOP per pool sample, "
+             f"{flops_clo / 1e9:.3g} GFLOP per CLO latent-iteration (forward + backward + Adam)",
+             f"measured on {device} at batch {b_pool}/{b_clo}: {1 / t_sample:.3g} pool samples/s"
+             + (f", {1 / t_clo:.3g} CLO latent-iterations/s" if cfg.clo_iters else ""),
+             "", "| rank | classes | pool samples | CLO passes | TFLOP | projected time |", "|---|---|---|---|---|---|"]
+    for r, mine in enumerate(per_rank):
+        n = len(mine)
+        flops = n * (pool * flops_sample + ipc * cfg.clo_iters * flops_clo)
+        secs = n * (pool * t_sample + ipc * cfg.clo_iters * t_clo)
+        shown = ", ".join(space.ids[p] for p in mine[:3]) + (", ..." if n > 3 else "")
+        lines.append(f"| {r} | {n} ({shown}) | {n * pool} | {n * ipc * cfg.clo_iters} | {flops / 1e12:.3g} | "
+                     f"{_fmt_time(secs)} |")
+    return "\n".join(lines)
+
+
+def _modules(handle) -> list[torch.nn.Module]:
+    """The generator's torch modules, found on its handle (whatever the plugin calls them)."""
+    values = vars(handle).values() if hasattr(handle, "__dict__") else []
+    return [v for v in values if isinstance(v, torch.nn.Module)]
