@@ -1,0 +1,161 @@
+"""Throughput of pool sampling and CLO for generator-sized models with random weights (no checkpoint needed).
+
+For each model: pool samples per second and CLO latent-iterations per second, batched (cao2: one chunk, frozen
+generator, bf16 weights on GPUs, fused kernels) against one image at a time as the official code does (batch 1,
+fresh Adam per image, generator weights left trainable, fp32), measured in the same run on the same device;
+plus the share of the device's peak dense bf16 matrix rate the batched CLO reaches (model FLOPs from torch's
+FLOP counter / time / peak). The last lines are ``<model> clo speedup: X``.
+
+    python benchmarks/throughput.py                              # CPU: small models, a few images
+    python benchmarks/throughput.py --models dit-xl --images 32 --iters 20 --sample-steps 50   # one GPU
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from diffusers.utils import logging as diffusers_logging
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).parent))
+from clo_batching import official_style  # noqa: E402  (the one-image-at-a-time reference loop)
+
+from cao2core import clo, kernels  # noqa: E402
+from cao2core.plugins import Host  # noqa: E402
+from cao2core.seeding import unit_generators  # noqa: E402
+
+# dense bf16 tensor-core peak (FLOP/s, no sparsity) by device-name fragment
+PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "GH200": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,
+             "A10": 125e12, "RTX 4090": 165e12, "RTX 3090": 71e12}
+
+DIT = dict(in_channels=4, out_channels=8, sample_size=32, patch_size=2, num_embeds_ada_norm=1000)
+DIT_SIZES = {"dit-xl": dict(num_layers=28, num_attention_heads=16, attention_head_dim=72),   # 675M, DiT-XL/2
+             "dit-b": dict(num_layers=12, num_attention_heads=12, attention_head_dim=64),
+             "dit-s": dict(num_layers=12, num_attention_heads=6, attention_head_dim=64)}
+
+
+def build_dit(name: str, device: torch.device, dtype: torch.dtype):
+    from diffusers import DiTTransformer2DModel
+
+    import cao2_dit
+    from cao2_dit import sampling
+    torch.manual_seed(0)
+    transformer = DiTTransformer2DModel(**DIT, **DIT_SIZES[name]).eval().requires_grad_(False).to(device, dtype)
+    handle = cao2_dit.DiTHandle(transformer=transformer, vae=None,
+                                alphas_cumprod=sampling.noise_schedule().alphas_cumprod.to(device),
+                                label_space="in1k", guidance=4.0, steps=50, sampler="ddpm", convention="default",
+                                dtype=dtype)
+    return Host().generator("dit"), handle, transformer
+
+
+BUILDERS = {k: build_dit for k in DIT_SIZES}
+
+
+def timed(fn, device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t0
+
+
+def flops_of(fn) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def peak_bf16(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16.items() if k in name), None)
+
+
+def bench(name: str, args, device: torch.device) -> dict:
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    gen, handle, model = BUILDERS[name](name, device, dtype)
+    if hasattr(handle, "steps"):
+        handle.steps = args.sample_steps
+    spec = gen.latent_spec(handle=handle)
+    label, n = 1, args.images
+    idx = list(range(n))
+    settings = clo.CLOSettings(iters=args.iters, level_max=spec.default_level_max, level_min=spec.level_range[0],
+                               kernels=kernels.resolve("auto", device))
+
+    def sample(ids):
+        return gen.sample(handle=handle, labels=torch.full((len(ids),), label, device=device),
+                          generators=unit_generators(0, label, ids, "sample"), snapshot_steps=[]).latents.float()
+
+    # pool sampling: one at a time, then one batch
+    sample([0])                                                         # warm-up
+    t_sample_one = timed(lambda: [sample([i]) for i in idx], device)
+    t_sample_batch = timed(lambda: sample(idx), device)
+    z0 = sample(idx)
+
+    def ours(iters=args.iters):
+        s = replace(settings, iters=iters)
+        return clo.optimize(gen, handle, z0, torch.full((n,), label, device=device), ["null"] * n,
+                            unit_generators(0, label, idx, "clo-noise"), unit_generators(0, label, idx, "clo-level"), s)
+
+    ours(1)                                                             # warm-up (kernel builds, allocator)
+    t_clo_batch = timed(ours, device)
+    flops_iter = flops_of(lambda: ours(1))                              # n latents, one iteration
+
+    # the reference: fp32 weights, left trainable, one latent and one fresh Adam at a time
+    model.to(torch.float32).requires_grad_(True)
+    if hasattr(handle, "dtype"):
+        handle.dtype = torch.float32
+    t_clo_one = timed(lambda: official_style(gen, handle, z0, label, idx, settings, 0), device)
+    model.requires_grad_(False)
+
+    peak = peak_bf16(device)
+    achieved = flops_iter * args.iters / t_clo_batch
+    return {"model": name, "params": sum(p.numel() for p in model.parameters()), "images": n,
+            "sample_one": n / t_sample_one, "sample_batch": n / t_sample_batch,
+            "clo_one": n * args.iters / t_clo_one, "clo_batch": n * args.iters / t_clo_batch,
+            "tflops": achieved / 1e12, "peak_share": achieved / peak if peak else None}
+
+
+def main() -> None:
+    diffusers_logging.set_verbosity_error()     # dtype casts of random models are intended here
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    gpu = torch.cuda.is_available()
+    ap.add_argument("--models", nargs="+", choices=tuple(BUILDERS), default=["dit-xl"] if gpu else ["dit-s"])
+    ap.add_argument("--images", type=int, default=32 if gpu else 4, help="latents per batch (IPC-sized chunk)")
+    ap.add_argument("--iters", type=int, default=20 if gpu else 3, help="CLO iterations timed")
+    ap.add_argument("--sample-steps", type=int, default=50 if gpu else 4, help="sampler steps timed")
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if gpu else "cpu")
+    if gpu:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    name = torch.cuda.get_device_name(device) if gpu else f"CPU, {torch.get_num_threads()} threads"
+    print(f"device: {name}; {args.images} images per batch, {args.iters} CLO iterations, "
+          f"{args.sample_steps} sampler steps")
+    rows = [bench(m, args, device) for m in args.models]
+    print()
+    print("| model | params | pool samples/s one-at-a-time | batched | CLO latent-it/s one-at-a-time | batched | "
+          "CLO TFLOP/s | share of bf16 peak |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        share = f"{100 * r['peak_share']:.1f}%" if r["peak_share"] is not None else "n/a (no GPU peak)"
+        print(f"| {r['model']} | {r['params'] / 1e6:.1f}M | {r['sample_one']:.3g} | {r['sample_batch']:.3g} | "
+              f"{r['clo_one']:.3g} | {r['clo_batch']:.3g} | {r['tflops']:.3g} | {share} |")
+    print()
+    for r in rows:
+        print(f"{r['model']} sample speedup: {r['sample_batch'] / r['sample_one']:.2f}")
+        print(f"{r['model']} clo speedup: {r['clo_batch'] / r['clo_one']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
