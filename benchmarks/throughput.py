@@ -19,12 +19,12 @@ from pathlib import Path
 
 import torch
 from diffusers.utils import logging as diffusers_logging
-from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).parent))
 from clo_batching import official_style  # noqa: E402  (the one-image-at-a-time reference loop)
 
 from cao2core import clo, kernels  # noqa: E402
+from cao2core.dryrun import count_flops, timed  # noqa: E402
 from cao2core.plugins import Host  # noqa: E402
 from cao2core.seeding import unit_generators  # noqa: E402
 
@@ -53,22 +53,6 @@ def build_dit(name: str, device: torch.device, dtype: torch.dtype):
 
 
 BUILDERS = {k: build_dit for k in DIT_SIZES}
-
-
-def timed(fn, device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    t0 = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - t0
-
-
-def flops_of(fn) -> int:
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return counter.get_total_flops()
 
 
 def peak_bf16(device: torch.device) -> float | None:
@@ -106,7 +90,7 @@ def bench(name: str, args, device: torch.device) -> dict:
 
     ours(1)                                                             # warm-up (kernel builds, allocator)
     t_clo_batch = timed(ours, device)
-    flops_iter = flops_of(lambda: ours(1))                              # n latents, one iteration
+    flops_iter = count_flops(lambda: ours(1))                              # n latents, one iteration
 
     # the reference: fp32 weights, left trainable, one latent and one fresh Adam at a time
     model.to(torch.float32).requires_grad_(True)

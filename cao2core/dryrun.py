@@ -18,13 +18,15 @@ from .pools import batches
 from .seeding import unit_generators
 
 
-def _count(fn) -> int:
+def count_flops(fn) -> int:
+    """FLOPs torch's counter sees while ``fn`` runs."""
     with FlopCounterMode(display=False) as counter:
         fn()
     return counter.get_total_flops()
 
 
-def _timed(fn, device) -> float:
+def timed(fn, device) -> float:
+    """Wall seconds of ``fn``, waiting for the GPU's queued work."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     t0 = time.perf_counter()
@@ -62,12 +64,12 @@ def report(cfg, gen, handle, spec, space, settings, device, ranks: int) -> str:
                      unit_generators(cfg.seed, label, range(n), "clo-level"), replace(settings, iters=iters))
 
     one = sample(1)
-    flops_sample = _count(lambda: sample(1))
-    flops_clo = _count(lambda: optimize(one, 1)) if cfg.clo_iters else 0
+    flops_sample = count_flops(lambda: sample(1))
+    flops_clo = count_flops(lambda: optimize(one, 1)) if cfg.clo_iters else 0
     b_pool, b_clo = min(pool, cfg.batch_size), min(ipc, cfg.batch_size)
-    t_sample = _timed(lambda: sample(b_pool), device) / b_pool
+    t_sample = timed(lambda: sample(b_pool), device) / b_pool
     lat = sample(b_clo) if cfg.clo_iters else None
-    t_clo = _timed(lambda: optimize(lat, 2), device) / (2 * b_clo) if cfg.clo_iters else 0.0
+    t_clo = timed(lambda: optimize(lat, 2), device) / (2 * b_clo) if cfg.clo_iters else 0.0
 
     lines = [f"dry run: {len(space.ids)} classes of {space.name} on {ranks} rank(s); IPC {ipc}, pool {pool} per "
              f"class, CLO {cfg.clo_iters} iterations, batch size {cfg.batch_size}; nothing is written",
