@@ -6,11 +6,14 @@ its record marks it complete last. An output folder that belongs to another run 
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +36,22 @@ def to_uint8(pixels: torch.Tensor) -> np.ndarray:
 
 def _image(arr: np.ndarray) -> Image.Image:
     return Image.fromarray(arr[..., 0], "L") if arr.shape[-1] == 1 else Image.fromarray(arr, "RGB")
+
+
+@contextlib.contextmanager
+def _interrupts_deferred():
+    """Hold SIGINT until the block is done (main thread only), then raise KeyboardInterrupt."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda *_: caught.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
 
 
 def _sha256(path: Path) -> str:
@@ -148,6 +167,10 @@ class Store:
         return None
 
     def write_class(self, cid: str, pixels: torch.Tensor, tensors: dict[str, torch.Tensor], entry: dict) -> None:
+        with _interrupts_deferred():        # Ctrl-C lands after the class is whole, not halfway through it
+            self._write_class(cid, pixels, tensors, entry)
+
+    def _write_class(self, cid: str, pixels: torch.Tensor, tensors: dict[str, torch.Tensor], entry: dict) -> None:
         lat = self.out / "latents" / f"{cid}.safetensors"
         fd, tmp = tempfile.mkstemp(dir=lat.parent, prefix=f".{lat.name}.", suffix=".tmp")
         os.close(fd)

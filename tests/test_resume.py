@@ -151,3 +151,19 @@ def test_unwritable_output_is_refused(tiny_world, tiny_classifier, tmp_path, cap
     assert main(["run", *base_args(tiny_world, tiny_classifier, tmp_path / "o")]) == 2
     assert "cannot write to" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_ctrl_c_leaves_a_resumable_state(tiny_world, tiny_classifier, tmp_path, straight):
+    out = tmp_path / "interrupted"
+    cmd, env = cli("run", *base_args(tiny_world, tiny_classifier, out))
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    while not ((out / "records").is_dir() and list((out / "records").glob("*.json"))) and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    if proc.returncode == 0:
+        pytest.skip("the run finished before the interrupt landed")
+    assert proc.returncode == 130 and "interrupted; rerun the same command to continue" in err
+    _complete_classes_are_whole(out)
+    assert subprocess.run(cmd, env=env, capture_output=True, timeout=600).returncode == 0
+    assert snapshot(out) == straight
