@@ -2,22 +2,25 @@
 # CaO2 ablation on the embedded MNIST world: `cao2 ablate` at IPC 1 and IPC 10 (3 student repeats each, hard
 # protocol, ConvNet-3), plus the random-real baseline at the same IPC and the full-data ceiling, all scored the
 # same way on the 10k MNIST test split. Writes OUT/ipc*/ (runs, ablation.json/.md/.png) and OUT/summary.md.
+# A rerun reuses finished runs and evaluations.
 #
 #   bash benchmarks/mnist_ablation.sh            # about 25 minutes on 2 idle CPU cores
 #   OUT=out/abl REPEAT=5 bash benchmarks/mnist_ablation.sh
 set -euo pipefail
 OUT=${OUT:-out/mnist-ablation}
 REPEAT=${REPEAT:-3}
-FULL_EPOCHS=${FULL_EPOCHS:-5}
+FULL_EPOCHS=${FULL_EPOCHS:-1}
 CAO2=${CAO2:-.venv/bin/cao2}
 PY=${PY:-.venv/bin/python}
 mkdir -p "$OUT"
 
 for ipc in 1 10; do
   "$CAO2" ablate --preset mnist --ipc "$ipc" --repeat "$REPEAT" --out "$OUT/ipc$ipc" --no-progress
-  "$CAO2" eval --random-real "$ipc" --dataset mnist --repeat "$REPEAT" --out "$OUT/ipc$ipc/random-real" --quiet
+  [ -f "$OUT/ipc$ipc/random-real/eval.json" ] ||
+    "$CAO2" eval --random-real "$ipc" --dataset mnist --repeat "$REPEAT" --out "$OUT/ipc$ipc/random-real" --quiet
 done
-"$CAO2" eval --full-real --dataset mnist --epochs "$FULL_EPOCHS" --eval-every "$FULL_EPOCHS" --out "$OUT/full-real" --quiet
+[ -f "$OUT/full-real/eval.json" ] ||
+  "$CAO2" eval --full-real --dataset mnist --epochs "$FULL_EPOCHS" --eval-every "$FULL_EPOCHS" --out "$OUT/full-real" --quiet
 
 "$PY" - "$OUT" "$REPEAT" "$FULL_EPOCHS" <<'PY' | tee "$OUT/summary.md"
 import json, sys

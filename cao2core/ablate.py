@@ -18,8 +18,10 @@ from pathlib import Path
 
 from .config import RunConfig
 from .errors import UserError
+from .store import atomic_write_bytes
 
 REPORT, TABLE, CHART = "ablation.json", "ablation.md", "ablation.png"
+MARKER = "ablate.json"      # beside a variant's eval.json: the run and eval command it scored
 FORMAT = "cao2-ablation/1"
 
 
@@ -96,8 +98,7 @@ def run(base: RunConfig, args: argparse.Namespace, parse_eval) -> dict:
     for variant, cfg, ev in zip(VARIANTS, configs, evals):
         print(f"== {variant.name}: select={cfg.select}, clo-iters={cfg.clo_iters} -> {cfg.out}", flush=True)
         engine.run(cfg)
-        eval_main(ev)
-        report = json.loads((Path(cfg.out) / "eval" / "eval.json").read_text())
+        report = _scored(Path(cfg.out), eval_argv(args, cfg.out, base.device), lambda: eval_main(ev))
         rows.append({"variant": variant.name, "oss": variant.oss, "clo": variant.clo, "out": cfg.out,
                      "select": cfg.select, "clo_iters": cfg.clo_iters, "summary": report["summary"],
                      "eval_settings": report["config"]["settings"], "dataset": report["data"]["dataset"]})
@@ -107,6 +108,18 @@ def run(base: RunConfig, args: argparse.Namespace, parse_eval) -> dict:
     write_files(out, {REPORT: (json.dumps(result, indent=2) + "\n").encode(), TABLE: (table(result) + "\n").encode(),
                       CHART: bar_chart(result)})
     return result
+
+
+def _scored(out: Path, argv: list[str], evaluate) -> dict:
+    """The variant's eval report; a rerun reuses it when the run and the eval command are unchanged."""
+    marker, report = out / "eval" / MARKER, out / "eval" / "eval.json"
+    key = {"run_id": json.loads((out / "manifest.json").read_text())["run_id"], "eval": argv}
+    if marker.is_file() and report.is_file() and json.loads(marker.read_text()) == key:
+        print(f"   reusing {report} (same run, same evaluation)", flush=True)
+    else:
+        evaluate()
+        atomic_write_bytes(marker, json.dumps(key).encode())
+    return json.loads(report.read_text())
 
 
 def table(result: dict) -> str:

@@ -46,6 +46,10 @@ def test_ablate_runs_four_variants_on_shared_seeds(tiny_args, tmp_path, capsys):
     assert not torch.equal(t["oss+clo"]["latents"], t["oss"]["latents"])
     m = json.loads((out / "clo" / "manifest.json").read_text())
     assert m["config"]["select"] == "none" and m["config"]["clo_iters"] == 3
+    # a rerun reuses the runs and their evaluations
+    assert main(["ablate", *args]) == 0
+    assert capsys.readouterr().out.count("reusing") == 4
+    assert json.loads((out / "ablation.json").read_text())["variants"] == result["variants"]
 
 
 def test_ablate_needs_both_parts_switched_on(tiny_args, tmp_path, capsys):
