@@ -21,8 +21,10 @@ CLASSES = "0,3,5,8"
 
 
 def base_args(tiny_world, tiny_classifier, out, *extra):
+    # enough work per class (sampler steps, CLO iterations) that a kill can land inside a class
     return ["--model", str(tiny_world), "--classifier", str(tiny_classifier), "--classes", CLASSES, "--ipc", "2",
-            "--pool-factor", "2", "--clo-iters", "4", "--out", str(out), "--no-progress", "--device", "cpu", *extra]
+            "--pool-factor", "2", "--sample-steps", "40", "--clo-iters", "60", "--out", str(out), "--no-progress",
+            "--device", "cpu", *extra]
 
 
 def snapshot(out: Path) -> dict[str, bytes]:
@@ -88,7 +90,7 @@ def test_killed_runs_resume_to_identical_files(tiny_world, tiny_classifier, tmp_
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         while records() == start and proc.poll() is None:
             time.sleep(0.01)
-        time.sleep(rng.uniform(0.0, 0.3))
+        time.sleep(rng.uniform(0.0, 0.6))          # a class takes about 1-2 s here
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         kills += 1
