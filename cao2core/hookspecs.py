@@ -40,6 +40,18 @@ class SampleOutput:
     snapshots: dict[int, torch.Tensor] = field(default_factory=dict)  # step -> latents at that step
 
 
+def snapshot_steps_of(asked: list, steps: int) -> dict[int, int]:
+    """Resolve ``cao2_sample``'s ``snapshot_steps`` for a ``steps``-step sampler: {0-based step: key as asked}."""
+    from .errors import UserError
+    wanted = {}
+    for step in asked:
+        resolved = step + steps if step < 0 else step
+        if not 0 <= resolved < steps:
+            raise UserError(f"snapshot step {step} does not exist in a {steps}-step sampler")
+        wanted[resolved] = step
+    return wanted
+
+
 @dataclass
 class Corrupted:
     """A corrupted batch as the generator's ``predict`` needs it; ``extras`` is the plugin's own business."""

@@ -19,7 +19,7 @@ import torch
 from diffusers import AutoencoderKL, DiTTransformer2DModel
 
 from cao2core.errors import UserError
-from cao2core.hookspecs import Corrupted, LatentSpec, Prediction, SampleOutput, hookimpl
+from cao2core.hookspecs import Corrupted, LatentSpec, Prediction, SampleOutput, hookimpl, snapshot_steps_of
 
 from . import loading, sampling
 
@@ -115,12 +115,7 @@ def cao2_describe(handle: DiTHandle) -> dict:
 
 @hookimpl
 def cao2_sample(handle: DiTHandle, labels: torch.Tensor, generators: list, snapshot_steps: list) -> SampleOutput:
-    wanted = {}
-    for asked in snapshot_steps:
-        step = asked + handle.steps if asked < 0 else asked
-        if not 0 <= step < handle.steps:
-            raise UserError(f"snapshot step {asked} does not exist in a {handle.steps}-step sampler")
-        wanted[step] = asked
+    wanted = snapshot_steps_of(snapshot_steps, handle.steps)
     x, snapshots = sampling.sample(handle.transformer, labels, generators, null_label=handle.num_classes,
                                    guidance=handle.guidance, steps=handle.steps, sampler=handle.sampler,
                                    latent_shape=handle.latent_shape, dtype=handle.dtype, snapshot_steps=wanted)

@@ -1,0 +1,292 @@
+"""The MAR generator plugin: masked autoregressive generation with a per-token diffusion head (Li et al. 2024).
+
+Registered under the ``cao2.generators`` entry point ``mar``. Without ``--model`` it loads the embedded MNIST
+world in ``worlds/mnist``; with ``--model checkpoint-last.pth --vae kl16.ckpt --gen-opt preset=mar_base`` the
+published checkpoints (``preset`` defaults to the ``model`` recorded in the checkpoint's ``args``).
+
+Latents are the scaled VAE latents, image-shaped (C, H/stride, W/stride): (16, 16, 16) for MAR at 256 px,
+(4, 8, 8) for the world; the plugin patchifies them into tokens itself.
+
+CLO on MAR (CaO2-MAR), ``LatentSpec.corruption == "mask"``:
+
+* ``corrupt`` masks tokens: one mask ratio for the whole batch (the encoder needs equal visible counts per
+  row), drawn from MAR's truncated normal on ``--gen-opt mask_ratio=0.7,1`` (mean 1, sd 0.25) with the
+  **first** sample's generator, so MAR's CLO depends on which samples share a batch (``--batch-size``);
+  each sample's token order, per-token diffusion timesteps and per-token eps come from its own generator,
+  fresh every iteration (``--gen-opt noise=fixed`` uses the engine's fixed per-sample noise as eps instead).
+* the engine's ``levels`` are the upper bound of the head's per-token timestep: sample i draws its tokens'
+  t uniformly on 0..levels[i] (level range 1-999, default 999; ``--clo-tmax`` caps it).
+* ``predict`` runs the encoder on the visible tokens of the latent (the gradient path), the decoder, and the
+  DiffLoss head on x_t built from the *detached* latent; ``Prediction(eps_hat, eps, weight=mask)``: the
+  engine's loss is the masked-token mean squared error + lambda * the max over masked tokens. ``--gen-opt vb=1``
+  adds the masked mean of the variational-bound term as ``aux_loss``.
+* conditions: ``class`` = class embedding, ``null`` = the learned ``fake_latent``, ``zero`` = a zero vector in
+  every buffer slot (CaO2-MAR's zero-label embedding).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from cao2core.errors import UserError
+from cao2core.hookspecs import Corrupted, LatentSpec, Prediction, SampleOutput, hookimpl, snapshot_steps_of
+
+from . import loading, sampling
+from .diffusion import GaussianDiffusion
+from .masking import mask_from_orders, num_masked, random_orders, truncated_normal_ratio
+from .model import MAR
+from .vae import AutoencoderKL
+
+__version__ = "0.1.0"
+LEVEL_RANGE, DEFAULT_LEVEL = (1, 999), 999
+AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16, "none": None}
+GENERIC = {"model", "vae", "dataset", "sampler", "sample_steps", "guidance", "timestep_convention", "dtype"}
+GEN_OPTS = {"preset", "vae_config", "cfg_schedule", "temperature", "diffloss_steps", "mask_ratio", "vb", "noise",
+            "autocast", "clip_x0"}
+
+
+@dataclass
+class MARHandle:
+    model: MAR
+    vae: AutoencoderKL
+    preset: str
+    label_space: str | None
+    guidance: float
+    cfg_schedule: str
+    steps: int
+    diffloss_steps: int
+    temperature: float
+    clip_x0: float | None
+    mask_ratio: tuple[float, float]
+    vb: bool
+    fixed_noise: bool
+    autocast: torch.dtype | None
+    sampler_diffusion: GaussianDiffusion
+    diffusion: GaussianDiffusion = field(default_factory=GaussianDiffusion.training)
+    sources: dict = field(default_factory=dict)
+
+
+def _float(options, key, default):
+    value = options.get(key)
+    try:
+        return float(default if value is None else value)
+    except (TypeError, ValueError):
+        raise UserError(f"--gen-opt {key}={value} is not a number") from None
+
+
+def _int(options, key, default, least=1):
+    value = options.get(key)
+    try:
+        n = int(default if value is None else value)
+    except (TypeError, ValueError):
+        raise UserError(f"--gen-opt {key}={value} is not an integer") from None
+    if n < least:
+        raise UserError(f"{key} must be at least {least} for mar, got {n}")
+    return n
+
+
+def _flag(options, key) -> bool:
+    value = str(options.get(key) or "0").lower()
+    if value not in ("0", "1", "true", "false", "yes", "no"):
+        raise UserError(f"--gen-opt {key}={value}: use 1 or 0")
+    return value in ("1", "true", "yes")
+
+
+def parse_clip(value) -> float | None:
+    if value is None or str(value).lower() == "none":
+        return None
+    try:
+        clip = float(value)
+    except ValueError:
+        raise UserError(f"--gen-opt clip_x0={value}: give a positive number or none") from None
+    if not clip > 0:
+        raise UserError(f"--gen-opt clip_x0={value}: give a positive number or none")
+    return clip
+
+
+def parse_mask_ratio(text) -> tuple[float, float]:
+    if isinstance(text, (tuple, list)):
+        parts = list(text)
+    else:
+        parts = str(text).replace(":", ",").split(",")
+    try:
+        lo, hi = (float(p) for p in parts)
+    except ValueError:
+        raise UserError(f"--gen-opt mask_ratio={text}: give two numbers LO,HI with 0 < LO <= HI <= 1") from None
+    if not 0 < lo <= hi <= 1:
+        raise UserError(f"--gen-opt mask_ratio={text} is outside (0, 1]: give LO,HI with 0 < LO <= HI <= 1")
+    return lo, hi
+
+
+@hookimpl
+def cao2_load(options: dict, device: torch.device) -> MARHandle:
+    unknown = sorted(set(options) - GENERIC - GEN_OPTS)
+    if unknown:
+        raise UserError(f"unknown --gen-opt {unknown[0]} for mar; known: {', '.join(sorted(GEN_OPTS))}")
+    if options.get("sampler"):
+        raise UserError("--sampler is a DiT option; mar has one sampler (masked autoregressive, cosine schedule)")
+    if (options.get("timestep_convention") or "default") != "default":
+        raise UserError("--timestep-convention is a DiT option; mar's CLO levels are the head's timestep bound")
+    model_src = options.get("model")
+    if model_src is None:
+        world = loading.world_dir(options.get("dataset") or "mnist")
+        if world is None:
+            raise UserError(f"no embedded MAR world for dataset {options.get('dataset')!r}; pass --model "
+                            "checkpoint-last.pth --vae kl16.ckpt")
+        model_src = str(world)
+    path = Path(model_src)
+    defaults = loading.read_defaults(path) if path.is_dir() else {}
+    settings = _settings(options, defaults)           # every option is checked before any weight is read
+    model, vae, preset, sources = _load_weights(path, options, defaults)
+    for m in (model, vae):
+        m.eval().requires_grad_(False).to(device)
+    n = model.cfg.class_num
+    return MARHandle(model=model, vae=vae, preset=preset,
+                     label_space=defaults.get("label_space") or ("in1k" if n == 1000 else None),
+                     sampler_diffusion=GaussianDiffusion.respaced(settings["diffloss_steps"]), sources=sources,
+                     **settings)
+
+
+def _settings(options: dict, defaults: dict) -> dict:
+    schedule = options.get("cfg_schedule") or defaults.get("cfg_schedule", "linear")
+    if schedule not in sampling.CFG_SCHEDULES:
+        raise UserError(f"--gen-opt cfg_schedule={schedule}: use one of {', '.join(sampling.CFG_SCHEDULES)}")
+    dtype = options.get("dtype") or "fp32"
+    autocast_name = dtype if dtype != "fp32" else (options.get("autocast") or "fp16")
+    if autocast_name not in AUTOCAST:
+        raise UserError(f"--gen-opt autocast={autocast_name}: use fp16, bf16 or none")
+    noise = options.get("noise") or "fresh"
+    if noise not in ("fresh", "fixed"):
+        raise UserError(f"--gen-opt noise={noise}: use fresh (CaO2-MAR) or fixed")
+    diffloss_steps = _int(options, "diffloss_steps", defaults.get("diffloss_steps", 100))
+    if diffloss_steps > 1000:
+        raise UserError(f"--gen-opt diffloss_steps={diffloss_steps}: the head has 1000 diffusion steps")
+    guidance = _float(options, "guidance", defaults.get("guidance", 2.9))
+    if guidance < 0:
+        raise UserError(f"--guidance must be 0 or more, got {guidance}")
+    return dict(guidance=guidance, cfg_schedule=schedule,
+                steps=_int(options, "sample_steps", defaults.get("sample_steps", 32)),
+                diffloss_steps=diffloss_steps,
+                temperature=_float(options, "temperature", defaults.get("temperature", 1.0)),
+                clip_x0=parse_clip(options.get("clip_x0", defaults.get("clip_x0"))),
+                mask_ratio=parse_mask_ratio(options.get("mask_ratio") or "0.7,1"), vb=_flag(options, "vb"),
+                fixed_noise=noise == "fixed", autocast=AUTOCAST[autocast_name])
+
+
+def _load_weights(path: Path, options: dict, defaults: dict):
+    """(MAR, VAE, preset name, sources) from a world-like folder or a published checkpoint."""
+    vae_src, args = options.get("vae"), None
+    if path.is_dir():                                  # a world-like folder: mar.safetensors, vae.safetensors
+        preset_name, cfg = loading.mar_config(options.get("preset") or defaults.get("mar"))
+        model_file = path / "mar.safetensors"
+        if not model_file.is_file():
+            raise UserError(f"{path} has no mar.safetensors (a MAR world folder holds mar.safetensors, "
+                            "vae.safetensors and cao2.json)")
+        vae_src = vae_src or str(path / "vae.safetensors")
+        vae_name, vcfg = loading.vae_config(options.get("vae_config") or defaults.get("vae"))
+        state = loading.read_safetensors(model_file)
+    else:
+        if vae_src is None:
+            raise UserError("a MAR checkpoint needs its VAE: pass --vae kl16.ckpt")
+        vae_name, vcfg = loading.vae_config(options.get("vae_config"))
+        state, args = loading.read_mar_checkpoint(path)
+        model_file = path
+        preset_name, cfg = loading.mar_config(options.get("preset") or getattr(args, "model", None))
+    model = loading.build_mar(cfg, state, str(path), preset_name, args)
+    if vcfg.embed_dim != cfg.vae_embed_dim or vcfg.stride != cfg.vae_stride:
+        raise UserError(f"VAE config {vae_name} gives {vcfg.embed_dim} channels at stride {vcfg.stride} but MAR "
+                        f"{preset_name} expects {cfg.vae_embed_dim} at stride {cfg.vae_stride}")
+    vae = loading.build_vae(vcfg, loading.read_vae_checkpoint(Path(vae_src)), vae_src, vae_name)
+    return model, vae, preset_name, {"model": str(model_file), "vae": str(vae_src)}
+
+
+@hookimpl
+def cao2_latent_spec(handle: MARHandle) -> LatentSpec:
+    return LatentSpec(handle.model.cfg.latent_shape, handle.model.cfg.class_num, LEVEL_RANGE, DEFAULT_LEVEL,
+                      handle.label_space, corruption="mask", sample_steps=handle.steps)
+
+
+@hookimpl
+def cao2_describe(handle: MARHandle) -> dict:
+    return {
+        "family": "mar",
+        "model": {"source": handle.sources["model"], "sha256": loading.sha256_of(handle.sources["model"]),
+                  "preset": handle.preset, "config": handle.model.cfg.to_dict()},
+        "vae": {"source": handle.sources["vae"], "sha256": loading.sha256_of(handle.sources["vae"]),
+                "config": handle.vae.cfg.to_dict()},
+        "guidance": handle.guidance, "cfg_schedule": handle.cfg_schedule, "sample_steps": handle.steps,
+        "diffloss_steps": handle.diffloss_steps, "temperature": handle.temperature, "clip_x0": handle.clip_x0,
+        "clo": {"mask_ratio": list(handle.mask_ratio), "vb": handle.vb,
+                "noise": "fixed" if handle.fixed_noise else "fresh",
+                "levels": "upper bound of the head's per-token timestep"},
+        "autocast": str(handle.autocast).removeprefix("torch.") if handle.autocast else None,
+    }
+
+
+@hookimpl
+def cao2_sample(handle: MARHandle, labels: torch.Tensor, generators: list, snapshot_steps: list) -> SampleOutput:
+    wanted = snapshot_steps_of(snapshot_steps, handle.steps)
+    x, snapshots = sampling.sample(handle.model, labels, generators, steps=handle.steps, guidance=handle.guidance,
+                                   cfg_schedule=handle.cfg_schedule, temperature=handle.temperature,
+                                   diffusion=handle.sampler_diffusion, snapshot_steps=wanted,
+                                   autocast=handle.autocast, clip_x0=handle.clip_x0)
+    return SampleOutput(latents=x, snapshots=snapshots)
+
+
+@hookimpl
+def cao2_decode(handle: MARHandle, latents: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return handle.vae.decode_scaled(latents.float())
+
+
+@hookimpl
+def cao2_encode(handle: MARHandle, pixels: torch.Tensor, generators: list) -> torch.Tensor:
+    shape = (handle.vae.cfg.embed_dim, pixels.shape[-2] // handle.vae.cfg.stride, pixels.shape[-1] // handle.vae.cfg.stride)
+    noise = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(pixels.device)
+    with torch.no_grad():
+        return handle.vae.encode_scaled(pixels.float(), noise)
+
+
+@hookimpl
+def cao2_condition(handle: MARHandle, labels: torch.Tensor, kinds: list) -> torch.Tensor:
+    return handle.model.condition_embedding(labels, list(kinds))
+
+
+@hookimpl
+def cao2_corrupt(handle: MARHandle, latents: torch.Tensor, levels: torch.Tensor, noise: torch.Tensor,
+                 generators: list) -> Corrupted:
+    model, device = handle.model, latents.device
+    L, D = model.cfg.seq_len, model.cfg.token_dim
+    tokens = model.patchify(latents)                  # keeps the graph: the gradient path is the visible tokens
+    lo, hi = handle.mask_ratio
+    ratio = truncated_normal_ratio(torch.rand((), generator=generators[0]).item(), lo, hi)  # shared by the batch
+    orders = random_orders(generators, L).to(device)
+    mask = mask_from_orders(orders, num_masked(L, ratio))
+    bounds = levels.detach().long().cpu()
+    t = torch.stack([torch.randint(0, int(b) + 1, (L,), generator=g) for g, b in zip(generators, bounds)]).to(device)
+    if handle.fixed_noise:
+        eps = model.patchify(noise.float()).to(device)
+    else:
+        eps = torch.stack([torch.randn((L, D), generator=g) for g in generators]).to(device)
+    x0 = tokens.detach()
+    x_t = handle.diffusion.q_sample(x0.reshape(-1, D), t.reshape(-1), eps.reshape(-1, D)).reshape(x0.shape)
+    return Corrupted(inputs=tokens, levels=levels, target=eps,
+                     extras={"mask": mask, "t": t, "x_t": x_t, "x0": x0})
+
+
+@hookimpl
+def cao2_predict(handle: MARHandle, corrupted: Corrupted, condition: torch.Tensor) -> Prediction:
+    model, ex = handle.model, corrupted.extras
+    tokens, mask = corrupted.inputs, ex["mask"]
+    b, L, D = tokens.shape
+    z = model.forward_mae(tokens, mask, condition)
+    out = model.diffloss.net(ex["x_t"].reshape(-1, D), ex["t"].reshape(-1), z.reshape(b * L, -1)).float()
+    weight = mask[..., None].float()
+    aux = None
+    if handle.vb:
+        vb = handle.diffusion.vb_terms(out, ex["x0"].reshape(-1, D), ex["x_t"].reshape(-1, D),
+                                       ex["t"].reshape(-1)).reshape(b, L)
+        aux = (vb * mask).sum(1) / mask.sum(1).clamp_min(1)
+    return Prediction(pred=out[:, :D].reshape(b, L, D), target=corrupted.target, weight=weight, aux_loss=aux)

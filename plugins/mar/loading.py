@@ -1,0 +1,174 @@
+"""Load a MAR and its KL VAE: the embedded world (safetensors + cao2.json) or the published checkpoints.
+
+Published layouts: ``checkpoint-last.pth`` is a ``torch.save`` dict with ``model``, ``model_ema`` and an ``args``
+``argparse.Namespace``; the EMA weights are the ones sampled with. ``kl16.ckpt`` holds the VAE under ``model``.
+Both are read with ``weights_only=True`` admitting only ``argparse.Namespace``. Loading is strict: any missing,
+unexpected or mis-shaped key is a one-line ``UserError`` naming the mismatch.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+from dataclasses import fields
+from pathlib import Path
+
+import torch
+
+from cao2core.errors import UserError
+
+from .model import MAR, PRESETS, MARConfig
+from .vae import KL16, MNIST_SMALL, AutoencoderKL, KLVAEConfig
+
+WORLDS = Path(__file__).parent / "worlds"
+VAE_PRESETS = {"kl16": KL16, "mnist_small": MNIST_SMALL}
+
+
+def world_dir(name: str) -> Path | None:
+    d = WORLDS / name
+    return d if (d / "mar.safetensors").is_file() else None
+
+
+def read_defaults(folder: Path) -> dict:
+    """A world folder's cao2.json (configs and sampling defaults); none: the presets given as --gen-opt decide."""
+    path = folder / "cao2.json"
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except ValueError as exc:
+        raise UserError(f"{path} is not valid JSON ({exc})") from None
+
+
+def mar_config(spec: str | dict | None, fallback: str = "mar_base") -> tuple[str, MARConfig]:
+    """A preset name, a JSON file of MARConfig fields, or a dict of them -> (name, config)."""
+    return _config(spec, fallback, PRESETS, MARConfig, "preset")
+
+
+def vae_config(spec: str | dict | None, fallback: str = "kl16") -> tuple[str, KLVAEConfig]:
+    return _config(spec, fallback, VAE_PRESETS, KLVAEConfig, "vae_config")
+
+
+def _config(spec, fallback, presets, cls, opt):
+    spec = fallback if spec is None else spec
+    if isinstance(spec, str) and spec in presets:
+        return spec, presets[spec]
+    if isinstance(spec, str):
+        path = Path(spec)
+        if not path.is_file():
+            raise UserError(f"--gen-opt {opt}={spec}: not one of {', '.join(presets)} nor a JSON file of config fields")
+        try:
+            data = json.loads(path.read_text())
+        except ValueError as exc:
+            raise UserError(f"--gen-opt {opt}={spec} is not valid JSON ({exc})") from None
+        name = str(path)
+    else:
+        data, name = spec, "custom"
+    known = {f.name for f in fields(cls)}
+    if not isinstance(data, dict) or set(data) - known:
+        bad = sorted(set(data) - known) if isinstance(data, dict) else [type(data).__name__]
+        raise UserError(f"{opt} {name}: unknown config fields {', '.join(bad)}")
+    cfg = KLVAEConfig.from_dict(data) if cls is KLVAEConfig else cls(**data)
+    same = [n for n, c in presets.items() if c == cfg]
+    return (same[0] if same and name == "custom" else name), cfg
+
+
+def read_mar_checkpoint(path: Path) -> tuple[dict, argparse.Namespace | None]:
+    """The EMA state dict and the training ``args`` of a published ``checkpoint-last.pth`` (or a state-dict file)."""
+    if not path.is_file():
+        raise UserError(f"MAR checkpoint {path} not found")
+    if path.suffix == ".safetensors":
+        return read_safetensors(path), None
+    ckpt = _torch_load(path, "MAR checkpoint")
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        raise UserError(f"{path} is not a MAR training checkpoint (no 'model' entry); expected checkpoint-last.pth")
+    if "model_ema" not in ckpt:
+        raise UserError(f"{path} has no 'model_ema' (EMA weights), which MAR samples with; pass the published "
+                        "checkpoint-last.pth")
+    state, args = ckpt["model_ema"], ckpt.get("args")
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{path}: 'model_ema' is not a state dict of tensors")
+    return state, args if isinstance(args, argparse.Namespace) else None
+
+
+def read_vae_checkpoint(path: Path) -> dict:
+    if not path.is_file():
+        raise UserError(f"VAE checkpoint {path} not found")
+    if path.suffix == ".safetensors":
+        return read_safetensors(path)
+    state = _torch_load(path, "VAE checkpoint")
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{path} is not a VAE checkpoint (a state dict, or one under 'model' as kl16.ckpt)")
+    return state
+
+
+def build_mar(cfg: MARConfig, state: dict, source, preset_name: str, args=None) -> MAR:
+    model = MAR(cfg)
+    problem = _strict_problem(model, state)
+    if problem:
+        hint = ""
+        if args is not None and getattr(args, "model", None) and args.model != preset_name:
+            hint = f"; its args say model={args.model}"
+        if args is not None and getattr(args, "diffloss_d", None):
+            hint += f" (args: diffloss {args.diffloss_d}x{args.diffloss_w})"
+        raise UserError(f"MAR checkpoint {source} does not fit preset {preset_name} (DiffLoss {cfg.diffloss_d}x"
+                        f"{cfg.diffloss_w}): {problem}{hint}; pick the matching --gen-opt preset=mar_base|mar_large|"
+                        "mar_huge")
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def build_vae(cfg: KLVAEConfig, state: dict, source, name: str) -> AutoencoderKL:
+    vae = AutoencoderKL(cfg)
+    problem = _strict_problem(vae, state)
+    if problem:
+        raise UserError(f"VAE checkpoint {source} does not fit the LDM-layout KL VAE {name} "
+                        f"({cfg.z_channels} latent channels, ch {cfg.ch} x {list(cfg.ch_mult)}): {problem}")
+    vae.load_state_dict(state, strict=True)
+    return vae
+
+
+def _strict_problem(module: torch.nn.Module, state: dict) -> str:
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+              if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    parts = []
+    for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):
+        if items:
+            more = f" and {len(items) - 2} more" if len(items) > 2 else ""
+            parts.append(f"{label} {', '.join(items[:2])}{more}")
+    return "; ".join(parts)
+
+
+def _torch_load(path: Path, what: str):
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        text = str(exc).strip().splitlines()
+        raise UserError(f"cannot read {what} {path}: truncated, not a torch file, or it holds objects other than "
+                        f"tensors and an argparse.Namespace ({type(exc).__name__}: {text[0][:160] if text else ''})"
+                        ) from None
+
+
+def read_safetensors(path: Path) -> dict:
+    from safetensors.torch import load_file
+    try:
+        return load_file(str(path))
+    except Exception as exc:
+        raise UserError(f"cannot read {path} as safetensors ({type(exc).__name__})") from None
+
+
+def sha256_of(path) -> str | None:
+    path = Path(path)
+    if not path.is_file():
+        return None
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
