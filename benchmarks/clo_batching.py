@@ -29,8 +29,9 @@ def official_style(gen, handle, z0, label, idx, settings, seed):
         latent = torch.nn.Parameter(z0[i:i + 1].clone())
         noise = torch.randn(z0.shape[1:], generator=noise_g).unsqueeze(0).to(z0.device)
         opt = torch.optim.Adam([latent], lr=settings.lr)
-        cond = gen.condition(handle=handle, labels=torch.tensor([label], device=z0.device), kinds=["null"])
         for _ in range(settings.iters):
+            # rebuilt every iteration, as the reference does (with trainable weights it holds a graph)
+            cond = gen.condition(handle=handle, labels=torch.tensor([label], device=z0.device), kinds=["null"])
             t = torch.randint(settings.level_min, settings.level_max + 1, (1,), generator=level_g).to(z0.device)
             p = gen.predict(handle=handle, corrupted=gen.corrupt(handle=handle, latents=latent, levels=t,
                                                                  noise=noise, generators=[noise_g]), condition=cond)

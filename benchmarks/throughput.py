@@ -7,7 +7,7 @@ plus the share of the device's peak dense bf16 matrix rate the batched CLO reach
 FLOP counter / time / peak). The last lines are ``<model> clo speedup: X``.
 
     python benchmarks/throughput.py                              # CPU: small models, a few images
-    python benchmarks/throughput.py --models dit-xl --images 32 --iters 20 --sample-steps 50   # one GPU
+    python benchmarks/throughput.py --models dit-xl mar-b --images 32 --iters 20 --sample-steps 50  # one GPU
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ DIT_SIZES = {"dit-xl": dict(num_layers=28, num_attention_heads=16, attention_hea
              "dit-s": dict(num_layers=12, num_attention_heads=6, attention_head_dim=64)}
 
 
-def build_dit(name: str, device: torch.device, dtype: torch.dtype):
+def build_dit(name: str, device: torch.device, dtype: torch.dtype, steps: int):
     from diffusers import DiTTransformer2DModel
 
     import cao2_dit
@@ -47,12 +47,47 @@ def build_dit(name: str, device: torch.device, dtype: torch.dtype):
     transformer = DiTTransformer2DModel(**DIT, **DIT_SIZES[name]).eval().requires_grad_(False).to(device, dtype)
     handle = cao2_dit.DiTHandle(transformer=transformer, vae=None,
                                 alphas_cumprod=sampling.noise_schedule().alphas_cumprod.to(device),
-                                label_space="in1k", guidance=4.0, steps=50, sampler="ddpm", convention="default",
+                                label_space="in1k", guidance=4.0, steps=steps, sampler="ddpm", convention="default",
                                 dtype=dtype)
     return Host().generator("dit"), handle, transformer
 
 
-BUILDERS = {k: build_dit for k in DIT_SIZES}
+# MAR-B as published (256 px, 256 tokens); mar-s: a CPU-sized MAR (128 px, 64 tokens, width 256)
+MAR_SIZES = {"mar-b": ("mar_base", {}),
+             "mar-s": ("mar_base", dict(img_size=128, encoder_embed_dim=256, encoder_depth=2, encoder_num_heads=4,
+                                         decoder_embed_dim=256, decoder_depth=2, decoder_num_heads=4, diffloss_d=2,
+                                         diffloss_w=256))}
+
+
+def build_mar(name: str, device: torch.device, dtype: torch.dtype, steps: int):
+    """A random-weight MAR world written to a temporary folder and loaded through the plugin."""
+    import json
+    import tempfile
+    from dataclasses import replace as dc_replace
+
+    from safetensors.torch import save_file
+
+    from cao2_mar.model import MAR, preset
+    from cao2_mar.vae import KL16, AutoencoderKL
+    base, overrides = MAR_SIZES[name]
+    cfg = preset(base, **overrides)
+    vcfg = dc_replace(KL16, resolution=cfg.img_size)
+    torch.manual_seed(0)
+    model = MAR(cfg)
+    model.init_weights()
+    folder = Path(tempfile.mkdtemp(prefix="cao2-bench-"))
+    save_file(model.state_dict(), str(folder / "mar.safetensors"))
+    save_file(AutoencoderKL(vcfg).state_dict(), str(folder / "vae.safetensors"))
+    (folder / "cao2.json").write_text(json.dumps({"label_space": "in1k", "mar": cfg.to_dict(), "vae": vcfg.to_dict(),
+                                                  "guidance": 2.9, "cfg_schedule": "linear", "sample_steps": steps,
+                                                  "diffloss_steps": 100, "temperature": 1.0}))
+    gen = Host().generator("mar")
+    handle = gen.load(options={"model": str(folder), "dtype": "bf16" if dtype == torch.bfloat16 else "fp32"},
+                      device=device)
+    return gen, handle, handle.model
+
+
+BUILDERS = {**{k: build_dit for k in DIT_SIZES}, **{k: build_mar for k in MAR_SIZES}}
 
 
 def peak_bf16(device: torch.device) -> float | None:
@@ -64,9 +99,7 @@ def peak_bf16(device: torch.device) -> float | None:
 
 def bench(name: str, args, device: torch.device) -> dict:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    gen, handle, model = BUILDERS[name](name, device, dtype)
-    if hasattr(handle, "steps"):
-        handle.steps = args.sample_steps
+    gen, handle, model = BUILDERS[name](name, device, dtype, args.sample_steps)
     spec = gen.latent_spec(handle=handle)
     label, n = 1, args.images
     idx = list(range(n))
@@ -94,8 +127,9 @@ def bench(name: str, args, device: torch.device) -> dict:
 
     # the reference: fp32 weights, left trainable, one latent and one fresh Adam at a time
     model.to(torch.float32).requires_grad_(True)
-    if hasattr(handle, "dtype"):
-        handle.dtype = torch.float32
+    for attr in ("dtype", "autocast"):         # DiT's weight dtype, MAR's autocast: the reference runs fp32
+        if hasattr(handle, attr):
+            setattr(handle, attr, torch.float32 if attr == "dtype" else None)
     t_clo_one = timed(lambda: official_style(gen, handle, z0, label, idx, settings, 0), device)
     model.requires_grad_(False)
 
@@ -111,7 +145,7 @@ def main() -> None:
     diffusers_logging.set_verbosity_error()     # dtype casts of random models are intended here
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     gpu = torch.cuda.is_available()
-    ap.add_argument("--models", nargs="+", choices=tuple(BUILDERS), default=["dit-xl"] if gpu else ["dit-s"])
+    ap.add_argument("--models", nargs="+", choices=tuple(BUILDERS), default=["dit-xl", "mar-b"] if gpu else ["dit-s", "mar-s"])
     ap.add_argument("--images", type=int, default=32 if gpu else 4, help="latents per batch (IPC-sized chunk)")
     ap.add_argument("--iters", type=int, default=20 if gpu else 3, help="CLO iterations timed")
     ap.add_argument("--sample-steps", type=int, default=50 if gpu else 4, help="sampler steps timed")
