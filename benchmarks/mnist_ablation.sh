@@ -44,5 +44,5 @@ print("| training set | IPC 1 | IPC 10 |")
 print("|---|---|---|")
 for key, name in names.items():
     print(f"| {name} | {rows[key][1]} | {rows[key][10]} |")
-print(f"| full real training set ({full_epochs} epochs, 1 student) | {full} | |")
+print(f"| full real training set, all 50k images ({full_epochs} epoch(s), 1 student) | {full} | {full} |")
 PY
