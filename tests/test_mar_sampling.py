@@ -35,7 +35,8 @@ def test_same_seed_same_sample_and_batch_independence(mar):
     b = sample(mar, [1, 2, 3], [7, 8, 9]).latents
     assert torch.equal(a, b)
     alone = sample(mar, [2], [8]).latents
-    torch.testing.assert_close(alone[0], a[1], rtol=1e-5, atol=1e-5)   # a sample does not depend on its batch
+    # a sample does not depend on its batch (up to float summation order, which may change with the batch size)
+    torch.testing.assert_close(alone[0], a[1], rtol=1e-4, atol=1e-5)
     assert not torch.allclose(a[0], sample(mar, [1], [70]).latents[0])
 
 

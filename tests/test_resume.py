@@ -47,7 +47,9 @@ def straight(tiny_world, tiny_classifier, tmp_path_factory):
 
 
 def cli(*args, env_extra=None):
-    env = dict(os.environ, OMP_NUM_THREADS="1", **(env_extra or {}))
+    # the same CPU threads per process as this one (which made the straight run): float results are
+    # bit-identical for a given thread count, and torchrun would otherwise give each rank one thread
+    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()), **(env_extra or {}))
     return [sys.executable, "-m", "cao2core.cli", *args], env
 
 
