@@ -44,7 +44,8 @@ class RunConfig:
     clo_lr: float = _opt(6e-4, "CLO Adam learning rate")
     clo_lambda: float = _opt(10.0, "weight of the L-infinity term of the CLO loss")
     clo_tmax: int | None = _opt(None, "largest CLO corruption level T-hat; default: the generator's (DiT: 224, "
-                                      "or 11 with --timestep-convention reference)")
+                                      "or 11 with --timestep-convention reference; MAR: 999, the bound of the "
+                                      "head's per-token timestep)")
     condition: str = _opt("null", "CLO condition per class: class label, null (CFG) label, zero label embedding, "
                                   "or auto = class label for easy classes, null for hard ones", CONDITIONS)
     condition_threshold: float = _opt(0.7, "auto: classes whose classifier validation accuracy is at least this "
@@ -54,9 +55,9 @@ class RunConfig:
     timestep_convention: str = _opt("default", "DiT CLO timesteps: default = model told the noise level's own t; "
                                                "reference = as the official code (respaced noise, raw index)",
                                     ("default", "reference"))
-    sampler: str | None = _opt(None, "generator sampler (DiT: ddpm or ddim); default: the generator's")
-    sample_steps: int | None = _opt(None, "sampling steps; default: the generator's (DiT: 50)")
-    guidance: float | None = _opt(None, "classifier-free guidance scale; default: the generator's (DiT-XL/2: 2.7)")
+    sampler: str | None = _opt(None, "generator sampler (DiT: ddpm or ddim; MAR has one); default: the generator's")
+    sample_steps: int | None = _opt(None, "sampling steps; default: the generator's (DiT: 50; MAR: 32 AR steps)")
+    guidance: float | None = _opt(None, "classifier-free guidance scale; default: the generator's (DiT-XL/2: 2.7, MAR: 2.9)")
     gen_opt: list = _opt(list, "generator-specific option KEY=VALUE (repeatable)", nargs="append_kv")
     kernels: str = _opt("auto", "CLO loss/Adam kernels: auto = triton or cuda on GPUs, cpp on CPUs, else torch; "
                                 "the CAO2_KERNELS environment variable overrides auto", KERNEL_BACKENDS,
