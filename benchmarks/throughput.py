@@ -112,9 +112,8 @@ def bench(name: str, args, device: torch.device) -> dict:
 
     # pool sampling: one at a time, then one batch
     sample([0])                                                         # warm-up
-    t_sample_one = timed(lambda: [sample([i]) for i in idx], device)
-    t_sample_batch = timed(lambda: sample(idx), device)
-    z0 = sample(idx)
+    t_sample_one = timed(lambda: [sample([i]) for i in idx], device)[0]
+    t_sample_batch, z0 = timed(lambda: sample(idx), device)
 
     def ours(iters=args.iters):
         s = replace(settings, iters=iters)
@@ -122,15 +121,15 @@ def bench(name: str, args, device: torch.device) -> dict:
                             unit_generators(0, label, idx, "clo-noise"), unit_generators(0, label, idx, "clo-level"), s)
 
     ours(1)                                                             # warm-up (kernel builds, allocator)
-    t_clo_batch = timed(ours, device)
-    flops_iter = count_flops(lambda: ours(1))                              # n latents, one iteration
+    t_clo_batch = timed(ours, device)[0]
+    flops_iter = count_flops(lambda: ours(1))[0]                              # n latents, one iteration
 
     # the reference: fp32 weights, left trainable, one latent and one fresh Adam at a time
     model.to(torch.float32).requires_grad_(True)
     for attr in ("dtype", "autocast"):         # DiT's weight dtype, MAR's autocast: the reference runs fp32
         if hasattr(handle, attr):
             setattr(handle, attr, torch.float32 if attr == "dtype" else None)
-    t_clo_one = timed(lambda: official_style(gen, handle, z0, label, idx, settings, 0), device)
+    t_clo_one = timed(lambda: official_style(gen, handle, z0, label, idx, settings, 0), device)[0]
     model.requires_grad_(False)
 
     peak = peak_bf16(device)

@@ -52,11 +52,15 @@ EVAL_FLAGS = (
 )
 
 
+def _dest(flag: str) -> str:
+    """``--epochs`` -> ``eval_epochs``, ``--eval-seed`` -> ``eval_seed``: kept apart from the run's options."""
+    return "eval_" + flag.lstrip("-").removeprefix("eval-").replace("-", "_")
+
+
 def add_eval_flags(p: argparse.ArgumentParser) -> None:
     group = p.add_argument_group("evaluation of each variant (as `cao2 eval`)")
     for flag, typ, help_text in EVAL_FLAGS:
-        group.add_argument(flag, type=typ, default=None, help=help_text,
-                           dest="eval_" + flag.lstrip("-").removeprefix("eval-").replace("-", "_"))
+        group.add_argument(flag, type=typ, default=None, help=help_text, dest=_dest(flag))
 
 
 def eval_argv(args: argparse.Namespace, data: str, device: str) -> list[str]:
@@ -67,7 +71,7 @@ def eval_argv(args: argparse.Namespace, data: str, device: str) -> list[str]:
     for flag, _, _ in EVAL_FLAGS:
         if flag in ("--repeat", "--eval-seed"):
             continue
-        value = getattr(args, "eval_" + flag.lstrip("-").removeprefix("eval-").replace("-", "_"))
+        value = getattr(args, _dest(flag))
         if value is not None:
             argv += [flag, str(value)]
     return argv
@@ -86,7 +90,8 @@ def run(base: RunConfig, args: argparse.Namespace, parse_eval) -> dict:
         raise UserError("cao2 ablate switches OSS and CLO off in turn, so the base configuration needs both: "
                         "a --select other than none and --clo-iters above 0")
     configs = [v.config(base) for v in VARIANTS]
-    evals = [parse_eval(eval_argv(args, c.out, base.device)) for c in configs]
+    argvs = [eval_argv(args, c.out, base.device) for c in configs]
+    evals = [parse_eval(argv) for argv in argvs]
     for cfg, ev in zip(configs, evals):
         cfg.validate()
         _check_numbers(ev)          # bad eval options fail before any run starts
@@ -95,10 +100,10 @@ def run(base: RunConfig, args: argparse.Namespace, parse_eval) -> dict:
         raise UserError(f"--out {out} exists and is not a folder; choose another --out")
 
     rows = []
-    for variant, cfg, ev in zip(VARIANTS, configs, evals):
+    for variant, cfg, argv, ev in zip(VARIANTS, configs, argvs, evals):
         print(f"== {variant.name}: select={cfg.select}, clo-iters={cfg.clo_iters} -> {cfg.out}", flush=True)
         engine.run(cfg)
-        report = _scored(Path(cfg.out), eval_argv(args, cfg.out, base.device), lambda: eval_main(ev))
+        report = _scored(Path(cfg.out), argv, lambda: eval_main(ev))
         rows.append({"variant": variant.name, "oss": variant.oss, "clo": variant.clo, "out": cfg.out,
                      "select": cfg.select, "clo_iters": cfg.clo_iters, "summary": report["summary"],
                      "eval_settings": report["config"]["settings"], "dataset": report["data"]["dataset"]})

@@ -127,8 +127,8 @@ def _run(cfg: RunConfig) -> int:
     if result.plan:
         print(result.plan)
         return 0
-    print(f"{'refined' if cfg.images else 'distilled'} {len(result.completed) - len(result.skipped)} classes "
-          f"({len(result.skipped)} already complete) into {result.out.resolve()}")
+    print(f"{'refined' if cfg.images else 'distilled'} {result.written} classes "
+          f"({len(result.completed) - result.written} already complete) into {result.out.resolve()}")
     print(f"  images:   {result.out / 'images'}  (ImageFolder)")
     print(f"  preview:  {result.out / 'preview.png'}")
     print(f"  manifest: {result.out / 'manifest.json'}")

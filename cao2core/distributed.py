@@ -34,6 +34,14 @@ class Ranks:
         if self.world_size > 1:
             dist.barrier()
 
+    def total(self, n: int) -> int:
+        """The sum of ``n`` over all ranks (a barrier too)."""
+        if self.world_size == 1:
+            return n
+        counts = [0] * self.world_size
+        dist.all_gather_object(counts, n)
+        return sum(counts)
+
 
 def init(device: str) -> Ranks:
     """Join the torchrun process group if there is one (``device`` picks the backend)."""

@@ -18,22 +18,22 @@ from .pools import batches
 from .seeding import unit_generators
 
 
-def count_flops(fn) -> int:
-    """FLOPs torch's counter sees while ``fn`` runs."""
+def count_flops(fn):
+    """(FLOPs torch's counter sees while ``fn`` runs, what ``fn`` returned)."""
     with FlopCounterMode(display=False) as counter:
-        fn()
-    return counter.get_total_flops()
+        result = fn()
+    return counter.get_total_flops(), result
 
 
-def timed(fn, device) -> float:
-    """Wall seconds of ``fn``, waiting for the GPU's queued work."""
+def timed(fn, device):
+    """(wall seconds of ``fn``, waiting for the GPU's queued work, what ``fn`` returned)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     t0 = time.perf_counter()
-    fn()
+    result = fn()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, result
 
 
 def _fmt_time(seconds: float) -> str:
@@ -63,13 +63,12 @@ def report(cfg, gen, handle, spec, space, settings, device, ranks: int) -> str:
                      unit_generators(cfg.seed, label, range(n), "clo-noise"),
                      unit_generators(cfg.seed, label, range(n), "clo-level"), replace(settings, iters=iters))
 
-    one = sample(1)
-    flops_sample = count_flops(lambda: sample(1))
-    flops_clo = count_flops(lambda: optimize(one, 1)) if cfg.clo_iters else 0
-    b_pool, b_clo = min(pool, cfg.batch_size), min(ipc, cfg.batch_size)
-    t_sample = timed(lambda: sample(b_pool), device) / b_pool
-    lat = sample(b_clo) if cfg.clo_iters else None
-    t_clo = timed(lambda: optimize(lat, 2), device) / (2 * b_clo) if cfg.clo_iters else 0.0
+    flops_sample, one = count_flops(lambda: sample(1))      # also the warm-up
+    flops_clo = count_flops(lambda: optimize(one, 1))[0] if cfg.clo_iters else 0
+    b_pool, b_clo = min(pool, cfg.batch_size), min(ipc, cfg.batch_size)   # b_clo <= b_pool: ipc <= pool
+    t_pool, pooled = timed(lambda: sample(b_pool), device)
+    t_sample = t_pool / b_pool
+    t_clo = timed(lambda: optimize(pooled[:b_clo], 2), device)[0] / (2 * b_clo) if cfg.clo_iters else 0.0
 
     lines = [f"dry run: {len(space.ids)} classes of {space.name} on {ranks} rank(s); IPC {ipc}, pool {pool} per "
              f"class, CLO {cfg.clo_iters} iterations, batch size {cfg.batch_size}; nothing is written",

@@ -33,7 +33,7 @@ PREVIEW_CLASSES, PREVIEW_IMAGES = 16, 8
 class RunResult:
     out: Path
     completed: list[str]
-    skipped: list[str]
+    written: int                # classes this run wrote (all ranks); the other completed ones were already there
     failed: dict[str, str]
     rank: int = 0
     plan: str | None = None     # --dry-run: what the run would do
@@ -64,7 +64,7 @@ def run(cfg: RunConfig, host: Host | None = None) -> RunResult:
                         "another --select")
     if cfg.dry_run:
         plan = dryrun.report(cfg, gen, handle, spec, space, clo_settings, device, cfg.dry_run)
-        return RunResult(Path(cfg.out), [], [], {}, ranks.rank, plan)
+        return RunResult(Path(cfg.out), [], 0, {}, ranks.rank, plan)
     classifier = None
     if cfg.select in ("confidence", "stability") or cfg.condition == "auto":
         classifier = load_classifier(cfg.classifier, space, device, cfg.classifier_arch, cfg.classifier_classes)
@@ -81,8 +81,8 @@ def run(cfg: RunConfig, host: Host | None = None) -> RunResult:
     ranks.barrier()
     store.load()
 
-    already = [cid for cid in space.ids if store.is_complete(cid)]
-    todo = ranks.shard([i for i, cid in enumerate(space.ids) if cid not in already])
+    # each rank checks only its own classes' files against their records
+    todo = [i for i in ranks.shard(range(len(space.ids))) if not store.is_complete(space.ids[i])]
     for cid, why in store.redone.items():
         print(f"cao2: class {cid} will be redone: {why}", file=sys.stderr)
     sample_bar = tqdm(total=sum(source.size(space.ids[i]) for i in todo), desc="encode" if cfg.images else
@@ -148,14 +148,17 @@ def run(cfg: RunConfig, host: Host | None = None) -> RunResult:
     sample_bar.close()
     clo_bar.close()
 
-    ranks.barrier()                     # every rank's classes are written
+    written = ranks.total(len(todo) - len(failed))     # every rank's classes are written after this
     if ranks.is_main:
-        store.finish()
-        failed = {c: e.get("reason", "") for c, e in store.manifest["classes"].items() if e.get("status") == "failed"}
-        write_preview(store, gen, handle, [c for c in space.ids if store.is_complete(c)], device)
+        store.finish()                  # the manifest lists every rank's records
+    else:
+        store.load()
+    failed = {c: e.get("reason", "") for c, e in store.manifest["classes"].items() if e.get("status") == "failed"}
+    completed = [c for c in space.ids if store.recorded_complete(c)]
+    if ranks.is_main:
+        write_preview(store, gen, handle, completed, device)
     ranks.barrier()
-    completed = [c for c in space.ids if store.is_complete(c)]
-    return RunResult(Path(cfg.out), completed, already, failed, ranks.rank)
+    return RunResult(Path(cfg.out), completed, written, failed, ranks.rank)
 
 
 def classify(gen: Generator, handle, classifier: Classifier, latents: torch.Tensor, batch_size: int) -> torch.Tensor:

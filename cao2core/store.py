@@ -139,11 +139,15 @@ class Store:
                 self.redone[p.stem] = "its record is unreadable"
         self.manifest["classes"] = records
 
+    def recorded_complete(self, cid: str) -> bool:
+        """The class's record says complete (its files are not read)."""
+        return self.manifest["classes"].get(cid, {}).get("status") == "complete"
+
     def is_complete(self, cid: str) -> bool:
         """Complete, and every file still matches the sha256 its record holds (checked once per class)."""
-        entry = self.manifest["classes"].get(cid, {})
-        if entry.get("status") != "complete":
+        if not self.recorded_complete(cid):
             return False
+        entry = self.manifest["classes"][cid]
         if cid in self._verified:
             return True
         bad = self._mismatch(cid, entry.get("files") or {})

@@ -13,6 +13,7 @@
 #include <cstring>
 #include <initializer_list>
 #include <optional>
+#include <utility>
 #include <vector>
 
 #include "clo_common.h"
@@ -110,15 +111,19 @@ void check_out(const at::Tensor& t, int64_t n, at::ScalarType dt, const char* na
               " must be a contiguous ", dt, " CPU tensor of ", n, " elements");
 }
 
+// (chunks per sample, at::parallel_for grain): tasks of about 32k elements per grain.
+std::pair<int64_t, int64_t> task_split(int64_t N) {
+  const int64_t per_task = std::min(N, kChunk);
+  return {(N + kChunk - 1) / kChunk, std::max<int64_t>(1, 32768 / std::max<int64_t>(per_task, 1))};
+}
+
 template <typename T>
 void clo_fwd_impl(const at::Tensor& pred, const at::Tensor& target, const float* wptr, const WeightPattern& wp,
                   double lam, float* loss, float* maxv, int64_t* count, int64_t* argmax, float* denom) {
   const int64_t B = pred.size(0), N = pred.size(1);
   const T* P = pred.data_ptr<T>();
   const T* Tg = target.data_ptr<T>();
-  const int64_t nchunk = (N + kChunk - 1) / kChunk;
-  const int64_t per_task = std::min(N, kChunk);
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(per_task, 1));
+  const auto [nchunk, grain] = task_split(N);
   std::vector<CloPartial> parts(B * nchunk, clo_partial_empty());
   at::parallel_for(0, B * nchunk, grain, [&](int64_t lo, int64_t hi) {
     for (int64_t task = lo; task < hi; ++task) {
@@ -160,9 +165,7 @@ void clo_bwd_impl(const float* G, const at::Tensor& pred, const at::Tensor& targ
   const T* P = pred.data_ptr<T>();
   const T* Tg = target.data_ptr<T>();
   T* O = grad.data_ptr<T>();
-  const int64_t nchunk = (N + kChunk - 1) / kChunk;
-  const int64_t per_task = std::min(N, kChunk);
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(per_task, 1));
+  const auto [nchunk, grain] = task_split(N);
   const float lamf = static_cast<float>(lam);
   at::parallel_for(0, B * nchunk, grain, [&](int64_t lo, int64_t hi) {
     for (int64_t task = lo; task < hi; ++task) {

@@ -46,29 +46,29 @@ def _warn_once(key: str, msg: str) -> None:
         warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
 
+def _builds(loader: str) -> tuple[bool, str]:
+    """Whether the native extension behind ``_build.<loader>`` builds and loads (and why not)."""
+    from . import _build
+    try:
+        getattr(_build, loader)()
+    except RuntimeError as exc:
+        return False, str(exc)
+    return True, ""
+
+
 def _usable(name: str, dev: torch.device) -> tuple[bool, str]:
     if name == "torch":
         return True, ""
     if name == "cpp":
         if dev.type != "cpu":
             return False, f"the C++ kernels take CPU tensors, not {dev.type}"
-        from . import _build
-        try:
-            _build.load_cpu()
-        except RuntimeError as exc:
-            return False, str(exc)
-        return True, ""
+        return _builds("load_cpu")
     if name == "cuda":
         if dev.type != "cuda":
             return False, f"the CUDA kernels take CUDA tensors, not {dev.type}"
         if not torch.cuda.is_available():
             return False, "torch.cuda.is_available() is False"
-        from . import _build
-        try:
-            _build.load_cuda()
-        except RuntimeError as exc:
-            return False, str(exc)
-        return True, ""
+        return _builds("load_cuda")
     if name == "triton":
         interp = os.environ.get("TRITON_INTERPRET", "") == "1"
         if dev.type == "cuda":
