@@ -1,10 +1,14 @@
 """Throughput of pool sampling and CLO for generator-sized models with random weights (no checkpoint needed).
 
 For each model: pool samples per second and CLO latent-iterations per second, batched (cao2: one chunk, frozen
-generator, bf16 weights on GPUs, fused kernels) against one image at a time as the official code does (batch 1,
+generator, fused kernels, at ``--precision``) against one image at a time as the official code does (batch 1,
 fresh Adam per image, generator weights left trainable, fp32), measured in the same run on the same device;
 plus the share of the device's peak dense bf16 matrix rate the batched CLO reaches (model FLOPs from torch's
 FLOP counter / time / peak). The last lines are ``<model> clo speedup: X``.
+
+``--precision`` of the batched runs: ``autocast`` (GPU default): fp32 weights, the generator's forward under
+bf16 autocast, fp32 latents and Adam state; ``weights``: bf16 weights (``--dtype bf16``; MAR casts no weights
+and reads it as bf16 autocast); ``fp32`` (CPU default).
 
     python benchmarks/throughput.py                              # CPU: small models, a few images
     python benchmarks/throughput.py --models dit-xl mar-b --images 32 --iters 20 --sample-steps 50  # one GPU
@@ -37,18 +41,23 @@ DIT_SIZES = {"dit-xl": dict(num_layers=28, num_attention_heads=16, attention_hea
              "dit-b": dict(num_layers=12, num_attention_heads=12, attention_head_dim=64),
              "dit-s": dict(num_layers=12, num_attention_heads=6, attention_head_dim=64)}
 
+PRECISION_TEXT = {"autocast": "fp32 weights and latents, bf16 autocast forward/backward",
+                  "weights": "bf16 weights, fp32 latents", "fp32": "fp32 throughout"}
+PRECISIONS = tuple(PRECISION_TEXT)
 
-def build_dit(name: str, device: torch.device, dtype: torch.dtype, steps: int):
+
+def build_dit(name: str, device: torch.device, precision: str, steps: int):
     from diffusers import DiTTransformer2DModel
 
     import cao2_dit
     from cao2_dit import sampling
     torch.manual_seed(0)
+    dtype = torch.bfloat16 if precision == "weights" else torch.float32
     transformer = DiTTransformer2DModel(**DIT, **DIT_SIZES[name]).eval().requires_grad_(False).to(device, dtype)
     handle = cao2_dit.DiTHandle(transformer=transformer, vae=None,
                                 alphas_cumprod=sampling.noise_schedule().alphas_cumprod.to(device),
                                 label_space="in1k", guidance=4.0, steps=steps, sampler="ddpm", convention="default",
-                                dtype=dtype)
+                                dtype=dtype, autocast=torch.bfloat16 if precision == "autocast" else None)
     return Host().generator("dit"), handle, transformer
 
 
@@ -59,7 +68,7 @@ MAR_SIZES = {"mar-b": ("mar_base", {}),
                                          diffloss_w=256))}
 
 
-def build_mar(name: str, device: torch.device, dtype: torch.dtype, steps: int):
+def build_mar(name: str, device: torch.device, precision: str, steps: int):
     """A random-weight MAR world written to a temporary folder and loaded through the plugin."""
     import json
     import tempfile
@@ -82,8 +91,8 @@ def build_mar(name: str, device: torch.device, dtype: torch.dtype, steps: int):
                                                   "guidance": 2.9, "cfg_schedule": "linear", "sample_steps": steps,
                                                   "diffloss_steps": 100, "temperature": 1.0}))
     gen = Host().generator("mar")
-    handle = gen.load(options={"model": str(folder), "dtype": "bf16" if dtype == torch.bfloat16 else "fp32"},
-                      device=device)
+    precision_opts = {"autocast": {"autocast": "bf16"}, "weights": {"dtype": "bf16"}, "fp32": {"autocast": "none"}}
+    handle = gen.load(options={"model": str(folder), **precision_opts[precision]}, device=device)
     return gen, handle, handle.model
 
 
@@ -98,8 +107,7 @@ def peak_bf16(device: torch.device) -> float | None:
 
 
 def bench(name: str, args, device: torch.device) -> dict:
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    gen, handle, model = BUILDERS[name](name, device, dtype, args.sample_steps)
+    gen, handle, model = BUILDERS[name](name, device, args.precision, args.sample_steps)
     spec = gen.latent_spec(handle=handle)
     label, n = 1, args.images
     idx = list(range(n))
@@ -126,7 +134,7 @@ def bench(name: str, args, device: torch.device) -> dict:
 
     # the reference: fp32 weights, left trainable, one latent and one fresh Adam at a time
     model.to(torch.float32).requires_grad_(True)
-    for attr in ("dtype", "autocast"):         # DiT's weight dtype, MAR's autocast: the reference runs fp32
+    for attr in ("dtype", "autocast"):         # weight dtype (DiT), autocast (both): the reference runs fp32
         if hasattr(handle, attr):
             setattr(handle, attr, torch.float32 if attr == "dtype" else None)
     t_clo_one = timed(lambda: official_style(gen, handle, z0, label, idx, settings, 0), device)[0]
@@ -149,6 +157,9 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=20 if gpu else 3, help="CLO iterations timed")
     ap.add_argument("--sample-steps", type=int, default=50 if gpu else 4, help="sampler steps timed")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    ap.add_argument("--precision", choices=PRECISIONS, default="autocast" if gpu else "fp32",
+                    help="batched runs: bf16 autocast over fp32 weights and latents, bf16 weights, or fp32 "
+                         "(default: autocast on a GPU, fp32 on a CPU)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -158,7 +169,7 @@ def main() -> None:
         torch.backends.cudnn.allow_tf32 = True
     name = torch.cuda.get_device_name(device) if gpu else f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {name}; {args.images} images per batch, {args.iters} CLO iterations, "
-          f"{args.sample_steps} sampler steps")
+          f"{args.sample_steps} sampler steps; precision {args.precision} ({PRECISION_TEXT[args.precision]})")
     rows = [bench(m, args, device) for m in args.models]
     print()
     print("| model | params | pool samples/s one-at-a-time | batched | CLO latent-it/s one-at-a-time | batched | "

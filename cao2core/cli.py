@@ -17,14 +17,19 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def ipc_value(text: str):
-    """``--ipc``: a positive count, or ``all`` (refine)."""
-    if text == "all":
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number or 'all', got {text!r}") from None
+def count_or(word: str):
+    """An argparse type: an integer, or ``word`` (``--ipc all``, ``--batch-size auto``)."""
+    def parse(text: str):
+        if text == word:
+            return text
+        try:
+            return int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number or {word!r}, got {text!r}") from None
+    return parse
+
+
+WORDS = {"ipc": "all", "batch_size": "auto"}
 
 
 def _add_run_flags(p: argparse.ArgumentParser, command: str = "run") -> None:
@@ -41,8 +46,8 @@ def _add_run_flags(p: argparse.ArgumentParser, command: str = "run") -> None:
         if meta.get("nargs") == "append_kv":
             p.add_argument(_flag(f.name), action="append", metavar="KEY=VALUE", **kw)
         else:
-            if meta.get("parse") == "ipc":
-                p.add_argument(_flag(f.name), type=ipc_value, **kw)
+            if meta.get("parse") in WORDS:
+                p.add_argument(_flag(f.name), type=count_or(WORDS[meta["parse"]]), **kw)
                 continue
             if meta.get("parse") == "dry_run":
                 p.add_argument(_flag(f.name), type=int, nargs="?", const=1, metavar="RANKS", **kw)

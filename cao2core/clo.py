@@ -38,17 +38,37 @@ class CLOSettings:
 def optimize(gen, handle, latents: torch.Tensor, labels: torch.Tensor, kinds: list[str],
              noise_gens: list[torch.Generator], level_gens: list[torch.Generator], settings: CLOSettings,
              progress=None) -> torch.Tensor:
-    """Optimize a batch of latents under the frozen generator; returns the optimized latents (fp32, detached)."""
+    """Optimize a batch of latents under the frozen generator; returns the optimized latents (fp32, detached).
+    Raises ``NonFiniteLatents`` if any row became NaN/Inf."""
+    z, first_bad = optimize_rows(gen, handle, latents, labels, kinds, noise_gens, level_gens, settings, progress)
+    if first_bad:
+        it = min(first_bad.values())
+        raise NonFiniteLatents(it, [r for r, i in first_bad.items() if i == it])
+    return z
+
+
+def optimize_rows(gen, handle, latents: torch.Tensor, labels: torch.Tensor, kinds: list[str],
+                  noise_gens: list[torch.Generator], level_gens: list[torch.Generator], settings: CLOSettings,
+                  progress=None) -> tuple[torch.Tensor, dict[int, int]]:
+    """``optimize`` for rows of different classes: (latents, {row: first iteration it was non-finite}).
+
+    A row that turns NaN/Inf is put back to its start every iteration, so it cannot spread through the
+    others' forward passes; the other rows' results are unchanged (rows are independent). The check stays on
+    the device (no synchronisation per iteration).
+    """
     z = latents.detach().float().clone(memory_format=torch.contiguous_format).requires_grad_(True)
+    first_bad = torch.full((len(z),), -1, dtype=torch.long, device=z.device)
     if settings.iters == 0:
-        return z.detach()
+        return z.detach(), {}
+    start = z.detach().clone()
     noise = torch.stack([torch.randn(z.shape[1:], generator=g) for g in noise_gens]).to(z.device)
     condition = gen.condition(handle=handle, labels=labels, kinds=kinds)
     opt = kernels.LatentAdam([z], lr=settings.lr, backend=settings.kernels)
     for it in range(settings.iters):
         levels = torch.cat([torch.randint(settings.level_min, settings.level_max + 1, (1,), generator=g)
                             for g in level_gens]).to(z.device)
-        corrupted = gen.corrupt(handle=handle, latents=z, levels=levels, noise=noise, generators=noise_gens)
+        corrupted = gen.corrupt(handle=handle, latents=z, levels=levels, noise=noise, generators=noise_gens,
+                                level_max=settings.level_max)
         p = gen.predict(handle=handle, corrupted=corrupted, condition=condition)
         loss = kernels.clo_loss(p.pred, p.target, settings.lam, p.weight, backend=settings.kernels)
         if p.aux_loss is not None:
@@ -56,12 +76,14 @@ def optimize(gen, handle, latents: torch.Tensor, labels: torch.Tensor, kinds: li
         opt.zero_grad(set_to_none=True)
         loss.sum().backward()
         opt.step()
-        bad = ~torch.isfinite(z.detach()).flatten(1).all(1)
-        if bad.any():
-            raise NonFiniteLatents(it, bad.nonzero().flatten().tolist())
+        with torch.no_grad():
+            bad = ~torch.isfinite(z).flatten(1).all(1)
+            first_bad = torch.where(bad & (first_bad < 0), it, first_bad)
+            z.copy_(torch.where(bad.view(-1, *[1] * (z.dim() - 1)), start, z))
         if progress is not None:
             progress(1)
-    return z.detach()
+    rows = first_bad.tolist()
+    return z.detach(), {r: i for r, i in enumerate(rows) if i >= 0}
 
 
 def check_levels(settings: CLOSettings, level_range: tuple[int, int]) -> None:

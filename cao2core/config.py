@@ -62,7 +62,10 @@ class RunConfig:
     kernels: str = _opt("auto", "CLO loss/Adam kernels: auto = triton or cuda on GPUs, cpp on CPUs, else torch; "
                                 "the CAO2_KERNELS environment variable overrides auto", KERNEL_BACKENDS,
                         affects_output=False)
-    batch_size: int = _opt(64, "samples per forward pass (sampling, scoring, CLO, decoding)", affects_output=False)
+    batch_size: int | str = _opt(64, "samples per forward pass (sampling, scoring, CLO, decoding); classes whose "
+                                     "kept latents fit one chunk share it; auto = the largest that fits the GPU's "
+                                     "free memory (CPU: 64; a resumed run reuses the recorded size)",
+                                 affects_output=False, parse="batch_size")
     seed: int = _opt(0, "run seed; every draw comes from a generator seeded by (seed, class, index)")
     device: str = _opt("auto", "torch device: auto, cpu, cuda, cuda:N", affects_output=False)
     dtype: str = _opt("fp32", "generator weights dtype", ("fp32", "bf16", "fp16"))
@@ -83,7 +86,8 @@ class RunConfig:
                   (math.isfinite(self.clo_lr) and self.clo_lr > 0, f"--clo-lr must be a positive number, got {self.clo_lr}"),
                   (math.isfinite(self.clo_lambda) and self.clo_lambda >= 0,
                    f"--clo-lambda must be 0 or more, got {self.clo_lambda}"),
-                  (self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}"),
+                  (self.batch_size == "auto" or (isinstance(self.batch_size, int) and self.batch_size >= 1),
+                   f"--batch-size must be at least 1 or auto, got {self.batch_size}"),
                   (self.dry_run is None or self.dry_run >= 1, "--dry-run RANKS must be at least 1"),
                   (self.sample_steps is None or self.sample_steps >= 1, "--sample-steps must be at least 1"),
                   (not (self.images and self.select == "stability"),

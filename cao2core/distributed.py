@@ -1,8 +1,8 @@
 """Class sharding over ``torchrun`` ranks with ``torch.distributed`` (NCCL on GPUs, gloo on CPUs).
 
 Under ``torchrun --nproc-per-node N cao2 run ...`` every rank loads the generator, checks the inputs, and
-distills the classes at positions ``rank, rank + N, ...``. Because every draw is seeded per (run seed, class,
-index), the files do not depend on N. Rank 0 creates the output folder before the others start and writes
+distills the class groups (see ``workplan``) at positions ``rank, rank + N, ...``. Because every draw is seeded
+per (run seed, class, index) and the groups do not depend on N, the files do not depend on N. Rank 0 creates the output folder before the others start and writes
 the manifest once all ranks are done. Without torchrun (no ``WORLD_SIZE`` above 1) this is a no-op.
 """
 from __future__ import annotations
@@ -27,20 +27,24 @@ class Ranks:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def shard(self, positions: list[int]) -> list[int]:
+    def shard(self, positions) -> list[int]:
         return [p for p in positions if p % self.world_size == self.rank]
 
     def barrier(self) -> None:
         if self.world_size > 1:
             dist.barrier()
 
+    def gather(self, value) -> list:
+        """``value`` of every rank, in rank order (a barrier too)."""
+        if self.world_size == 1:
+            return [value]
+        values = [None] * self.world_size
+        dist.all_gather_object(values, value)
+        return values
+
     def total(self, n: int) -> int:
         """The sum of ``n`` over all ranks (a barrier too)."""
-        if self.world_size == 1:
-            return n
-        counts = [0] * self.world_size
-        dist.all_gather_object(counts, n)
-        return sum(counts)
+        return sum(self.gather(n))
 
 
 def init(device: str) -> Ranks:

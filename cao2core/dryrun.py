@@ -14,8 +14,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from . import clo
-from .pools import batches
 from .seeding import unit_generators
+from .workplan import chunks, class_groups
 
 
 def count_flops(fn):
@@ -46,26 +46,17 @@ def _fmt_time(seconds: float) -> str:
 
 def report(cfg, gen, handle, spec, space, settings, device, ranks: int) -> str:
     ipc, pool = cfg.ipc, cfg.ipc * (cfg.pool_factor if cfg.select != "none" else 1)
-    positions = list(range(len(space.ids)))
-    per_rank = [[p for p in positions if p % ranks == r] for r in range(ranks)]
-    label = space.generator_labels[0]
-    cond = "null" if cfg.condition == "auto" else cfg.condition
+    groups = class_groups([ipc] * len(space.ids), cfg.batch_size)
+    per_rank = [[p for g, group in enumerate(groups) if g % ranks == r for p in group] for r in range(ranks)]
     params = sum(p.numel() for m in _modules(handle) for p in m.parameters())
-
-    def sample(n):
-        idx = list(range(n))
-        return gen.sample(handle=handle, labels=torch.full((n,), label, device=device),
-                          generators=unit_generators(cfg.seed, label, idx, "sample"), snapshot_steps=[]).latents
-
-    def optimize(latents, iters):
-        n = len(latents)
-        clo.optimize(gen, handle, latents, torch.full((n,), label, device=device), [cond] * n,
-                     unit_generators(cfg.seed, label, range(n), "clo-noise"),
-                     unit_generators(cfg.seed, label, range(n), "clo-level"), replace(settings, iters=iters))
+    work = Workload(cfg, gen, handle, space, settings, device)
+    sample, optimize = work.sample, work.optimize
 
     flops_sample, one = count_flops(lambda: sample(1))      # also the warm-up
     flops_clo = count_flops(lambda: optimize(one, 1))[0] if cfg.clo_iters else 0
-    b_pool, b_clo = min(pool, cfg.batch_size), min(ipc, cfg.batch_size)   # b_clo <= b_pool: ipc <= pool
+    # chunks as the run fills them: a group's pools and selected latents share chunks
+    b_pool = min(len(groups[0]) * pool, cfg.batch_size)
+    b_clo = min(len(groups[0]) * ipc, cfg.batch_size)       # <= b_pool: ipc <= pool
     t_pool, pooled = timed(lambda: sample(b_pool), device)
     t_sample = t_pool / b_pool
     t_clo = timed(lambda: optimize(pooled[:b_clo], 2), device)[0] / (2 * b_clo) if cfg.clo_iters else 0.0
@@ -74,9 +65,13 @@ def report(cfg, gen, handle, spec, space, settings, device, ranks: int) -> str:
              f"class, CLO {cfg.clo_iters} iterations, batch size {cfg.batch_size}; nothing is written",
              f"generator {gen.name}: {params:,} parameters (all its modules, VAE included); latent "
              f"{tuple(spec.shape)}",
-             f"per class: sample {pool} ({len(list(batches(range(pool), cfg.batch_size)))} chunk(s)), "
-             f"select {ipc}, CLO {ipc} latents x {cfg.clo_iters} iterations = {ipc * cfg.clo_iters} forward/backward "
-             f"passes ({len(list(batches(range(ipc), cfg.batch_size)))} chunk(s) per iteration), decode {ipc}",
+             f"per class: sample {pool}, select {ipc}, CLO {ipc} latents x {cfg.clo_iters} iterations = "
+             f"{ipc * cfg.clo_iters} forward/backward passes, decode {ipc}",
+             f"work units: {len(groups)} group(s) of up to {len(groups[0])} classes sharing chunks of "
+             f"{cfg.batch_size} ({chunks(len(groups[0]) * pool, cfg.batch_size)} pool chunk(s), "
+             f"{chunks(len(groups[0]) * ipc, cfg.batch_size)} CLO chunk(s) per iteration in the first group); "
+             f"ranks take whole groups" + (f" ({ranks - len(groups)} rank(s) idle: lower --batch-size)"
+                                          if len(groups) < ranks else ""),
              f"FLOPs (torch FLOP counter): {flops_sample / 1e9:.3g} GFLOP per pool sample, "
              f"{flops_clo / 1e9:.3g} GFLOP per CLO latent-iteration (forward + backward + Adam)",
              f"measured on {device} at batch {b_pool}/{b_clo}: {1 / t_sample:.3g} pool samples/s"
@@ -90,6 +85,31 @@ def report(cfg, gen, handle, spec, space, settings, device, ranks: int) -> str:
         lines.append(f"| {r} | {n} ({shown}) | {n * pool} | {n * ipc * cfg.clo_iters} | {flops / 1e12:.3g} | "
                      f"{_fmt_time(secs)} |")
     return "\n".join(lines)
+
+
+class Workload:
+    """One class's pool sampling, CLO and decoding at a chosen batch size: what the dry run times and
+    ``--batch-size auto`` measures."""
+
+    def __init__(self, cfg, gen, handle, space, settings, device):
+        self.cfg, self.gen, self.handle, self.settings, self.device = cfg, gen, handle, settings, device
+        self.label = space.generator_labels[0]
+        self.condition = "null" if cfg.condition == "auto" else cfg.condition
+
+    def sample(self, n: int) -> torch.Tensor:
+        return self.gen.sample(handle=self.handle, labels=torch.full((n,), self.label, device=self.device),
+                               generators=unit_generators(self.cfg.seed, self.label, range(n), "sample"),
+                               snapshot_steps=[]).latents
+
+    def optimize(self, latents: torch.Tensor, iters: int) -> torch.Tensor:
+        n = len(latents)
+        return clo.optimize(self.gen, self.handle, latents, torch.full((n,), self.label, device=self.device),
+                            [self.condition] * n, unit_generators(self.cfg.seed, self.label, range(n), "clo-noise"),
+                            unit_generators(self.cfg.seed, self.label, range(n), "clo-level"),
+                            replace(self.settings, iters=iters))
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.gen.decode(handle=self.handle, latents=latents)
 
 
 def _modules(handle) -> list[torch.nn.Module]:

@@ -9,21 +9,21 @@ import json
 import platform
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from . import __version__, clo, distributed, dryrun, kernels, select
+from . import __version__, batchsize, clo, distributed, dryrun, kernels, select, workplan
 from .classifiers import Classifier, load_classifier
 from .config import RunConfig
 from .errors import UserError
 from .labels import LabelSpace, label_space
 from .plugins import Generator, Host
 from .pools import ImagePool, SampledPool, batches
-from .seeding import unit_generators
+from .seeding import STREAMS, unit_generator, unit_generators
 from .store import Store, to_uint8
 
 PREVIEW_CLASSES, PREVIEW_IMAGES = 16, 8
@@ -62,6 +62,9 @@ def run(cfg: RunConfig, host: Host | None = None) -> RunResult:
         raise UserError(f"--select stability compares the sample one step before the end with the final one, but "
                         f"this sampler has {spec.sample_steps or 'no'} steps; use --sample-steps 2 or more, or "
                         "another --select")
+    source_id = source.identity()
+    cfg = resolve_batch_size(cfg, ranks, dryrun.Workload(cfg, gen, handle, space, clo_settings, device),
+                             run_id(cfg, source_id), device)
     if cfg.dry_run:
         plan = dryrun.report(cfg, gen, handle, spec, space, clo_settings, device, cfg.dry_run)
         return RunResult(Path(cfg.out), [], 0, {}, ranks.rank, plan)
@@ -72,8 +75,8 @@ def run(cfg: RunConfig, host: Host | None = None) -> RunResult:
     conditions = condition_per_class(cfg, space, classifier)
 
     header = manifest_header(cfg, gen, handle, space, classifier, clo_settings)
-    header["source"] = source.identity()
-    store = Store(Path(cfg.out), run_id(cfg, header["source"]), header, ranks.rank, ranks.world_size)
+    header["source"] = source_id
+    store = Store(Path(cfg.out), run_id(cfg, source_id), header, ranks.rank, ranks.world_size)
     store.check(cfg.overwrite)
     ranks.barrier()
     if ranks.is_main:
@@ -81,74 +84,101 @@ def run(cfg: RunConfig, host: Host | None = None) -> RunResult:
     ranks.barrier()
     store.load()
 
-    # each rank checks only its own classes' files against their records
-    todo = [i for i in ranks.shard(range(len(space.ids))) if not store.is_complete(space.ids[i])]
+    # classes share forward passes in groups (fixed by the class list and batch size, not by the ranks);
+    # each rank takes whole groups and checks only its own classes' files against their records
+    groups = workplan.class_groups([source.keep(cid) for cid in space.ids], cfg.batch_size)
+    todo = [g for g in ranks.shard(range(len(groups)))
+            if not all([store.is_complete(space.ids[p]) for p in groups[g]])]
+    todo = [groups[g] for g in todo]
     for cid, why in store.redone.items():
         print(f"cao2: class {cid} will be redone: {why}", file=sys.stderr)
-    sample_bar = tqdm(total=sum(source.size(space.ids[i]) for i in todo), desc="encode" if cfg.images else
-                      "sample pool", unit="img", disable=not cfg.progress)
-    clo_bar = tqdm(total=sum(_chunks(source.keep(space.ids[i]), cfg.batch_size) for i in todo) * cfg.clo_iters,
-                   desc="CLO", unit="it", disable=not cfg.progress)
+    sample_bar = tqdm(total=sum(source.size(space.ids[p]) for g in todo for p in g),
+                      desc="encode" if cfg.images else "sample pool", unit="img", disable=not cfg.progress)
+    clo_bar = tqdm(total=sum(workplan.chunks(sum(source.keep(space.ids[p]) for p in g), cfg.batch_size)
+                             for g in todo) * cfg.clo_iters, desc="CLO", unit="it", disable=not cfg.progress)
     failed: dict[str, str] = {}
-    for pos in todo:
-        cid, label = space.ids[pos], space.generator_labels[pos]
-        pool, ipc = source.size(cid), source.keep(cid)
+    written = 0
+    for group in todo:
+        cids, labels = [space.ids[p] for p in group], [space.generator_labels[p] for p in group]
         times = {}
         # 1. pool: sampled by the generator, each sample from its own seed (refine: the given images, encoded)
         t0 = time.perf_counter()
-        pool_latents, pool_before = source.latents(cid, label, sample_bar)
+        pools = source.latents(list(zip(cids, labels)), cfg.batch_size, sample_bar)
         times["sample"] = time.perf_counter() - t0
 
-        # 2. OSS: classify the decoded pool with the classifier's own preprocessing
+        # 2. OSS per class: classify the decoded pool with the classifier's own preprocessing
         t0 = time.perf_counter()
         if cfg.select in ("confidence", "stability"):
-            probs = classify(gen, handle, classifier, pool_latents, cfg.batch_size)
+            probs = classify(gen, handle, classifier, [p for p, _ in pools], cfg.batch_size)
+            if cfg.select == "stability":
+                probs_before = classify(gen, handle, classifier, [b for _, b in pools], cfg.batch_size)
+        kept = []
+        for k, (pos, cid, label) in enumerate(zip(group, cids, labels)):
+            ipc = source.keep(cid)
             if cfg.select == "confidence":
-                keep = select.select_confidence(probs, targets[pos], ipc, cfg.order)
-                scores = select.scores_of(probs, targets[pos])[keep]
+                keep = select.select_confidence(probs[k], targets[pos], ipc, cfg.order)
+                scores = select.scores_of(probs[k], targets[pos])[keep]
+            elif cfg.select == "stability":
+                keep = select.select_stability(probs_before[k], probs[k], ipc)
+                scores = select.stability_of(probs_before[k], probs[k])[keep]
             else:
-                probs_before = classify(gen, handle, classifier, pool_before, cfg.batch_size)
-                keep = select.select_stability(probs_before, probs, ipc)
-                scores = select.stability_of(probs_before, probs)[keep]
-        else:
-            keep = (select.select_random(pool, ipc, unit_generators(cfg.seed, label, [0], "select")[0])
-                    if cfg.select == "random" else torch.arange(ipc))
-            scores = torch.full((ipc,), float("nan"))
-        latents_init = pool_latents[keep.to(pool_latents.device)]
+                keep = (select.select_random(source.size(cid), ipc, unit_generators(cfg.seed, label, [0], "select")[0])
+                        if cfg.select == "random" else torch.arange(ipc))
+                scores = torch.full((ipc,), float("nan"))
+            kept.append((keep, scores))
+        latents_init = torch.cat([pool[keep.to(pool.device)] for (pool, _), (keep, _) in zip(pools, kept)])
         times["select"] = time.perf_counter() - t0
 
-        # 3. CLO: all selected latents of the class, batched, each with its own noise and level draws
+        # 3. CLO: the group's selected latents in chunks, each with its own condition, noise and level draws
         t0 = time.perf_counter()
-        try:
-            latents = torch.cat([
-                clo.optimize(gen, handle, latents_init[idx], torch.full((len(idx),), label, device=device),
-                             [conditions[cid]] * len(idx), unit_generators(cfg.seed, label, idx, "clo-noise"),
-                             unit_generators(cfg.seed, label, idx, "clo-level"), clo_settings, clo_bar.update)
-                for idx in batches(range(ipc), cfg.batch_size)])
-        except clo.NonFiniteLatents as exc:
-            failed[cid] = str(exc)
-            store.set_status(cid, {"status": "failed", "reason": str(exc), "label": pos, "generator_label": label})
-            continue
+        rows = [(cid, label, i) for cid, label, (keep, _) in zip(cids, labels, kept) for i in range(len(keep))]
+        latents, bad = [], {}
+        for idx in batches(range(len(rows)), cfg.batch_size):
+            units = [rows[r] for r in idx]
+            z, chunk_bad = clo.optimize_rows(
+                gen, handle, latents_init[idx], torch.tensor([l for _, l, _ in units], device=device),
+                [conditions[c] for c, _, _ in units], [unit_generator(cfg.seed, l, i, "clo-noise") for _, l, i in units],
+                [unit_generator(cfg.seed, l, i, "clo-level") for _, l, i in units], clo_settings, clo_bar.update)
+            latents.append(z)
+            for r, it in chunk_bad.items():
+                c, _, i = units[r]
+                bad.setdefault(c, {})[i] = it
+        latents = torch.cat(latents)
         times["clo"] = time.perf_counter() - t0
 
-        # 4. decode and store; the class appears only once all its files are in place
+        # 4. decode the group in chunks; store each class, which appears only once all its files are in place
         t0 = time.perf_counter()
-        pixels = torch.cat([gen.decode(handle=handle, latents=latents[idx])
-                            for idx in batches(range(ipc), cfg.batch_size)])
-        tensors = {"latents": latents, "latents_init": latents_init, "labels": torch.full((ipc,), label),
-                   "scores": scores.float(), "pool_index": keep.long()}
+        pixels = torch.cat([gen.decode(handle=handle, latents=latents[idx]).cpu()
+                            for idx in batches(range(len(rows)), cfg.batch_size)])
         times["decode"] = time.perf_counter() - t0
-        try:
-            store.write_class(cid, pixels, tensors, {
-                "name": space.names[pos], "label": pos, "generator_label": label, "condition": conditions[cid],
-                "pool": pool, "kept": ipc, "seconds": {k: round(v, 3) for k, v in times.items()}})
-        except OSError as exc:
-            raise UserError(f"cannot write class {cid} into {cfg.out} ({exc.strerror or exc}); free disk space or "
-                            "fix permissions, then rerun the same command to continue") from None
+        record_times = {k: round(v, 3) for k, v in times.items()}
+        first = 0
+        for pos, cid, label, (keep, scores) in zip(group, cids, labels, kept):
+            ipc, rows_of = len(keep), slice(first, first + len(keep))
+            first += ipc
+            if store.is_complete(cid):
+                continue            # computed again only because its group had an incomplete class
+            if cid in bad:
+                it = min(bad[cid].values())
+                reason = (f"non-finite latents at CLO iteration {it} "
+                          f"(rows {sorted(i for i, j in bad[cid].items() if j == it)})")
+                failed[cid] = reason
+                store.set_status(cid, {"status": "failed", "reason": reason, "label": pos, "generator_label": label})
+                continue
+            tensors = {"latents": latents[rows_of], "latents_init": latents_init[rows_of],
+                       "labels": torch.full((ipc,), label), "scores": scores.float(), "pool_index": keep.long()}
+            try:
+                store.write_class(cid, pixels[rows_of], tensors, {
+                    "name": space.names[pos], "label": pos, "generator_label": label, "condition": conditions[cid],
+                    "pool": source.size(cid), "kept": ipc, "group": cids, "seconds": record_times})
+            except OSError as exc:
+                raise UserError(f"cannot write class {cid} into {cfg.out} ({exc.strerror or exc}); free disk space "
+                                "or fix permissions, then rerun the same command to continue") from None
+            written += 1
     sample_bar.close()
     clo_bar.close()
 
-    written = ranks.total(len(todo) - len(failed))     # every rank's classes are written after this
+    written = ranks.total(written)     # every rank's classes are written after this
     if ranks.is_main:
         store.finish()                  # the manifest lists every rank's records
     else:
@@ -161,10 +191,14 @@ def run(cfg: RunConfig, host: Host | None = None) -> RunResult:
     return RunResult(Path(cfg.out), completed, written, failed, ranks.rank)
 
 
-def classify(gen: Generator, handle, classifier: Classifier, latents: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """Classifier probabilities of decoded latents, chunked so no decode sees more than --batch-size latents."""
-    return torch.cat([classifier.probs(gen.decode(handle=handle, latents=latents[idx]))
-                      for idx in batches(range(len(latents)), batch_size)]).cpu()
+def classify(gen: Generator, handle, classifier: Classifier, pools: list[torch.Tensor], batch_size: int
+             ) -> list[torch.Tensor]:
+    """Classifier probabilities of each pool's decoded latents; the pools share chunks of --batch-size, so no
+    decode sees more."""
+    latents = torch.cat(pools)
+    probs = torch.cat([classifier.probs(gen.decode(handle=handle, latents=latents[idx])).cpu()
+                       for idx in batches(range(len(latents)), batch_size)])
+    return list(probs.split([len(p) for p in pools]))
 
 
 def write_preview(store: Store, gen: Generator, handle, class_ids: list[str], device) -> None:
@@ -177,6 +211,26 @@ def write_preview(store: Store, gen: Generator, handle, class_ids: list[str], de
         rows.append((img[:n], img[n:]))
     if rows:
         store.write_preview(rows)
+
+
+def resolve_batch_size(cfg: RunConfig, ranks, work: dryrun.Workload, rid: str, device: torch.device) -> RunConfig:
+    """``--batch-size auto`` made a number: the one an earlier run of this configuration in --out recorded
+    (so a resume fills the same chunks), else measured on this device (see ``batchsize``)."""
+    if cfg.batch_size != "auto":
+        return cfg
+    size = batchsize.recorded(Path(cfg.out), rid)
+    if size is not None:
+        how = f"as recorded by the run in {cfg.out}"
+    elif device.type != "cuda":
+        size, how = batchsize.CPU_BATCH, "the CPU default; memory is probed on GPUs only"
+    else:
+        size, fits = batchsize.probe(batchsize.workload_stages(work, cfg.clo_iters), batchsize.CudaMeter(device))
+        size = min(ranks.gather(size))
+        how = "largest that fits the free memory of every rank; by stage here: " + \
+              ", ".join(f"{k} {v}" for k, v in fits.items())
+    if ranks.is_main:
+        print(f"cao2: --batch-size auto = {size} ({how})", file=sys.stderr)
+    return replace(cfg, batch_size=size)
 
 
 def resolve_kernels(backend: str, device: torch.device) -> str:
@@ -246,6 +300,7 @@ def manifest_header(cfg, gen: Generator, handle, space: LabelSpace, classifier, 
     return {
         "config": {**cfg.output_key(), "clo_tmax": settings.level_max},
         "kernels": settings.kernels,
+        "batch_size": cfg.batch_size,       # fixes which samples share a chunk; a resumed --batch-size auto reuses it
         "versions": {"cao2": __version__, "python": platform.python_version(), "torch": torch.__version__,
                      **{p: ver(p) for p in ("diffusers", "timm", "safetensors", "pluggy")}},
         "command": " ".join(sys.argv),
@@ -256,9 +311,5 @@ def manifest_header(cfg, gen: Generator, handle, space: LabelSpace, classifier, 
         "class_names": list(space.names),
         "generator_labels": list(space.generator_labels),
         "seeds": {"run_seed": cfg.seed, "unit_seed": "sha256('cao2/{seed}/{generator label}/{index}/{stream}')[:8]",
-                  "streams": ["sample", "clo-noise", "clo-level", "select"]},
+                  "streams": list(STREAMS)},
     }
-
-
-def _chunks(n: int, size: int) -> int:
-    return -(-n // size)

@@ -117,8 +117,11 @@ def cao2_condition(handle: Any, labels: torch.Tensor, kinds: list) -> Any:
 
 @hookspec(firstresult=True)
 def cao2_corrupt(handle: Any, latents: torch.Tensor, levels: torch.Tensor, noise: torch.Tensor,
-                 generators: list) -> Corrupted:
-    """Corrupt latents at per-sample ``levels`` with the fixed per-sample ``noise`` (noise or mask)."""
+                 generators: list, level_max: int) -> Corrupted:
+    """Corrupt latents at per-sample ``levels`` with the fixed per-sample ``noise`` (noise or mask).
+
+    ``level_max`` is the run's T-hat (``--clo-tmax``), the top of the levels' range, for generators that draw
+    finer levels themselves from the samples' ``generators`` (MAR: one diffusion timestep per token)."""
 
 
 @hookspec(firstresult=True)

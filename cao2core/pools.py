@@ -1,7 +1,9 @@
 """Where a class's pool comes from: sampled by the generator (``cao2 run``) or given as images (``cao2 refine``).
 
-Both give the engine, per class, the pool latents (scaled, as the generator denoises them), the latents of the
-sampler's state one step before the end when ``stability`` selection asks for it, and how many to keep.
+Both give the engine, for a group of classes, each class's pool latents (scaled, as the generator denoises
+them), the latents of the sampler's state one step before the end when ``stability`` selection asks for it,
+and how many to keep. The group's samples (or images) share chunks of ``--batch-size``; each one's draws come
+from its own (seed, class, index) generator.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from PIL import Image
 from .errors import UserError
 from .evaluate.data import IMAGE_EXTS, _human_names, _natural, _norm, class_folders, load_image
 from .labels import LabelSpace
-from .seeding import unit_generators
+from .seeding import unit_generator
 
 SNAPSHOT_STEP = -2      # the sampler state ``stability`` selection compares with the final sample
 MIN_IMAGE_FRACTION = 0.5  # refine: an image's short side must be at least half the generator's resolution
@@ -27,6 +29,10 @@ def batches(indices, size: int, bar=None):
         yield chunk
         if bar is not None:
             bar.update(len(chunk))
+
+
+def _split(tensors: list[torch.Tensor], sizes: list[int]) -> list[torch.Tensor]:
+    return list(torch.cat(tensors).split(sizes)) if tensors else []
 
 
 def class_files(root: Path, space: LabelSpace) -> dict[str, list[Path]]:
@@ -70,15 +76,22 @@ class SampledPool:
     def keep(self, cid: str) -> int:
         return self.cfg.ipc
 
-    def latents(self, cid: str, label: int, bar=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def latents(self, classes: list[tuple[str, int]], batch_size: int, bar=None
+                ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """(pool, pool one sampler step before the end or None) of each (class id, generator label)."""
         snapshot = [SNAPSHOT_STEP] if self.cfg.select == "stability" else []
-        outs = [self.gen.sample(handle=self.handle, labels=torch.full((len(idx),), label, device=self.device),
-                                generators=unit_generators(self.cfg.seed, label, idx, "sample"),
-                                snapshot_steps=snapshot)
-                for idx in batches(range(self.size(cid)), self.cfg.batch_size, bar)]
-        pool = torch.cat([o.latents.float() for o in outs])
-        before = torch.cat([o.snapshots[SNAPSHOT_STEP].float() for o in outs]) if snapshot else None
-        return pool, before
+        units = [(label, i) for cid, label in classes for i in range(self.size(cid))]
+        pools, befores = [], []
+        for chunk in batches(units, batch_size, bar):
+            out = self.gen.sample(handle=self.handle, labels=torch.tensor([l for l, _ in chunk], device=self.device),
+                                  generators=[unit_generator(self.cfg.seed, l, i, "sample") for l, i in chunk],
+                                  snapshot_steps=snapshot)
+            pools.append(out.latents.float())
+            if snapshot:
+                befores.append(out.snapshots[SNAPSHOT_STEP].float())
+        sizes = [self.size(cid) for cid, _ in classes]
+        pools, befores = _split(pools, sizes), _split(befores, sizes)
+        return [(p, befores[k] if snapshot else None) for k, p in enumerate(pools)]
 
 
 class ImagePool:
@@ -145,12 +158,13 @@ class ImagePool:
     def keep(self, cid: str) -> int:
         return self.ipc[cid]
 
-    def latents(self, cid: str, label: int, bar=None) -> tuple[torch.Tensor, None]:
-        files = self.files[cid]
+    def latents(self, classes: list[tuple[str, int]], batch_size: int, bar=None) -> list[tuple[torch.Tensor, None]]:
+        """(encoded images, None) of each (class id, generator label)."""
+        units = [(cid, label, i) for cid, label in classes for i in range(self.size(cid))]
         out = []
-        for idx in batches(range(len(files)), self.cfg.batch_size, bar):
-            pixels = torch.stack([load_image(files[i], self.channels, self.resolution) for i in idx])
+        for chunk in batches(units, batch_size, bar):
+            pixels = torch.stack([load_image(self.files[c][i], self.channels, self.resolution) for c, _, i in chunk])
             pixels = pixels.float().div(127.5).sub(1.0).to(self.device)
-            out.append(self.gen.encode(handle=self.handle, pixels=pixels,
-                                       generators=unit_generators(self.cfg.seed, label, idx, "encode")).float())
-        return torch.cat(out), None
+            out.append(self.gen.encode(handle=self.handle, pixels=pixels, generators=[
+                unit_generator(self.cfg.seed, l, i, "encode") for _, l, i in chunk]).float())
+        return [(p, None) for p in _split(out, [self.size(cid) for cid, _ in classes])]

@@ -8,7 +8,7 @@ import hashlib
 
 import torch
 
-STREAMS = ("sample", "clo-noise", "clo-level", "select")
+STREAMS = ("sample", "encode", "clo-noise", "clo-level", "select")
 
 
 def unit_seed(run_seed: int, label: int, index: int, stream: str) -> int:

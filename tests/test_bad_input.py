@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from cao2core import engine
 from cao2core.cli import main
@@ -45,6 +46,7 @@ def replace(args, flag, value):
     ("--classifier", "/no/such/judge.safetensors", "classifier checkpoint"),
     ("--device", "cuda:3", "no GPU is visible"),
     ("--kernels", "cuda", "kernel backend 'cuda' cannot run"),
+    ("--batch-size", "0", "--batch-size must be at least 1 or auto"),
 ])
 def test_bad_flag(tiny_args, capsys, flag, value, match):
     args = replace(tiny_args, flag, value)
@@ -94,13 +96,13 @@ def test_bad_config_key(tiny_args, tmp_path, capsys):
 
 
 class NaNForClass3:
-    """A cross-cutting plugin that makes the generator's prediction non-finite for class 3."""
+    """A cross-cutting plugin that makes the generator's prediction non-finite for the rows of class 3."""
 
     @hookimpl(wrapper=True)
     def cao2_predict(self, handle, corrupted, condition):
         out = yield
-        if (condition.labels == 3).any():
-            out.pred = out.pred * float("nan")
+        rows = (condition.labels == 3).view(-1, *[1] * (out.pred.dim() - 1))
+        out.pred = out.pred * torch.where(rows, float("nan"), 1.0)
         return out
 
 
@@ -118,7 +120,14 @@ def test_non_finite_latents_fail_that_class_only(tiny_args, tmp_path, capsys, mo
     assert not (out / "latents" / "3.safetensors").exists()
     m = json.loads((out / "manifest.json").read_text())
     assert m["classes"]["0"]["status"] == "complete" and m["classes"]["3"]["status"] == "failed"
+    assert m["classes"]["0"]["group"] == ["0", "3"]         # both classes shared the CLO chunk
+    with_nan = load_file(str(out / "latents" / "0.safetensors"))["latents"]
     # Rerunning after the cause is gone redoes only the failed class.
     monkeypatch.setattr(engine, "Host", Host)
     assert main(["run", *args]) == 0
     assert "1 classes (1 already complete)" in capsys.readouterr().out
+    # class 3's NaN rows did not touch class 0's: a clean run gives class 0 the same latents
+    clean = replace(args, "--out", str(tmp_path / "clean"))
+    assert main(["run", *clean]) == 0
+    torch.testing.assert_close(load_file(str(tmp_path / "clean" / "latents" / "0.safetensors"))["latents"],
+                               with_nan, rtol=0, atol=0)

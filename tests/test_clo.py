@@ -76,7 +76,7 @@ def test_zero_condition_differs_from_null_and_class(tiny_world):
     labels = torch.tensor([2, 2, 2])
     c = gen.condition(handle=handle, labels=labels, kinds=["class", "null", "zero"])
     corrupted = gen.corrupt(handle=handle, latents=x, levels=torch.tensor([50, 50, 50]), noise=torch.randn_like(x),
-                            generators=[])
+                            generators=[], level_max=224)
     # Same input for each row, three conditions: three different predictions.
     corrupted.inputs = corrupted.inputs[:1].expand(3, -1, -1, -1)
     with torch.no_grad():

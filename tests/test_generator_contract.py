@@ -72,7 +72,8 @@ def test_condition_kinds_corrupt_and_predict(loaded, kind):
     cond = gen.condition(handle=handle, labels=labels, kinds=[kind, "class"])
     levels = torch.tensor([spec.default_level_max, spec.level_range[0]])
     corrupted = gen.corrupt(handle=handle, latents=z, levels=levels,
-                            noise=torch.randn_like(z), generators=unit_generators(0, 4, range(2), "clo-noise"))
+                            noise=torch.randn_like(z), generators=unit_generators(0, 4, range(2), "clo-noise"),
+                            level_max=spec.default_level_max)
     p = gen.predict(handle=handle, corrupted=corrupted, condition=cond)
     assert p.pred.shape == p.target.shape and p.pred.shape[0] == 2 and not p.target.requires_grad
     if p.weight is not None:

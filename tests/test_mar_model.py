@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -106,17 +107,61 @@ def test_truncated_normal_mask_ratio():
     assert sum(rs) / len(rs) == pytest.approx(0.867, abs=0.01)
 
 
-def test_encoder_only_sees_visible_tokens():
+@pytest.mark.parametrize("counts", [(10, 10), (10, 3)])        # equal counts: unpadded; mixed: padded encoder
+def test_encoder_only_sees_visible_tokens(counts):
     model = tiny_mar()
     tokens = torch.randn(2, 16, 16, requires_grad=True)
     mask = torch.zeros(2, 16, dtype=torch.bool)
-    mask[:, :10] = True
+    for row, n in enumerate(counts):
+        mask[row, torch.randperm(16)[:n]] = True
     z = model.forward_mae(tokens, mask, model.condition_embedding(torch.tensor([1, 2]), ["class"] * 2))
     assert z.shape == (2, TINY_MAR.seq_len, TINY_MAR.decoder_embed_dim)
     z.square().sum().backward()
     assert torch.equal(tokens.grad[mask], torch.zeros_like(tokens.grad[mask]))
     assert bool((tokens.grad[~mask].abs().sum(-1) > 0).all())
     assert math.isfinite(z.sum().item())
+
+
+def encoder_attention_masks(model, tokens, mask, cond):
+    """forward_mae's output and (attention mask, sequence length) of every encoder attention call."""
+    seen = []
+    hooks = [blk.attn.register_forward_pre_hook(lambda m, args: seen.append((args[1], args[0].shape[1])))
+             for blk in model.encoder_blocks]
+    try:
+        return model.forward_mae(tokens, mask, cond), seen
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def test_mixed_masked_counts_equal_each_row_alone():
+    """Rows with different masked counts (0 .. all masked) give what each row gives alone."""
+    model = tiny_mar(3, replace(TINY_MAR, encoder_depth=2))
+    g = torch.Generator().manual_seed(0)
+    counts = [3, 16, 0, 9, 12]
+    tokens = torch.randn(5, 16, 16, generator=g)
+    cond = torch.randn(5, TINY_MAR.encoder_embed_dim, generator=g)
+    mask = torch.stack([torch.zeros(16, dtype=torch.bool).index_fill(0, torch.randperm(16, generator=g)[:n], True)
+                        for n in counts])
+    z, seen = encoder_attention_masks(model, tokens, mask, cond)
+    assert all(m is not None and m.shape == (5, 1, 1, 4 + 16) and n == 4 + 16 for m, n in seen)  # padded to 20
+    assert torch.isfinite(z).all()
+    for i in range(5):
+        alone, seen = encoder_attention_masks(model, tokens[i:i + 1], mask[i:i + 1], cond[i:i + 1])
+        assert all(m is None and n == 4 + 16 - counts[i] for m, n in seen)                    # unpadded path
+        torch.testing.assert_close(z[i:i + 1], alone, rtol=1e-5, atol=1e-6)
+
+
+def test_equal_masked_counts_keep_the_unpadded_path():
+    model = tiny_mar()
+    g = torch.Generator().manual_seed(1)
+    tokens, cond = torch.randn(3, 16, 16, generator=g), torch.randn(3, TINY_MAR.encoder_embed_dim, generator=g)
+    mask = torch.stack([torch.randperm(16, generator=g) < 6 for _ in range(3)])
+    z, seen = encoder_attention_masks(model, tokens, mask, cond)
+    assert [(m, n) for m, n in seen] == [(None, 4 + 10)]                  # no padding, no attention mask
+    for i in range(3):
+        torch.testing.assert_close(z[i], model.forward_mae(tokens[i:i + 1], mask[i:i + 1], cond[i:i + 1])[0],
+                                   rtol=1e-5, atol=1e-6)
 
 
 def test_clip_x0_tames_the_first_cosine_step():

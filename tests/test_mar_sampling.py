@@ -79,7 +79,7 @@ def corrupt_predict(mar, latents, kinds=("class", "class"), levels=(999, 999), s
     labels = torch.tensor([3, 4][:len(latents)])
     cond = gen.condition(handle=handle, labels=labels, kinds=list(kinds)[:len(latents)])
     corrupted = gen.corrupt(handle=handle, latents=latents, levels=torch.tensor(levels[:len(latents)]),
-                            noise=torch.randn_like(latents), generators=gens(*seeds[:len(latents)]))
+                            noise=torch.randn_like(latents), generators=gens(*seeds[:len(latents)]), level_max=999)
     return corrupted, gen.predict(handle=handle, corrupted=corrupted, condition=cond)
 
 
@@ -90,13 +90,41 @@ def test_clo_gradient_reaches_only_visible_tokens(mar):
     mask = corrupted.extras["mask"]
     assert p.pred.shape == p.target.shape == (2, 16, 16) and p.weight.shape == (2, 16, 1)
     assert not p.target.requires_grad and p.aux_loss is None
-    assert mask.sum(1).tolist()[0] == mask.sum(1).tolist()[1] >= 12            # one ratio in [0.7, 1] per batch
+    assert mask.sum(1).tolist() == [16, 15]         # each sample's own ratio in [0.7, 1]: mixed counts, padded
     clo.clo_loss(p.pred, p.target, 10.0, p.weight).sum().backward()
     grad = handle.model.patchify(z.grad).abs().sum(-1)
     assert torch.equal(grad[mask], torch.zeros_like(grad[mask]))
     if (~mask).any():
         assert bool((grad[~mask] > 0).all())
     assert all(p.grad is None for p in handle.model.parameters())
+
+
+def test_corrupt_draws_of_a_sample_do_not_depend_on_its_batch(mar):
+    """Sample i's mask, timesteps and eps are its own generator's draws, bit for bit, alone or in any batch."""
+    gen, handle = mar
+    seeds, levels = (3, 0, 1, 11), (999, 500, 999, 20)        # mask ratios give 12, 14, 16 and 13 masked tokens
+    z = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(9))
+    batch = gen.corrupt(handle=handle, latents=z, levels=torch.tensor(levels), noise=torch.randn_like(z),
+                        generators=gens(*seeds), level_max=999)
+    assert batch.extras["mask"].sum(1).tolist() == [12, 14, 16, 13]
+    for i in (3, 1, 0, 2):
+        alone = gen.corrupt(handle=handle, latents=z[i:i + 1], levels=torch.tensor(levels[i:i + 1]),
+                            noise=torch.randn_like(z[i:i + 1]), generators=gens(seeds[i]), level_max=999)
+        assert torch.equal(alone.target[0], batch.target[i])
+        assert all(torch.equal(alone.extras[k][0], batch.extras[k][i]) for k in ("mask", "t", "x_t"))
+
+
+def test_engine_clo_of_a_sample_does_not_depend_on_its_batch(mar):
+    gen, handle = mar
+    z0 = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(4))
+    labels, kinds, noise_seeds = [3, 4, 5], ["class", "zero", "null"], (3, 0, 11)
+    settings = clo.CLOSettings(iters=4, lr=1e-2, level_min=1, level_max=999, kernels="torch")
+    together = clo.optimize(gen, handle, z0, torch.tensor(labels), kinds, gens(*noise_seeds), gens(7, 8, 9), settings)
+    assert not torch.equal(together, z0)
+    for i, level_seed in zip(range(3), (7, 8, 9)):
+        alone = clo.optimize(gen, handle, z0[i:i + 1], torch.tensor(labels[i:i + 1]), kinds[i:i + 1],
+                             gens(noise_seeds[i]), gens(level_seed), settings)
+        torch.testing.assert_close(alone[0], together[i], rtol=1e-5, atol=1e-5)
 
 
 def test_all_masked_draw_gives_zero_gradient(mar):
@@ -112,16 +140,24 @@ def test_all_masked_draw_gives_zero_gradient(mar):
     assert bool(corrupted.extras["mask"].all()) and torch.equal(z.grad, torch.zeros_like(z.grad))
 
 
-def test_levels_bound_the_heads_timesteps_and_draws_are_fresh(mar):
+def test_tokens_draw_timesteps_up_to_t_hat_and_draws_are_fresh(mar):
     gen, handle = mar
     z = torch.randn(2, 4, 8, 8)
     g = gens(1, 2)
-    a = gen.corrupt(handle=handle, latents=z, levels=torch.tensor([5, 999]), noise=torch.zeros_like(z), generators=g)
-    b = gen.corrupt(handle=handle, latents=z, levels=torch.tensor([5, 999]), noise=torch.zeros_like(z), generators=g)
-    assert int(a.extras["t"][0].max()) <= 5 and int(a.extras["t"][1].max()) > 5
+
+    def corrupt(generators, levels=(5, 999), level_max=999):
+        return gen.corrupt(handle=handle, latents=z, levels=torch.tensor(levels), noise=torch.zeros_like(z),
+                           generators=generators, level_max=level_max)
+    a, b = corrupt(g), corrupt(g)
+    assert int(a.extras["t"].max()) > 900 and int(a.extras["t"].min()) < 100   # every token on 0..T-hat
     assert not torch.equal(a.target, b.target)                  # fresh eps every iteration
+    # the engine's per-sample levels do not matter; T-hat caps every token
+    assert torch.equal(corrupt(gens(1, 2), levels=(999, 1)).extras["t"], corrupt(gens(1, 2)).extras["t"])
+    assert int(corrupt(gens(1, 2), level_max=20).extras["t"].max()) <= 20
+    t = torch.cat([corrupt(gens(s, s + 1)).extras["t"].flatten() for s in range(0, 200, 2)]).float()
+    assert abs(t.mean().item() - 499.5) < 15                    # uniform on 0..999 (3200 draws: 3 sd), as CaO2-MAR
     c = gen.corrupt(handle=handle, latents=z, levels=torch.tensor([5, 999]), noise=torch.zeros_like(z),
-                    generators=gens(1, 2))
+                    generators=gens(1, 2), level_max=999)
     assert torch.equal(a.target, c.target) and torch.equal(a.extras["mask"], c.extras["mask"])
 
 

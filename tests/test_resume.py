@@ -21,10 +21,11 @@ CLASSES = "0,3,5,8"
 
 
 def base_args(tiny_world, tiny_classifier, out, *extra):
-    # enough work per class (sampler steps, CLO iterations) that a kill can land inside a class
+    # enough work per class (sampler steps, CLO iterations) that a kill can land inside a class; batch size 4
+    # packs two classes of IPC 2 into each CLO chunk: groups {0, 3} and {5, 8}, one per rank on 2 ranks
     return ["--model", str(tiny_world), "--classifier", str(tiny_classifier), "--classes", CLASSES, "--ipc", "2",
-            "--pool-factor", "2", "--sample-steps", "40", "--clo-iters", "60", "--out", str(out), "--no-progress",
-            "--device", "cpu", *extra]
+            "--pool-factor", "2", "--sample-steps", "40", "--clo-iters", "60", "--batch-size", "4", "--out",
+            str(out), "--no-progress", "--device", "cpu", *extra]
 
 
 def snapshot(out: Path) -> dict[str, bytes]:

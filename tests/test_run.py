@@ -154,10 +154,15 @@ def test_stability_selection_needs_two_sampler_steps(tiny_args, tmp_path, capsys
 
 
 def test_dry_run_prints_the_plan_and_writes_nothing(tiny_args, capsys):
-    assert main(["run", *tiny_args, "--dry-run", "2"]) == 0
+    assert main(["run", *tiny_args, "--dry-run", "2", "--batch-size", "2"]) == 0
     text = capsys.readouterr().out
     assert "dry run: 2 classes of mnist on 2 rank(s); IPC 2, pool 4 per class, CLO 3 iterations" in text
     assert "| 0 | 1 (0) | 4 | 6 |" in text and "| 1 | 1 (3) | 4 | 6 |" in text
+    assert "2 group(s) of up to 1 classes" in text
+    # at the default batch size both classes share one group: one rank has the work, the other is told idle
+    assert main(["run", *tiny_args, "--dry-run", "2"]) == 0
+    text = capsys.readouterr().out
+    assert "| 0 | 2 (0, 3) | 8 | 12 |" in text and "(1 rank(s) idle: lower --batch-size)" in text
     flops = float(text.split("FLOPs (torch FLOP counter): ")[1].split(" GFLOP")[0])
     assert flops > 0 and "CLO latent-iterations/s" in text
     assert not Path(out_of(tiny_args)).exists()

@@ -9,6 +9,9 @@ CLO corruption is ``q_sample`` on the 1000-step linear schedule. Timestep conven
 * ``default``: level t in [1, T-hat] on the 1000-step scale; noise at alpha-bar(t) and the model is told t.
 * ``reference``: as the official CaO2 code: level k in [1, T-hat] indexes the 50-step respaced schedule;
   noise at alpha-bar(map[k]) (original t 20, 41, ..., 224 for k = 1..11) but the model is told k.
+
+``--gen-opt autocast=bf16|fp16`` runs the transformer forward (sampling and CLO) under ``torch.autocast``
+while its weights keep ``--dtype``; the latents, CLO's Adam state and the VAE stay fp32.
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ __version__ = "0.1.0"
 CONVENTIONS = ("default", "reference")
 REFERENCE_STEPS = 50      # the reference respaces the 1000-step schedule to 50 steps
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16, "none": None}
 
 
 @dataclass
@@ -41,6 +45,7 @@ class DiTHandle:
     convention: str
     dtype: torch.dtype
     sources: dict = field(default_factory=dict)
+    autocast: torch.dtype | None = None     # autocast dtype of the transformer forward; None: plain --dtype
 
     @property
     def num_classes(self) -> int:
@@ -67,6 +72,9 @@ def cao2_load(options: dict, device: torch.device) -> DiTHandle:
     sampler = options.get("sampler") or defaults.get("sampler", "ddpm")
     if sampler not in sampling.SAMPLERS:
         raise UserError(f"unknown --sampler {sampler!r} for dit; use one of {', '.join(sampling.SAMPLERS)}")
+    autocast_name = options.get("autocast") or "none"
+    if autocast_name not in AUTOCAST:
+        raise UserError(f"--gen-opt autocast={autocast_name}: use fp16, bf16 or none")
     heads = options.get("num_heads")
     transformer = loading.load_transformer(t_src, int(heads) if heads else None)
     vae = loading.load_vae(v_src)
@@ -87,7 +95,7 @@ def cao2_load(options: dict, device: torch.device) -> DiTHandle:
         guidance=float(guidance if guidance is not None else defaults.get("guidance", 2.7)),
         steps=int(options.get("sample_steps") or defaults.get("sample_steps", 50)),
         sampler=sampler, convention=convention, dtype=dtype,
-        sources={"transformer": t_src, "vae": v_src})
+        sources={"transformer": t_src, "vae": v_src}, autocast=AUTOCAST[autocast_name])
 
 
 @hookimpl
@@ -110,6 +118,7 @@ def cao2_describe(handle: DiTHandle) -> dict:
         "sampler": handle.sampler, "sample_steps": handle.steps, "guidance": handle.guidance,
         "null_label": handle.num_classes, "timestep_convention": handle.convention,
         "dtype": str(handle.dtype).removeprefix("torch."),
+        "autocast": str(handle.autocast).removeprefix("torch.") if handle.autocast else None,
     }
 
 
@@ -118,7 +127,8 @@ def cao2_sample(handle: DiTHandle, labels: torch.Tensor, generators: list, snaps
     wanted = snapshot_steps_of(snapshot_steps, handle.steps)
     x, snapshots = sampling.sample(handle.transformer, labels, generators, null_label=handle.num_classes,
                                    guidance=handle.guidance, steps=handle.steps, sampler=handle.sampler,
-                                   latent_shape=handle.latent_shape, dtype=handle.dtype, snapshot_steps=wanted)
+                                   latent_shape=handle.latent_shape, dtype=handle.dtype, snapshot_steps=wanted,
+                                   autocast=handle.autocast)
     return SampleOutput(latents=x, snapshots=snapshots)
 
 
@@ -169,7 +179,9 @@ def cao2_corrupt(handle: DiTHandle, latents: torch.Tensor, levels: torch.Tensor,
 
 @hookimpl
 def cao2_predict(handle: DiTHandle, corrupted: Corrupted, condition: DiTCondition) -> Prediction:
-    with _zero_label_embedding(handle.transformer, condition.zero):
+    # the latents stay fp32 leaves: autocast's casts are differentiable, so their gradient comes back in fp32
+    amp = sampling.amp(corrupted.inputs.device, handle.autocast)
+    with _zero_label_embedding(handle.transformer, condition.zero), amp:
         out = handle.transformer(corrupted.inputs.to(handle.dtype), timestep=corrupted.levels,
                                  class_labels=condition.labels).sample
     channels = corrupted.target.shape[1]

@@ -5,6 +5,8 @@ sample does not depend on what else is in the batch.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
@@ -15,6 +17,11 @@ BETAS = dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, 
 def noise_schedule() -> DDPMScheduler:
     """The 1000-step linear schedule DiT was trained with."""
     return DDPMScheduler(**BETAS)
+
+
+def amp(device: torch.device, dtype: torch.dtype | None):
+    """The transformer's mixed-precision region; ``None`` adds none (and leaves a caller's own autocast alone)."""
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
 def make_scheduler(sampler: str, learned_sigma: bool):
@@ -29,8 +36,11 @@ def make_scheduler(sampler: str, learned_sigma: bool):
 @torch.no_grad()
 def sample(transformer, labels: torch.Tensor, generators: list, *, null_label: int, guidance: float,
            steps: int, sampler: str, latent_shape: tuple, dtype: torch.dtype,
-           snapshot_steps: dict | None = None) -> tuple[torch.Tensor, dict]:
-    """Sample latents; ``snapshot_steps`` maps a 0-based step to the key its state (after that step) is kept under."""
+           snapshot_steps: dict | None = None, autocast: torch.dtype | None = None) -> tuple[torch.Tensor, dict]:
+    """Sample latents; ``snapshot_steps`` maps a 0-based step to the key its state (after that step) is kept under.
+
+    ``autocast`` runs the transformer under autocast to that dtype; guidance and the scheduler stay fp32.
+    """
     snapshot_steps = snapshot_steps or {}
     device = labels.device
     channels = latent_shape[0]
@@ -44,7 +54,8 @@ def sample(transformer, labels: torch.Tensor, generators: list, *, null_label: i
     for step, t in enumerate(scheduler.timesteps):
         x_in = torch.cat([x, x]) if guided else x
         t_in = torch.full((x_in.shape[0],), int(t), device=device, dtype=torch.long)
-        out = transformer(x_in.to(dtype), timestep=t_in, class_labels=class_in).sample.float()
+        with amp(device, autocast):
+            out = transformer(x_in.to(dtype), timestep=t_in, class_labels=class_in).sample.float()
         if guided:
             cond, uncond = out.chunk(2)
             eps = uncond[:, :channels] + guidance * (cond[:, :channels] - uncond[:, :channels])

@@ -9,13 +9,14 @@ Latents are the scaled VAE latents, image-shaped (C, H/stride, W/stride): (16, 1
 
 CLO on MAR (CaO2-MAR), ``LatentSpec.corruption == "mask"``:
 
-* ``corrupt`` masks tokens: one mask ratio for the whole batch (the encoder needs equal visible counts per
-  row), drawn from MAR's truncated normal on ``--gen-opt mask_ratio=0.7,1`` (mean 1, sd 0.25) with the
-  **first** sample's generator, so MAR's CLO depends on which samples share a batch (``--batch-size``);
-  each sample's token order, per-token diffusion timesteps and per-token eps come from its own generator,
-  fresh every iteration (``--gen-opt noise=fixed`` uses the engine's fixed per-sample noise as eps instead).
-* the engine's ``levels`` are the upper bound of the head's per-token timestep: sample i draws its tokens'
-  t uniformly on 0..levels[i] (level range 1-999, default 999; ``--clo-tmax`` caps it).
+* ``corrupt`` masks tokens. Every iteration each sample draws, from its own generator and in this order, its
+  mask ratio (MAR's truncated normal on ``--gen-opt mask_ratio=0.7,1``, mean 1, sd 0.25), its token order, its
+  per-token diffusion timesteps and its per-token eps (``--gen-opt noise=fixed`` uses the engine's fixed
+  per-sample noise as eps instead and draws none). Rows of a batch mask different counts; ``MAR.forward_mae``
+  pads the encoder's rows and hides the padding from attention, so a sample's CLO does not depend on which
+  samples share its batch (up to float summation order).
+* levels: every token draws its own head timestep t uniformly on 0..T-hat (``level_max``: level range
+  1-999, default 999 as CaO2-MAR; ``--clo-tmax`` caps it); the engine's per-sample ``levels`` are not used.
 * ``predict`` runs the encoder on the visible tokens of the latent (the gradient path), the decoder, and the
   DiffLoss head on x_t built from the *detached* latent; ``Prediction(eps_hat, eps, weight=mask)``: the
   engine's loss is the masked-token mean squared error + lambda * the max over masked tokens. ``--gen-opt vb=1``
@@ -128,7 +129,7 @@ def cao2_load(options: dict, device: torch.device) -> MARHandle:
     if options.get("sampler"):
         raise UserError("--sampler is a DiT option; mar has one sampler (masked autoregressive, cosine schedule)")
     if (options.get("timestep_convention") or "default") != "default":
-        raise UserError("--timestep-convention is a DiT option; mar's CLO levels are the head's timestep bound")
+        raise UserError("--timestep-convention is a DiT option; mar's CLO levels are the head's per-token timesteps")
     model_src = options.get("model")
     if model_src is None:
         world = loading.world_dir(options.get("dataset") or "mnist")
@@ -220,7 +221,7 @@ def cao2_describe(handle: MARHandle) -> dict:
         "diffloss_steps": handle.diffloss_steps, "temperature": handle.temperature, "clip_x0": handle.clip_x0,
         "clo": {"mask_ratio": list(handle.mask_ratio), "vb": handle.vb,
                 "noise": "fixed" if handle.fixed_noise else "fresh",
-                "levels": "upper bound of the head's per-token timestep"},
+                "levels": "per-token head timestep, uniform on 0..T-hat"},
         "autocast": str(handle.autocast).removeprefix("torch.") if handle.autocast else None,
     }
 
@@ -256,20 +257,21 @@ def cao2_condition(handle: MARHandle, labels: torch.Tensor, kinds: list) -> torc
 
 @hookimpl
 def cao2_corrupt(handle: MARHandle, latents: torch.Tensor, levels: torch.Tensor, noise: torch.Tensor,
-                 generators: list) -> Corrupted:
+                 generators: list, level_max: int) -> Corrupted:
     model, device = handle.model, latents.device
     L, D = model.cfg.seq_len, model.cfg.token_dim
     tokens = model.patchify(latents)                  # keeps the graph: the gradient path is the visible tokens
     lo, hi = handle.mask_ratio
-    ratio = truncated_normal_ratio(torch.rand((), generator=generators[0]).item(), lo, hi)  # shared by the batch
-    orders = random_orders(generators, L).to(device)
-    mask = mask_from_orders(orders, num_masked(L, ratio))
-    bounds = levels.detach().long().cpu()
-    t = torch.stack([torch.randint(0, int(b) + 1, (L,), generator=g) for g, b in zip(generators, bounds)]).to(device)
-    if handle.fixed_noise:
-        eps = model.patchify(noise.float()).to(device)
-    else:
-        eps = torch.stack([torch.randn((L, D), generator=g) for g in generators]).to(device)
+    masks, ts, eps = [], [], []
+    for g in generators:
+        # one sample's draws, all from its own generator in this order: ratio, order, t, eps (unless fixed)
+        ratio = truncated_normal_ratio(torch.rand((), generator=g).item(), lo, hi)
+        masks.append(mask_from_orders(random_orders([g], L), num_masked(L, ratio))[0])
+        ts.append(torch.randint(0, int(level_max) + 1, (L,), generator=g))
+        if not handle.fixed_noise:
+            eps.append(torch.randn((L, D), generator=g))
+    mask, t = torch.stack(masks).to(device), torch.stack(ts).to(device)
+    eps = model.patchify(noise.float()).to(device) if handle.fixed_noise else torch.stack(eps).to(device)
     x0 = tokens.detach()
     x_t = handle.diffusion.q_sample(x0.reshape(-1, D), t.reshape(-1), eps.reshape(-1, D)).reshape(x0.shape)
     return Corrupted(inputs=tokens, levels=levels, target=eps,

@@ -83,7 +83,9 @@ def preset(name: str, **overrides) -> MARConfig:
 
 # ------------------------------------------------------------------------------------------------ transformer
 class Attention(nn.Module):
-    """Multi-head self-attention with a fused qkv projection (rows [q; k; v], each split into heads)."""
+    """Multi-head self-attention with a fused qkv projection (rows [q; k; v], each split into heads).
+
+    ``attn_mask``: optional bool mask broadcastable to (B, heads, N, N), True = the query may attend to the key."""
 
     def __init__(self, dim: int, heads: int, attn_drop: float, proj_drop: float):
         super().__init__()
@@ -92,10 +94,11 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         b, n, c = x.shape
         q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
-        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+                                           dropout_p=self.attn_drop if self.training else 0.0)
         return self.proj_drop(self.proj(x.transpose(1, 2).reshape(b, n, c)))
 
 
@@ -119,8 +122,8 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=LN_EPS)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), proj_drop)
 
-    def forward(self, x):
-        x = x + self.attn(self.norm1(x))
+    def forward(self, x, attn_mask=None):
+        x = x + self.attn(self.norm1(x), attn_mask)
         return x + self.mlp(self.norm2(x))
 
 
@@ -267,18 +270,35 @@ class MAR(nn.Module):
         return torch.where(zero, torch.zeros_like(emb), emb)
 
     def forward_mae(self, tokens: torch.Tensor, mask: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """tokens (B, L, D), mask (B, L) bool (True = masked; every row the same count), cond (B, d_enc)
-        -> per-token conditioning z (B, L, d_dec) for the DiffLoss head."""
+        """tokens (B, L, D), mask (B, L) bool (True = masked; rows may mask different counts), cond (B, d_enc)
+        -> per-token conditioning z (B, L, d_dec) for the DiffLoss head.
+
+        The encoder sees only each row's kept positions (buffer + visible tokens) in position order. Rows with
+        fewer kept positions are padded to the longest and the padding is hidden from attention as keys, so a
+        row's result does not depend on the other rows (up to float summation order)."""
         b, L, _ = tokens.shape
         buf = self.cfg.buffer_size
         x = self.z_proj(tokens)
         x = torch.cat([cond[:, None, :].to(x.dtype).expand(b, buf, x.shape[-1]), x], dim=1)
         x = self.z_proj_ln(x + self.encoder_pos_embed_learned)
         keep = torch.cat([torch.ones(b, buf, dtype=torch.bool, device=mask.device), ~mask.bool()], dim=1)
-        x = x[keep].reshape(b, -1, x.shape[-1])        # masked tokens never reach the encoder
+        counts = keep.sum(1)
+        least, n = torch.stack(counts.aminmax()).tolist()  # one host sync
+        if n == least:                                 # equal counts (sampling): no padding, no attention mask
+            x, valid, attn_mask = x[keep].reshape(b, n, x.shape[-1]), None, None
+        else:
+            # a stable sort puts each row's kept positions first, in position order; the rest of the first n
+            # slots is padding, zeroed so masked tokens never reach the encoder (not even through the gradient)
+            idx = torch.sort((~keep).to(torch.uint8), dim=1, stable=True).indices[:, :n]
+            valid = torch.arange(n, device=keep.device) < counts[:, None]
+            x = torch.where(valid[..., None], x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1])), 0.0)
+            # keys only: padded queries still see the row's buffer (>= 1 key), so they stay finite; dropped below
+            attn_mask = valid[:, None, None, :]
         for block in self.encoder_blocks:
-            x = block(x)
+            x = block(x, attn_mask)
         x = self.decoder_embed(self.encoder_norm(x))
+        if valid is not None:
+            x = x[valid]                               # row-major, position order: the order of canvas[keep]
         canvas = self.mask_token.to(x.dtype).expand(b, buf + L, x.shape[-1]).clone()
         canvas[keep] = x.reshape(-1, x.shape[-1])
         x = canvas + self.decoder_pos_embed_learned
