@@ -21,9 +21,9 @@ $(STAMP): pyproject.toml setup.py Makefile
 
 # distill the MNIST world (IPC 10), then score it and the random-real baseline at the same IPC (ConvNet-3)
 demo: $(STAMP)
-	$(BIN)/cao2 run --out out/demo
+	$(BIN)/cao2 run --out out/demo --overwrite
 	$(BIN)/cao2 eval --data out/demo --quiet
-	$(BIN)/cao2 eval --random-real 10 --dataset mnist --out out/demo/eval-random-real --quiet
+	$(BIN)/cao2 eval --random-real 10 --dataset mnist --out out/demo-random-real --quiet
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

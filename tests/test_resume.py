@@ -172,3 +172,42 @@ def test_ctrl_c_leaves_a_resumable_state(tiny_world, tiny_classifier, tmp_path, 
     _complete_classes_are_whole(out)
     assert subprocess.run(cmd, env=env, capture_output=True, timeout=600).returncode == 0
     assert snapshot(out) == straight
+
+
+def _rank_pid(launcher: int, rank: int) -> int | None:
+    """The pid of torchrun's worker with RANK=rank (read from /proc)."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            stat = (proc / "stat").read_text()
+            env = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == launcher and f"RANK={rank}".encode() in env:
+            return int(proc.name)
+    return None
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds torchrun's workers through /proc")
+def test_a_rank_that_dies_stops_the_run_and_the_rerun_resumes(tiny_world, tiny_classifier, tmp_path, straight):
+    out = tmp_path / "died"
+    cmd, env = cli("run", *base_args(tiny_world, tiny_classifier, out))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *cmd[1:]]
+    launcher = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while (victim := _rank_pid(launcher.pid, 1)) is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert victim is not None, "rank 1 never started"
+    while not (out / "records").is_dir() and time.time() < deadline:
+        time.sleep(0.01)              # rank 0 opens the output once every rank has loaded: the work begins
+    os.kill(victim, signal.SIGKILL)
+    _, err = launcher.communicate(timeout=300)
+    assert launcher.returncode != 0, "torchrun must fail when a rank dies"
+    assert not (out / "records" / "5.json").exists() or not (out / "records" / "8.json").exists()
+    _complete_classes_are_whole(out)
+    rerun = subprocess.run(cli("run", *base_args(tiny_world, tiny_classifier, out))[0], env=env, capture_output=True,
+                           text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert snapshot(out) == straight

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Everything that needs a GPU, in one go (about 5-8 minutes on one H100-class GPU): the GPU-marked tests, the
+# throughput benchmark (DiT-XL/2- and MAR-B-sized, random weights) and the determinism tolerance.
+# Run from the repository root after `make test` has built .venv:   bash benchmarks/gpu_check.sh
+set -uo pipefail
+PY=${PYTHON:-.venv/bin/python}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+echo "== GPU tests"; $PY -m pytest -q -m gpu tests 2>&1 | tail -15
+echo "== throughput"; $PY benchmarks/throughput.py 2>&1 | tail -20
+echo "== determinism"; $PY benchmarks/gpu_determinism.py 2>&1 | tail -8
