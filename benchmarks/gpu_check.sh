@@ -8,3 +8,4 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 echo "== GPU tests"; $PY -m pytest -q -m gpu tests 2>&1 | tail -15
 echo "== throughput"; $PY benchmarks/throughput.py 2>&1 | tail -20
 echo "== determinism"; $PY benchmarks/gpu_determinism.py 2>&1 | tail -8
+echo "== torch.compile (DiT-XL/2-sized)"; $PY benchmarks/throughput.py --models dit-xl --compile default 2>&1 | tail -4

@@ -10,6 +10,9 @@ FLOP counter / time / peak). The last lines are ``<model> clo speedup: X``.
 bf16 autocast, fp32 latents and Adam state; ``weights``: bf16 weights (``--dtype bf16``; MAR casts no weights
 and reads it as bf16 autocast); ``fp32`` (CPU default).
 
+``--compile MODE`` runs the batched DiT sampling and CLO through ``torch.compile`` (``--gen-opt compile``;
+warm-up at both batch sizes first, so compilation is not timed); FLOPs are counted on the eager module.
+
     python benchmarks/throughput.py                              # CPU: small models, a few images
     python benchmarks/throughput.py --models dit-xl mar-b --images 32 --iters 20 --sample-steps 50  # one GPU
 """
@@ -121,6 +124,9 @@ def bench(name: str, args, device: torch.device) -> dict:
     # pool sampling: one at a time, then one batch
     sample([0])                                                         # warm-up
     t_sample_one = timed(lambda: [sample([i]) for i in idx], device)[0]
+    if args.compile != "none" and hasattr(handle, "compiled"):        # DiT: the batched runs only
+        handle.compiled, handle.compile_mode = torch.compile(model, mode=args.compile), args.compile
+        sample(idx)                                                     # compiles at this batch size
     t_sample_batch, z0 = timed(lambda: sample(idx), device)
 
     def ours(iters=args.iters):
@@ -130,6 +136,8 @@ def bench(name: str, args, device: torch.device) -> dict:
 
     ours(1)                                                             # warm-up (kernel builds, allocator)
     t_clo_batch = timed(ours, device)[0]
+    if hasattr(handle, "compiled"):
+        handle.compiled = None          # FLOPs (the counter sees no compiled kernels) and the reference: eager
     flops_iter = count_flops(lambda: ours(1))[0]                              # n latents, one iteration
 
     # the reference: fp32 weights, left trainable, one latent and one fresh Adam at a time
@@ -160,6 +168,8 @@ def main() -> None:
     ap.add_argument("--precision", choices=PRECISIONS, default="autocast" if gpu else "fp32",
                     help="batched runs: bf16 autocast over fp32 weights and latents, bf16 weights, or fp32 "
                          "(default: autocast on a GPU, fp32 on a CPU)")
+    ap.add_argument("--compile", default="none", choices=("none", "default", "reduce-overhead", "max-autotune"),
+                    help="torch.compile mode of the batched DiT runs (MAR: not compiled)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -169,7 +179,8 @@ def main() -> None:
         torch.backends.cudnn.allow_tf32 = True
     name = torch.cuda.get_device_name(device) if gpu else f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {name}; {args.images} images per batch, {args.iters} CLO iterations, "
-          f"{args.sample_steps} sampler steps; precision {args.precision} ({PRECISION_TEXT[args.precision]})")
+          f"{args.sample_steps} sampler steps; precision {args.precision} ({PRECISION_TEXT[args.precision]}); "
+          f"torch.compile {args.compile} (DiT)")
     rows = [bench(m, args, device) for m in args.models]
     print()
     print("| model | params | pool samples/s one-at-a-time | batched | CLO latent-it/s one-at-a-time | batched | "

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from .errors import UserError
-from .hookspecs import CONDITION_KINDS
+from .hookspecs import CONDITION_KINDS, GENERIC_OPTIONS
 from .kernels import BACKENDS as KERNEL_BACKENDS
 from .select import ORDERS, STRATEGIES
 
@@ -102,8 +102,7 @@ class RunConfig:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.metadata["affects_output"]}
 
     def gen_options(self) -> dict:
-        opts = {k: getattr(self, k) for k in ("model", "vae", "dataset", "sampler", "sample_steps", "guidance",
-                                              "timestep_convention", "dtype")}
+        opts = {k: getattr(self, k) for k in GENERIC_OPTIONS}
         for item in self.gen_opt:
             key, sep, value = item.partition("=")
             if not sep or not key:

@@ -85,11 +85,11 @@ def run(cfg: RunConfig, host: Host | None = None) -> RunResult:
     store.load()
 
     # classes share forward passes in groups (fixed by the class list and batch size, not by the ranks);
-    # each rank takes whole groups and checks only its own classes' files against their records
+    # each rank takes whole groups and checks only its own classes' files against their records; a group with
+    # an incomplete class is computed again in full (at most one chunk's work repeated), so its chunks match
     groups = workplan.class_groups([source.keep(cid) for cid in space.ids], cfg.batch_size)
-    todo = [g for g in ranks.shard(range(len(groups)))
+    todo = [groups[g] for g in ranks.shard(range(len(groups)))
             if not all([store.is_complete(space.ids[p]) for p in groups[g]])]
-    todo = [groups[g] for g in todo]
     for cid, why in store.redone.items():
         print(f"cao2: class {cid} will be redone: {why}", file=sys.stderr)
     sample_bar = tqdm(total=sum(source.size(space.ids[p]) for g in todo for p in g),

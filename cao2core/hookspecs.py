@@ -70,13 +70,18 @@ class Prediction:
     aux_loss: torch.Tensor | None = None  # optional (B,) extra per-sample loss added to the CLO loss
 
 
+# the keys of a generator's load options that come from the run's own flags; the rest are --gen-opt pairs
+GENERIC_OPTIONS = ("model", "vae", "dataset", "sampler", "sample_steps", "guidance", "timestep_convention",
+                   "dtype")
+
+
 @hookspec(firstresult=True)
 def cao2_load(options: dict, device: torch.device) -> Any:
     """Load the generator (frozen, eval mode, on ``device``) and return an opaque handle.
 
     ``options`` holds ``model``, ``vae``, ``dataset`` (may be None: use the plugin's default world) and the
-    generic sampling options (``guidance``, ``sample_steps``, ``sampler``, ``timestep_convention``, ``dtype``)
-    plus any ``--gen-opt key=value`` pairs. Raise ``cao2core.errors.UserError`` for bad checkpoints.
+    generic sampling options (``GENERIC_OPTIONS``) plus any ``--gen-opt key=value`` pairs. Raise
+    ``cao2core.errors.UserError`` for bad checkpoints or unknown ``--gen-opt`` keys.
     """
 
 

@@ -12,6 +12,10 @@ CLO corruption is ``q_sample`` on the 1000-step linear schedule. Timestep conven
 
 ``--gen-opt autocast=bf16|fp16`` runs the transformer forward (sampling and CLO) under ``torch.autocast``
 while its weights keep ``--dtype``; the latents, CLO's Adam state and the VAE stay fp32.
+
+``--gen-opt compile=default|reduce-overhead|max-autotune`` runs the transformer through ``torch.compile`` with
+that mode (``reduce-overhead`` adds CUDA graphs; ``aot_eager`` is the debugging backend, no code generation).
+Rows with the ``zero`` condition run the eager module, whose label embedders are hooked per call.
 """
 from __future__ import annotations
 
@@ -22,7 +26,8 @@ import torch
 from diffusers import AutoencoderKL, DiTTransformer2DModel
 
 from cao2core.errors import UserError
-from cao2core.hookspecs import Corrupted, LatentSpec, Prediction, SampleOutput, hookimpl, snapshot_steps_of
+from cao2core.hookspecs import (GENERIC_OPTIONS, Corrupted, LatentSpec, Prediction, SampleOutput, hookimpl,
+                                 snapshot_steps_of)
 
 from . import loading, sampling
 
@@ -31,6 +36,8 @@ CONVENTIONS = ("default", "reference")
 REFERENCE_STEPS = 50      # the reference respaces the 1000-step schedule to 50 steps
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16, "none": None}
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune", "aot_eager")
+GEN_OPTS = {"num_heads", "autocast", "compile"}
 
 
 @dataclass
@@ -46,6 +53,12 @@ class DiTHandle:
     dtype: torch.dtype
     sources: dict = field(default_factory=dict)
     autocast: torch.dtype | None = None     # autocast dtype of the transformer forward; None: plain --dtype
+    compiled: torch.nn.Module | None = None  # torch.compile of the transformer (--gen-opt compile)
+    compile_mode: str = "none"
+
+    def forward_module(self, zero_rows: bool = False) -> torch.nn.Module:
+        """The transformer to call: compiled, unless zero-label hooks must run (they would recompile it)."""
+        return self.compiled if self.compiled is not None and not zero_rows else self.transformer
 
     @property
     def num_classes(self) -> int:
@@ -65,6 +78,9 @@ def respaced_map(steps: int = REFERENCE_STEPS, total: int = 1000) -> list[int]:
 
 @hookimpl
 def cao2_load(options: dict, device: torch.device) -> DiTHandle:
+    unknown = sorted(set(options) - set(GENERIC_OPTIONS) - GEN_OPTS)
+    if unknown:
+        raise UserError(f"unknown --gen-opt {unknown[0]} for dit; known: {', '.join(sorted(GEN_OPTS))}")
     convention = options.get("timestep_convention") or "default"
     if convention not in CONVENTIONS:
         raise UserError(f"unknown --timestep-convention {convention!r}; use one of {', '.join(CONVENTIONS)}")
@@ -75,6 +91,9 @@ def cao2_load(options: dict, device: torch.device) -> DiTHandle:
     autocast_name = options.get("autocast") or "none"
     if autocast_name not in AUTOCAST:
         raise UserError(f"--gen-opt autocast={autocast_name}: use fp16, bf16 or none")
+    compile_mode = options.get("compile") or "none"
+    if compile_mode not in COMPILE_MODES:
+        raise UserError(f"--gen-opt compile={compile_mode}: use one of {', '.join(COMPILE_MODES)}")
     heads = options.get("num_heads")
     transformer = loading.load_transformer(t_src, int(heads) if heads else None)
     vae = loading.load_vae(v_src)
@@ -88,6 +107,10 @@ def cao2_load(options: dict, device: torch.device) -> DiTHandle:
         transformer.to(dtype)     # the VAE stays fp32: decoding in half precision visibly degrades images
     n = transformer.config.num_embeds_ada_norm
     guidance = options.get("guidance")
+    compiled = None
+    if compile_mode != "none":
+        compiled = torch.compile(transformer, **({"backend": "aot_eager"} if compile_mode == "aot_eager"
+                                                 else {"mode": compile_mode}))
     return DiTHandle(
         transformer=transformer, vae=vae,
         alphas_cumprod=sampling.noise_schedule().alphas_cumprod.to(device),
@@ -95,7 +118,8 @@ def cao2_load(options: dict, device: torch.device) -> DiTHandle:
         guidance=float(guidance if guidance is not None else defaults.get("guidance", 2.7)),
         steps=int(options.get("sample_steps") or defaults.get("sample_steps", 50)),
         sampler=sampler, convention=convention, dtype=dtype,
-        sources={"transformer": t_src, "vae": v_src}, autocast=AUTOCAST[autocast_name])
+        sources={"transformer": t_src, "vae": v_src}, autocast=AUTOCAST[autocast_name], compiled=compiled,
+        compile_mode=compile_mode)
 
 
 @hookimpl
@@ -119,13 +143,14 @@ def cao2_describe(handle: DiTHandle) -> dict:
         "null_label": handle.num_classes, "timestep_convention": handle.convention,
         "dtype": str(handle.dtype).removeprefix("torch."),
         "autocast": str(handle.autocast).removeprefix("torch.") if handle.autocast else None,
+        "compile": handle.compile_mode,
     }
 
 
 @hookimpl
 def cao2_sample(handle: DiTHandle, labels: torch.Tensor, generators: list, snapshot_steps: list) -> SampleOutput:
     wanted = snapshot_steps_of(snapshot_steps, handle.steps)
-    x, snapshots = sampling.sample(handle.transformer, labels, generators, null_label=handle.num_classes,
+    x, snapshots = sampling.sample(handle.forward_module(), labels, generators, null_label=handle.num_classes,
                                    guidance=handle.guidance, steps=handle.steps, sampler=handle.sampler,
                                    latent_shape=handle.latent_shape, dtype=handle.dtype, snapshot_steps=wanted,
                                    autocast=handle.autocast)
@@ -182,8 +207,8 @@ def cao2_predict(handle: DiTHandle, corrupted: Corrupted, condition: DiTConditio
     # the latents stay fp32 leaves: autocast's casts are differentiable, so their gradient comes back in fp32
     amp = sampling.amp(corrupted.inputs.device, handle.autocast)
     with _zero_label_embedding(handle.transformer, condition.zero), amp:
-        out = handle.transformer(corrupted.inputs.to(handle.dtype), timestep=corrupted.levels,
-                                 class_labels=condition.labels).sample
+        out = handle.forward_module(bool(condition.zero.any()))(
+            corrupted.inputs.to(handle.dtype), timestep=corrupted.levels, class_labels=condition.labels).sample
     channels = corrupted.target.shape[1]
     return Prediction(pred=out[:, :channels].float(), target=corrupted.target)
 

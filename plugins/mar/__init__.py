@@ -32,7 +32,8 @@ from pathlib import Path
 import torch
 
 from cao2core.errors import UserError
-from cao2core.hookspecs import Corrupted, LatentSpec, Prediction, SampleOutput, hookimpl, snapshot_steps_of
+from cao2core.hookspecs import (GENERIC_OPTIONS, Corrupted, LatentSpec, Prediction, SampleOutput, hookimpl,
+                                 snapshot_steps_of)
 
 from . import loading, sampling
 from .diffusion import GaussianDiffusion
@@ -43,7 +44,6 @@ from .vae import AutoencoderKL
 __version__ = "0.1.0"
 LEVEL_RANGE, DEFAULT_LEVEL = (1, 999), 999
 AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16, "none": None}
-GENERIC = {"model", "vae", "dataset", "sampler", "sample_steps", "guidance", "timestep_convention", "dtype"}
 GEN_OPTS = {"preset", "vae_config", "cfg_schedule", "temperature", "diffloss_steps", "mask_ratio", "vb", "noise",
             "autocast", "clip_x0"}
 
@@ -123,7 +123,7 @@ def parse_mask_ratio(text) -> tuple[float, float]:
 
 @hookimpl
 def cao2_load(options: dict, device: torch.device) -> MARHandle:
-    unknown = sorted(set(options) - GENERIC - GEN_OPTS)
+    unknown = sorted(set(options) - set(GENERIC_OPTIONS) - GEN_OPTS)
     if unknown:
         raise UserError(f"unknown --gen-opt {unknown[0]} for mar; known: {', '.join(sorted(GEN_OPTS))}")
     if options.get("sampler"):
