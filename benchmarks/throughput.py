@@ -4,7 +4,9 @@ For each model: pool samples per second and CLO latent-iterations per second, ba
 generator, fused kernels, at ``--precision``) against one image at a time as the official code does (batch 1,
 fresh Adam per image, generator weights left trainable, fp32), measured in the same run on the same device;
 plus the share of the device's peak dense bf16 matrix rate the batched CLO reaches (model FLOPs from torch's
-FLOP counter / time / peak). The last lines are ``<model> clo speedup: X``.
+FLOP counter / time / peak), the speedups (``<model> clo speedup: X``) and, last, the time ImageNet-1K IPC 10
+would take at the batched rates (the preset's pool and sampler steps, 100 CLO iterations; scoring and decoding
+left out). Model sizes matter here; with the small CPU presets the projection is only arithmetic.
 
 ``--precision`` of the batched runs: ``autocast`` (GPU default): fp32 weights, the generator's forward under
 bf16 autocast, fp32 latents and Adam state; ``weights``: bf16 weights (``--dtype bf16``; MAR casts no weights
@@ -100,6 +102,18 @@ def build_mar(name: str, device: torch.device, precision: str, steps: int):
 
 
 BUILDERS = {**{k: build_dit for k in DIT_SIZES}, **{k: build_mar for k in MAR_SIZES}}
+# ImageNet-1K IPC 10 as the presets run it: (pool factor, sampler steps) of in1k-dit and in1k-mar
+IN1K_WORK = {"dit": (4, 50), "mar": (2, 32)}
+IN1K_CLASSES, IN1K_IPC, IN1K_CLO_ITERS = 1000, 10, 100
+
+
+def in1k_hours(name: str, row: dict, steps_timed: int) -> float:
+    """Projected hours of ImageNet-1K IPC 10 on one device at the batched rates measured here (sampling scaled
+    from the steps timed to the preset's; classifier scoring and decoding left out)."""
+    pool_factor, steps = IN1K_WORK[name.split("-")[0]]
+    samples = IN1K_CLASSES * IN1K_IPC * pool_factor
+    clo_its = IN1K_CLASSES * IN1K_IPC * IN1K_CLO_ITERS
+    return (samples / row["sample_batch"] * steps / steps_timed + clo_its / row["clo_batch"]) / 3600
 
 
 def peak_bf16(device: torch.device) -> float | None:
@@ -194,6 +208,10 @@ def main() -> None:
     for r in rows:
         print(f"{r['model']} sample speedup: {r['sample_batch'] / r['sample_one']:.2f}")
         print(f"{r['model']} clo speedup: {r['clo_batch'] / r['clo_one']:.2f}")
+    for r in rows:
+        hours = in1k_hours(r["model"], r, args.sample_steps)
+        print(f"{r['model']} projected ImageNet-1K IPC 10 (preset pool and steps, 100 CLO iterations) on this "
+              f"device: {hours:.3g} h ({hours / 8:.3g} h on 8)")
 
 
 if __name__ == "__main__":
