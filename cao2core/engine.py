@@ -186,7 +186,7 @@ def run(cfg: RunConfig, host: Host | None = None) -> RunResult:
     failed = {c: e.get("reason", "") for c, e in store.manifest["classes"].items() if e.get("status") == "failed"}
     completed = [c for c in space.ids if store.recorded_complete(c)]
     if ranks.is_main:
-        write_preview(store, gen, handle, completed, device)
+        write_preview(store, gen, handle, completed, device, cfg.batch_size)
     ranks.barrier()
     return RunResult(Path(cfg.out), completed, written, failed, ranks.rank)
 
@@ -201,13 +201,15 @@ def classify(gen: Generator, handle, classifier: Classifier, pools: list[torch.T
     return list(probs.split([len(p) for p in pools]))
 
 
-def write_preview(store: Store, gen: Generator, handle, class_ids: list[str], device) -> None:
+def write_preview(store: Store, gen: Generator, handle, class_ids: list[str], device, batch_size: int) -> None:
     """Selected latents before and after CLO, decoded side by side, for the first classes."""
     rows = []
     for cid in class_ids[:PREVIEW_CLASSES]:
         t = store.load_latents(cid)
         n = min(PREVIEW_IMAGES, len(t["latents"]))
-        img = to_uint8(gen.decode(handle=handle, latents=torch.cat([t["latents_init"][:n], t["latents"][:n]]).to(device)))
+        both = torch.cat([t["latents_init"][:n], t["latents"][:n]]).to(device)
+        img = to_uint8(torch.cat([gen.decode(handle=handle, latents=both[idx])
+                                  for idx in batches(range(len(both)), batch_size)]))
         rows.append((img[:n], img[n:]))
     if rows:
         store.write_preview(rows)

@@ -11,6 +11,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from cao2core.cli import main
+from cao2core.hookspecs import hookimpl
 
 
 def run_ok(args):
@@ -166,3 +167,56 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tiny_args, capsys):
     flops = float(text.split("FLOPs (torch FLOP counter): ")[1].split(" GFLOP")[0])
     assert flops > 0 and "CLO latent-iterations/s" in text
     assert not Path(out_of(tiny_args)).exists()
+
+
+class BatchSpy:
+    """A cross-cutting plugin that records how many samples every generator call gets, and the classes of
+    every CLO condition."""
+
+    def __init__(self):
+        self.sizes, self.condition_labels = [], []
+
+    @hookimpl(wrapper=True)
+    def cao2_sample(self, handle, labels, generators, snapshot_steps):
+        self.sizes.append(("sample", len(labels)))
+        return (yield)
+
+    @hookimpl(wrapper=True)
+    def cao2_decode(self, handle, latents):
+        self.sizes.append(("decode", len(latents)))
+        return (yield)
+
+    @hookimpl(wrapper=True)
+    def cao2_condition(self, handle, labels, kinds):
+        self.sizes.append(("condition", len(labels)))
+        self.condition_labels.append(sorted(set(labels.tolist())))
+        return (yield)
+
+
+def test_every_call_stays_within_the_batch_size_and_clo_chunks_span_classes(tiny_world, tiny_classifier, tmp_path,
+                                                                             monkeypatch):
+    from cao2core import engine
+    from cao2core.plugins import Host
+    spy = BatchSpy()
+
+    class SpiedHost(Host):
+        def __init__(self):
+            super().__init__()
+            self.register(spy, "spy", kind="plugin")
+
+    monkeypatch.setattr(engine, "Host", SpiedHost)
+    run_ok(["--model", str(tiny_world), "--classifier", str(tiny_classifier), "--classes", "0-4", "--ipc", "3",
+            "--pool-factor", "2", "--clo-iters", "2", "--batch-size", "7", "--out", str(tmp_path / "o"),
+            "--no-progress", "--device", "cpu"])
+    assert max(n for _, n in spy.sizes) <= 7       # the preview's decodes (before | after CLO) included
+    # groups {0, 1} and {2, 3}, {4}: pools of 12 and 6 samples in chunks of 7; CLO chunks of 6 and 3
+    assert [n for k, n in spy.sizes if k == "sample"] == [7, 5, 7, 5, 6]
+    assert spy.condition_labels == [[0, 1], [2, 3], [4]]
+    m = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    assert m["classes"]["1"]["group"] == ["0", "1"] and m["batch_size"] == 7
+    # a batch below one class's IPC: every class is its own group, and the preview decodes in chunks too
+    spy.sizes.clear()
+    run_ok(["--model", str(tiny_world), "--classifier", str(tiny_classifier), "--classes", "0,1", "--ipc", "3",
+            "--pool-factor", "2", "--clo-iters", "1", "--batch-size", "2", "--out", str(tmp_path / "b2"),
+            "--no-progress", "--device", "cpu"])
+    assert max(n for _, n in spy.sizes) <= 2 and [n for k, n in spy.sizes if k == "condition"] == [2, 1, 2, 1]
