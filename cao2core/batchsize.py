@@ -1,7 +1,7 @@
 """``--batch-size auto``: the largest chunk that fits the device's free memory.
 
 On a GPU the peak memory of each stage (pool sampling, one CLO iteration with its backward and Adam state, VAE
-decoding) is measured at two small batch sizes on the loaded generator; a line through the two peaks gives
+decoding, and decoding followed by the selection classifier) is measured at two small batch sizes on the loaded generator; a line through the two peaks gives
 the largest batch that stays within ``HEADROOM`` of the memory free after loading. Under torchrun every rank
 measures and all take the smallest answer. On a CPU memory is not probed: ``CPU_BATCH`` is used (throughput
 no longer grows beyond it there). The batch size fixes which samples share a chunk, so it is recorded in the
@@ -19,7 +19,7 @@ from .store import MANIFEST
 
 CPU_BATCH = 64
 MAX_BATCH = 1024
-HEADROOM = 0.85         # of the free memory; the rest absorbs fragmentation and the classifier
+HEADROOM = 0.85         # of the free memory; the rest absorbs fragmentation
 PROBE_SIZES = (1, 2)
 
 
@@ -76,4 +76,6 @@ def workload_stages(work, clo_iters: int) -> dict[str, Callable[[int], object]]:
     stages = {"sample": work.sample, "decode": lambda n: work.decode(one.expand(n, *one.shape[1:]).contiguous())}
     if clo_iters:
         stages["CLO"] = lambda n: work.optimize(one.expand(n, *one.shape[1:]).contiguous(), 1)
+    if work.classifier is not None:
+        stages["classify"] = lambda n: work.classify(one.expand(n, *one.shape[1:]).contiguous())
     return stages

@@ -91,8 +91,9 @@ class Workload:
     """One class's pool sampling, CLO and decoding at a chosen batch size: what the dry run times and
     ``--batch-size auto`` measures."""
 
-    def __init__(self, cfg, gen, handle, space, settings, device):
+    def __init__(self, cfg, gen, handle, space, settings, device, classifier=None):
         self.cfg, self.gen, self.handle, self.settings, self.device = cfg, gen, handle, settings, device
+        self.classifier = classifier
         self.label = space.generator_labels[0]
         self.condition = "null" if cfg.condition == "auto" else cfg.condition
 
@@ -110,6 +111,9 @@ class Workload:
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return self.gen.decode(handle=self.handle, latents=latents)
+
+    def classify(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.classifier.probs(self.decode(latents))
 
 
 def _modules(handle) -> list[torch.nn.Module]:

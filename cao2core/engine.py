@@ -62,16 +62,16 @@ def run(cfg: RunConfig, host: Host | None = None) -> RunResult:
         raise UserError(f"--select stability compares the sample one step before the end with the final one, but "
                         f"this sampler has {spec.sample_steps or 'no'} steps; use --sample-steps 2 or more, or "
                         "another --select")
-    source_id = source.identity()
-    cfg = resolve_batch_size(cfg, ranks, dryrun.Workload(cfg, gen, handle, space, clo_settings, device),
-                             run_id(cfg, source_id), device)
-    if cfg.dry_run:
-        plan = dryrun.report(cfg, gen, handle, spec, space, clo_settings, device, cfg.dry_run)
-        return RunResult(Path(cfg.out), [], 0, {}, ranks.rank, plan)
     classifier = None
     if cfg.select in ("confidence", "stability") or cfg.condition == "auto":
         classifier = load_classifier(cfg.classifier, space, device, cfg.classifier_arch, cfg.classifier_classes)
         targets = classifier.output_indices(space)
+    source_id = source.identity()
+    cfg = resolve_batch_size(cfg, ranks, dryrun.Workload(cfg, gen, handle, space, clo_settings, device, classifier),
+                             run_id(cfg, source_id), device)
+    if cfg.dry_run:
+        plan = dryrun.report(cfg, gen, handle, spec, space, clo_settings, device, cfg.dry_run)
+        return RunResult(Path(cfg.out), [], 0, {}, ranks.rank, plan)
     conditions = condition_per_class(cfg, space, classifier)
 
     header = manifest_header(cfg, gen, handle, space, classifier, clo_settings)

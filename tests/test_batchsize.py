@@ -72,3 +72,24 @@ def test_auto_probes_the_gpu(tiny_args, tmp_path, capsys):
     assert "largest that fits the free memory" in err and "CLO" in err
     size = json.loads((tmp_path / "out" / "manifest.json").read_text())["batch_size"]
     assert 1 <= size <= batchsize.MAX_BATCH
+
+
+def test_the_probed_stages_are_the_runs_own(tiny_world, tiny_classifier):
+    from cao2core import clo
+    from cao2core.classifiers import load_classifier
+    from cao2core.config import RunConfig
+    from cao2core.dryrun import Workload
+    from cao2core.labels import label_space
+    from cao2core.plugins import Host
+    cpu = torch.device("cpu")
+    gen = Host().generator("dit")
+    handle = gen.load(options={"model": str(tiny_world), "sample_steps": 2}, device=cpu)
+    space = label_space("mnist")
+    classifier = load_classifier(str(tiny_classifier), space, cpu, None, None)
+    work = Workload(RunConfig(), gen, handle, space, clo.CLOSettings(iters=1, level_max=224, kernels="torch"), cpu,
+                    classifier)
+    stages = batchsize.workload_stages(work, clo_iters=1)
+    assert sorted(stages) == ["CLO", "classify", "decode", "sample"]
+    probs = stages["classify"](3)
+    assert probs.shape[0] == 3 and torch.allclose(probs.sum(1), torch.ones(3), atol=1e-5)
+    assert stages["CLO"](2).shape == (2, 4, 8, 8) and stages["sample"](2).shape == (2, 4, 8, 8)
