@@ -73,9 +73,12 @@ def probe(stages: dict[str, Callable[[int], object]], meter) -> tuple[int, dict[
 def workload_stages(work, clo_iters: int) -> dict[str, Callable[[int], object]]:
     """The run's stages on a ``dryrun.Workload``; one latent sampled first feeds CLO and decoding."""
     one = work.sample(1)
-    stages = {"sample": work.sample, "decode": lambda n: work.decode(one.expand(n, *one.shape[1:]).contiguous())}
+
+    def copies(n):
+        return one.expand(n, *one.shape[1:]).contiguous()
+    stages = {"sample": work.sample, "decode": lambda n: work.decode(copies(n))}
     if clo_iters:
-        stages["CLO"] = lambda n: work.optimize(one.expand(n, *one.shape[1:]).contiguous(), 1)
+        stages["CLO"] = lambda n: work.optimize(copies(n), 1)
     if work.classifier is not None:
-        stages["classify"] = lambda n: work.classify(one.expand(n, *one.shape[1:]).contiguous())
+        stages["classify"] = lambda n: work.classify(copies(n))
     return stages

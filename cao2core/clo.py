@@ -24,6 +24,12 @@ class NonFiniteLatents(Exception):
         super().__init__(f"non-finite latents at CLO iteration {iteration} (rows {rows})")
         self.iteration, self.rows = iteration, rows
 
+    @classmethod
+    def first_of(cls, first_bad: dict[int, int]) -> "NonFiniteLatents":
+        """The failure at the earliest iteration of ``{row: first non-finite iteration}``."""
+        it = min(first_bad.values())
+        return cls(it, sorted(r for r, i in first_bad.items() if i == it))
+
 
 @dataclass
 class CLOSettings:
@@ -42,8 +48,7 @@ def optimize(gen, handle, latents: torch.Tensor, labels: torch.Tensor, kinds: li
     Raises ``NonFiniteLatents`` if any row became NaN/Inf."""
     z, first_bad = optimize_rows(gen, handle, latents, labels, kinds, noise_gens, level_gens, settings, progress)
     if first_bad:
-        it = min(first_bad.values())
-        raise NonFiniteLatents(it, [r for r, i in first_bad.items() if i == it])
+        raise NonFiniteLatents.first_of(first_bad)
     return z
 
 

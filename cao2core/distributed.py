@@ -2,8 +2,8 @@
 
 Under ``torchrun --nproc-per-node N cao2 run ...`` every rank loads the generator, checks the inputs, and
 distills the class groups (see ``workplan``) at positions ``rank, rank + N, ...``. Because every draw is seeded
-per (run seed, class, index) and the groups do not depend on N, the files do not depend on N. Rank 0 creates the output folder before the others start and writes
-the manifest once all ranks are done. Without torchrun (no ``WORLD_SIZE`` above 1) this is a no-op.
+per (run seed, class, index) and the groups do not depend on N, the files do not depend on N. Rank 0 creates
+the output folder before the others start and writes the manifest once all ranks are done. Without torchrun (no ``WORLD_SIZE`` above 1) this is a no-op.
 """
 from __future__ import annotations
 

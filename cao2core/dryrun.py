@@ -50,16 +50,15 @@ def report(cfg, gen, handle, spec, space, settings, device, ranks: int) -> str:
     per_rank = [[p for g, group in enumerate(groups) if g % ranks == r for p in group] for r in range(ranks)]
     params = sum(p.numel() for m in _modules(handle) for p in m.parameters())
     work = Workload(cfg, gen, handle, space, settings, device)
-    sample, optimize = work.sample, work.optimize
 
-    flops_sample, one = count_flops(lambda: sample(1))      # also the warm-up
-    flops_clo = count_flops(lambda: optimize(one, 1))[0] if cfg.clo_iters else 0
+    flops_sample, one = count_flops(lambda: work.sample(1))      # also the warm-up
+    flops_clo = count_flops(lambda: work.optimize(one, 1))[0] if cfg.clo_iters else 0
     # chunks as the run fills them: a group's pools and selected latents share chunks
     b_pool = min(len(groups[0]) * pool, cfg.batch_size)
     b_clo = min(len(groups[0]) * ipc, cfg.batch_size)       # <= b_pool: ipc <= pool
-    t_pool, pooled = timed(lambda: sample(b_pool), device)
+    t_pool, pooled = timed(lambda: work.sample(b_pool), device)
     t_sample = t_pool / b_pool
-    t_clo = timed(lambda: optimize(pooled[:b_clo], 2), device)[0] / (2 * b_clo) if cfg.clo_iters else 0.0
+    t_clo = timed(lambda: work.optimize(pooled[:b_clo], 2), device)[0] / (2 * b_clo) if cfg.clo_iters else 0.0
 
     lines = [f"dry run: {len(space.ids)} classes of {space.name} on {ranks} rank(s); IPC {ipc}, pool {pool} per "
              f"class, CLO {cfg.clo_iters} iterations, batch size {cfg.batch_size}; nothing is written",
@@ -88,7 +87,7 @@ def report(cfg, gen, handle, spec, space, settings, device, ranks: int) -> str:
 
 
 class Workload:
-    """One class's pool sampling, CLO and decoding at a chosen batch size: what the dry run times and
+    """One class's pool sampling, CLO, decoding and scoring at a chosen batch size: what the dry run times and
     ``--batch-size auto`` measures."""
 
     def __init__(self, cfg, gen, handle, space, settings, device, classifier=None):

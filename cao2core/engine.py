@@ -22,8 +22,8 @@ from .config import RunConfig
 from .errors import UserError
 from .labels import LabelSpace, label_space
 from .plugins import Generator, Host
-from .pools import ImagePool, SampledPool, batches
-from .seeding import STREAMS, unit_generator, unit_generators
+from .pools import ImagePool, SampledPool, batches, in_chunks
+from .seeding import STREAMS, unit_generator
 from .store import Store, to_uint8
 
 PREVIEW_CLASSES, PREVIEW_IMAGES = 16, 8
@@ -67,8 +67,10 @@ def run(cfg: RunConfig, host: Host | None = None) -> RunResult:
         classifier = load_classifier(cfg.classifier, space, device, cfg.classifier_arch, cfg.classifier_classes)
         targets = classifier.output_indices(space)
     source_id = source.identity()
-    cfg = resolve_batch_size(cfg, ranks, dryrun.Workload(cfg, gen, handle, space, clo_settings, device, classifier),
-                             run_id(cfg, source_id), device)
+    rid = run_id(cfg, source_id)
+    if cfg.batch_size == "auto":
+        cfg = resolve_batch_size(cfg, ranks, dryrun.Workload(cfg, gen, handle, space, clo_settings, device,
+                                                             classifier), rid, device)
     if cfg.dry_run:
         plan = dryrun.report(cfg, gen, handle, spec, space, clo_settings, device, cfg.dry_run)
         return RunResult(Path(cfg.out), [], 0, {}, ranks.rank, plan)
@@ -76,7 +78,7 @@ def run(cfg: RunConfig, host: Host | None = None) -> RunResult:
 
     header = manifest_header(cfg, gen, handle, space, classifier, clo_settings)
     header["source"] = source_id
-    store = Store(Path(cfg.out), run_id(cfg, source_id), header, ranks.rank, ranks.world_size)
+    store = Store(Path(cfg.out), rid, header, ranks.rank, ranks.world_size)
     store.check(cfg.overwrite)
     ranks.barrier()
     if ranks.is_main:
@@ -96,7 +98,6 @@ def run(cfg: RunConfig, host: Host | None = None) -> RunResult:
                       desc="encode" if cfg.images else "sample pool", unit="img", disable=not cfg.progress)
     clo_bar = tqdm(total=sum(workplan.chunks(sum(source.keep(space.ids[p]) for p in g), cfg.batch_size)
                              for g in todo) * cfg.clo_iters, desc="CLO", unit="it", disable=not cfg.progress)
-    failed: dict[str, str] = {}
     written = 0
     for group in todo:
         cids, labels = [space.ids[p] for p in group], [space.generator_labels[p] for p in group]
@@ -122,7 +123,7 @@ def run(cfg: RunConfig, host: Host | None = None) -> RunResult:
                 keep = select.select_stability(probs_before[k], probs[k], ipc)
                 scores = select.stability_of(probs_before[k], probs[k])[keep]
             else:
-                keep = (select.select_random(source.size(cid), ipc, unit_generators(cfg.seed, label, [0], "select")[0])
+                keep = (select.select_random(source.size(cid), ipc, unit_generator(cfg.seed, label, 0, "select"))
                         if cfg.select == "random" else torch.arange(ipc))
                 scores = torch.full((ipc,), float("nan"))
             kept.append((keep, scores))
@@ -148,8 +149,7 @@ def run(cfg: RunConfig, host: Host | None = None) -> RunResult:
 
         # 4. decode the group in chunks; store each class, which appears only once all its files are in place
         t0 = time.perf_counter()
-        pixels = torch.cat([gen.decode(handle=handle, latents=latents[idx]).cpu()
-                            for idx in batches(range(len(rows)), cfg.batch_size)])
+        pixels = in_chunks(lambda z: gen.decode(handle=handle, latents=z).cpu(), latents, cfg.batch_size)
         times["decode"] = time.perf_counter() - t0
         record_times = {k: round(v, 3) for k, v in times.items()}
         first = 0
@@ -159,10 +159,7 @@ def run(cfg: RunConfig, host: Host | None = None) -> RunResult:
             if store.is_complete(cid):
                 continue            # computed again only because its group had an incomplete class
             if cid in bad:
-                it = min(bad[cid].values())
-                reason = (f"non-finite latents at CLO iteration {it} "
-                          f"(rows {sorted(i for i, j in bad[cid].items() if j == it)})")
-                failed[cid] = reason
+                reason = str(clo.NonFiniteLatents.first_of(bad[cid]))
                 store.set_status(cid, {"status": "failed", "reason": reason, "label": pos, "generator_label": label})
                 continue
             tensors = {"latents": latents[rows_of], "latents_init": latents_init[rows_of],
@@ -195,9 +192,8 @@ def classify(gen: Generator, handle, classifier: Classifier, pools: list[torch.T
              ) -> list[torch.Tensor]:
     """Classifier probabilities of each pool's decoded latents; the pools share chunks of --batch-size, so no
     decode sees more."""
-    latents = torch.cat(pools)
-    probs = torch.cat([classifier.probs(gen.decode(handle=handle, latents=latents[idx])).cpu()
-                       for idx in batches(range(len(latents)), batch_size)])
+    probs = in_chunks(lambda z: classifier.probs(gen.decode(handle=handle, latents=z)).cpu(), torch.cat(pools),
+                      batch_size)
     return list(probs.split([len(p) for p in pools]))
 
 
@@ -208,8 +204,7 @@ def write_preview(store: Store, gen: Generator, handle, class_ids: list[str], de
         t = store.load_latents(cid)
         n = min(PREVIEW_IMAGES, len(t["latents"]))
         both = torch.cat([t["latents_init"][:n], t["latents"][:n]]).to(device)
-        img = to_uint8(torch.cat([gen.decode(handle=handle, latents=both[idx])
-                                  for idx in batches(range(len(both)), batch_size)]))
+        img = to_uint8(in_chunks(lambda z: gen.decode(handle=handle, latents=z), both, batch_size))
         rows.append((img[:n], img[n:]))
     if rows:
         store.write_preview(rows)
@@ -218,8 +213,6 @@ def write_preview(store: Store, gen: Generator, handle, class_ids: list[str], de
 def resolve_batch_size(cfg: RunConfig, ranks, work: dryrun.Workload, rid: str, device: torch.device) -> RunConfig:
     """``--batch-size auto`` made a number: the one an earlier run of this configuration in --out recorded
     (so a resume fills the same chunks), else measured on this device (see ``batchsize``)."""
-    if cfg.batch_size != "auto":
-        return cfg
     size = batchsize.recorded(Path(cfg.out), rid)
     if size is not None:
         how = f"as recorded by the run in {cfg.out}"

@@ -14,6 +14,8 @@ from typing import Any
 import pluggy
 import torch
 
+from .errors import UserError
+
 PROJECT = "cao2"
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
@@ -42,7 +44,6 @@ class SampleOutput:
 
 def snapshot_steps_of(asked: list, steps: int) -> dict[int, int]:
     """Resolve ``cao2_sample``'s ``snapshot_steps`` for a ``steps``-step sampler: {0-based step: key as asked}."""
-    from .errors import UserError
     wanted = {}
     for step in asked:
         resolved = step + steps if step < 0 else step

@@ -31,6 +31,11 @@ def batches(indices, size: int, bar=None):
             bar.update(len(chunk))
 
 
+def in_chunks(fn, x: torch.Tensor, size: int) -> torch.Tensor:
+    """``fn`` over ``x`` in chunks of ``size`` rows, concatenated: no call sees more than ``size``."""
+    return torch.cat([fn(x[idx]) for idx in batches(range(len(x)), size)])
+
+
 def _split(tensors: list[torch.Tensor], sizes: list[int]) -> list[torch.Tensor]:
     return list(torch.cat(tensors).split(sizes)) if tensors else []
 

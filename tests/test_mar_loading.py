@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +10,7 @@ from cao2_mar import loading
 from cao2core.cli import main
 from cao2core.errors import UserError
 from cao2core.plugins import Host
-from mar_tiny import TINY_MAR, make_mar_world, make_published, tiny_mar, tiny_vae, write_config
+from mar_tiny import TINY_MAR, make_mar_world, make_published, tiny_vae, write_config
 
 CPU = torch.device("cpu")
 

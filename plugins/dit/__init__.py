@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from diffusers import AutoencoderKL, DiTTransformer2DModel
 
+from cao2core import precision
 from cao2core.errors import UserError
 from cao2core.hookspecs import (GENERIC_OPTIONS, Corrupted, LatentSpec, Prediction, SampleOutput, hookimpl,
                                  snapshot_steps_of)
@@ -35,7 +36,6 @@ __version__ = "0.1.0"
 CONVENTIONS = ("default", "reference")
 REFERENCE_STEPS = 50      # the reference respaces the 1000-step schedule to 50 steps
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16, "none": None}
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune", "aot_eager")
 GEN_OPTS = {"num_heads", "autocast", "compile"}
 
@@ -88,9 +88,7 @@ def cao2_load(options: dict, device: torch.device) -> DiTHandle:
     sampler = options.get("sampler") or defaults.get("sampler", "ddpm")
     if sampler not in sampling.SAMPLERS:
         raise UserError(f"unknown --sampler {sampler!r} for dit; use one of {', '.join(sampling.SAMPLERS)}")
-    autocast_name = options.get("autocast") or "none"
-    if autocast_name not in AUTOCAST:
-        raise UserError(f"--gen-opt autocast={autocast_name}: use fp16, bf16 or none")
+    autocast = precision.autocast_dtype(options.get("autocast") or "none")
     compile_mode = options.get("compile") or "none"
     if compile_mode not in COMPILE_MODES:
         raise UserError(f"--gen-opt compile={compile_mode}: use one of {', '.join(COMPILE_MODES)}")
@@ -118,7 +116,7 @@ def cao2_load(options: dict, device: torch.device) -> DiTHandle:
         guidance=float(guidance if guidance is not None else defaults.get("guidance", 2.7)),
         steps=int(options.get("sample_steps") or defaults.get("sample_steps", 50)),
         sampler=sampler, convention=convention, dtype=dtype,
-        sources={"transformer": t_src, "vae": v_src}, autocast=AUTOCAST[autocast_name], compiled=compiled,
+        sources={"transformer": t_src, "vae": v_src}, autocast=autocast, compiled=compiled,
         compile_mode=compile_mode)
 
 
@@ -141,8 +139,7 @@ def cao2_describe(handle: DiTHandle) -> dict:
                 "scaling_factor": handle.vae.config.scaling_factor, "shift_factor": handle.vae.config.shift_factor},
         "sampler": handle.sampler, "sample_steps": handle.steps, "guidance": handle.guidance,
         "null_label": handle.num_classes, "timestep_convention": handle.convention,
-        "dtype": str(handle.dtype).removeprefix("torch."),
-        "autocast": str(handle.autocast).removeprefix("torch.") if handle.autocast else None,
+        "dtype": precision.dtype_name(handle.dtype), "autocast": precision.dtype_name(handle.autocast),
         "compile": handle.compile_mode,
     }
 
@@ -205,7 +202,7 @@ def cao2_corrupt(handle: DiTHandle, latents: torch.Tensor, levels: torch.Tensor,
 @hookimpl
 def cao2_predict(handle: DiTHandle, corrupted: Corrupted, condition: DiTCondition) -> Prediction:
     # the latents stay fp32 leaves: autocast's casts are differentiable, so their gradient comes back in fp32
-    amp = sampling.amp(corrupted.inputs.device, handle.autocast)
+    amp = precision.autocast(corrupted.inputs.device, handle.autocast)
     with _zero_label_embedding(handle.transformer, condition.zero), amp:
         out = handle.forward_module(bool(condition.zero.any()))(
             corrupted.inputs.to(handle.dtype), timestep=corrupted.levels, class_labels=condition.labels).sample

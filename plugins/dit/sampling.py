@@ -5,10 +5,10 @@ sample does not depend on what else is in the batch.
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
+
+from cao2core import precision
 
 SAMPLERS = ("ddpm", "ddim")
 BETAS = dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
@@ -17,11 +17,6 @@ BETAS = dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, 
 def noise_schedule() -> DDPMScheduler:
     """The 1000-step linear schedule DiT was trained with."""
     return DDPMScheduler(**BETAS)
-
-
-def amp(device: torch.device, dtype: torch.dtype | None):
-    """The transformer's mixed-precision region; ``None`` adds none (and leaves a caller's own autocast alone)."""
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
 def make_scheduler(sampler: str, learned_sigma: bool):
@@ -54,7 +49,7 @@ def sample(transformer, labels: torch.Tensor, generators: list, *, null_label: i
     for step, t in enumerate(scheduler.timesteps):
         x_in = torch.cat([x, x]) if guided else x
         t_in = torch.full((x_in.shape[0],), int(t), device=device, dtype=torch.long)
-        with amp(device, autocast):
+        with precision.autocast(device, autocast):
             out = transformer(x_in.to(dtype), timestep=t_in, class_labels=class_in).sample.float()
         if guided:
             cond, uncond = out.chunk(2)

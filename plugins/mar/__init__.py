@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from cao2core import precision
 from cao2core.errors import UserError
 from cao2core.hookspecs import (GENERIC_OPTIONS, Corrupted, LatentSpec, Prediction, SampleOutput, hookimpl,
                                  snapshot_steps_of)
@@ -43,7 +44,6 @@ from .vae import AutoencoderKL
 
 __version__ = "0.1.0"
 LEVEL_RANGE, DEFAULT_LEVEL = (1, 999), 999
-AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16, "none": None}
 GEN_OPTS = {"preset", "vae_config", "cfg_schedule", "temperature", "diffloss_steps", "mask_ratio", "vb", "noise",
             "autocast", "clip_x0"}
 
@@ -155,9 +155,7 @@ def _settings(options: dict, defaults: dict) -> dict:
     if schedule not in sampling.CFG_SCHEDULES:
         raise UserError(f"--gen-opt cfg_schedule={schedule}: use one of {', '.join(sampling.CFG_SCHEDULES)}")
     dtype = options.get("dtype") or "fp32"
-    autocast_name = dtype if dtype != "fp32" else (options.get("autocast") or "fp16")
-    if autocast_name not in AUTOCAST:
-        raise UserError(f"--gen-opt autocast={autocast_name}: use fp16, bf16 or none")
+    autocast = precision.autocast_dtype(dtype if dtype != "fp32" else (options.get("autocast") or "fp16"))
     noise = options.get("noise") or "fresh"
     if noise not in ("fresh", "fixed"):
         raise UserError(f"--gen-opt noise={noise}: use fresh (CaO2-MAR) or fixed")
@@ -173,7 +171,7 @@ def _settings(options: dict, defaults: dict) -> dict:
                 temperature=_float(options, "temperature", defaults.get("temperature", 1.0)),
                 clip_x0=parse_clip(options.get("clip_x0", defaults.get("clip_x0"))),
                 mask_ratio=parse_mask_ratio(options.get("mask_ratio") or "0.7,1"), vb=_flag(options, "vb"),
-                fixed_noise=noise == "fixed", autocast=AUTOCAST[autocast_name])
+                fixed_noise=noise == "fixed", autocast=autocast)
 
 
 def _load_weights(path: Path, options: dict, defaults: dict):
@@ -222,7 +220,7 @@ def cao2_describe(handle: MARHandle) -> dict:
         "clo": {"mask_ratio": list(handle.mask_ratio), "vb": handle.vb,
                 "noise": "fixed" if handle.fixed_noise else "fresh",
                 "levels": "per-token head timestep, uniform on 0..T-hat"},
-        "autocast": str(handle.autocast).removeprefix("torch.") if handle.autocast else None,
+        "autocast": precision.dtype_name(handle.autocast),
     }
 
 

@@ -7,9 +7,9 @@ conditional half is kept; guidance 1.0 runs the conditional batch alone (the bat
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
+
+from cao2core import precision
 
 from .diffusion import GaussianDiffusion
 from .masking import guidance_at, mask_from_orders, masked_after_steps, random_orders
@@ -40,8 +40,7 @@ def sample(model: MAR, labels: torch.Tensor, generators: list, *, steps: int, gu
     cond = model.condition_embedding(labels, ["class"] * b)
     if guided:
         cond = torch.cat([cond, model.fake_latent.expand(b, -1)])
-    amp = (torch.autocast(device.type, dtype=autocast) if autocast is not None and device.type == "cuda"
-           else contextlib.nullcontext())
+    amp = precision.autocast(device, autocast if device.type == "cuda" else None)
     snapshots, masked = {}, L
     for step, left in enumerate(masked_after_steps(L, steps)):
         n = masked - left
