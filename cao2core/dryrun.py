@@ -2,8 +2,10 @@
 
 Nothing is written. The FLOPs come from torch's FLOP counter on one pool sample and one CLO iteration of one
 latent (forward, backward and Adam) of the loaded generator; the throughput from timing one pool chunk and
-two CLO iterations of one chunk at ``--batch-size`` on the run's device. Classification and decoding are left
-out of the projection (they are a small share for DiT/MAR-sized generators).
+two CLO iterations of one chunk at ``--batch-size`` on the run's device, each after an untimed call at the same
+size, whose extra time (compilation, autotuning, allocator growth) is reported apart as a once-per-rank cost.
+Classification and decoding are left out of the projection (they are a small share for DiT/MAR-sized
+generators).
 """
 from __future__ import annotations
 
@@ -56,9 +58,15 @@ def report(cfg, gen, handle, spec, space, settings, device, ranks: int) -> str:
     # chunks as the run fills them: a group's pools and selected latents share chunks
     b_pool = min(len(groups[0]) * pool, cfg.batch_size)
     b_clo = min(len(groups[0]) * ipc, cfg.batch_size)       # <= b_pool: ipc <= pool
+    # the first call at a chunk size pays compilation (torch.compile, CUDA graphs) and autotuning once per rank
+    first_pool = timed(lambda: work.sample(b_pool), device)[0]
     t_pool, pooled = timed(lambda: work.sample(b_pool), device)
     t_sample = t_pool / b_pool
-    t_clo = timed(lambda: work.optimize(pooled[:b_clo], 2), device)[0] / (2 * b_clo) if cfg.clo_iters else 0.0
+    t_clo, warmup = 0.0, max(first_pool - t_pool, 0.0)
+    if cfg.clo_iters:
+        first_clo = timed(lambda: work.optimize(pooled[:b_clo], 1), device)[0]
+        t_clo = timed(lambda: work.optimize(pooled[:b_clo], 2), device)[0] / (2 * b_clo)
+        warmup += max(first_clo - t_clo * b_clo, 0.0)
 
     lines = [f"dry run: {len(space.ids)} classes of {space.name} on {ranks} rank(s); IPC {ipc}, pool {pool} per "
              f"class, CLO {cfg.clo_iters} iterations, batch size {cfg.batch_size}; nothing is written",
@@ -74,12 +82,14 @@ def report(cfg, gen, handle, spec, space, settings, device, ranks: int) -> str:
              f"FLOPs (torch FLOP counter): {flops_sample / 1e9:.3g} GFLOP per pool sample, "
              f"{flops_clo / 1e9:.3g} GFLOP per CLO latent-iteration (forward + backward + Adam)",
              f"measured on {device} at batch {b_pool}/{b_clo}: {1 / t_sample:.3g} pool samples/s"
-             + (f", {1 / t_clo:.3g} CLO latent-iterations/s" if cfg.clo_iters else ""),
+             + (f", {1 / t_clo:.3g} CLO latent-iterations/s" if cfg.clo_iters else "")
+             + f"; first call at these sizes {_fmt_time(warmup)} slower (compilation, autotuning: once per rank, "
+               "in the projection)",
              "", "| rank | classes | pool samples | CLO passes | TFLOP | projected time |", "|---|---|---|---|---|---|"]
     for r, mine in enumerate(per_rank):
         n = len(mine)
         flops = n * (pool * flops_sample + ipc * cfg.clo_iters * flops_clo)
-        secs = n * (pool * t_sample + ipc * cfg.clo_iters * t_clo)
+        secs = n * (pool * t_sample + ipc * cfg.clo_iters * t_clo) + (warmup if n else 0.0)
         shown = ", ".join(space.ids[p] for p in mine[:3]) + (", ..." if n > 3 else "")
         lines.append(f"| {r} | {n} ({shown}) | {n * pool} | {n * ipc * cfg.clo_iters} | {flops / 1e12:.3g} | "
                      f"{_fmt_time(secs)} |")

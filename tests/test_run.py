@@ -165,7 +165,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tiny_args, capsys):
     text = capsys.readouterr().out
     assert "| 0 | 2 (0, 3) | 8 | 12 |" in text and "(1 rank(s) idle: lower --batch-size)" in text
     flops = float(text.split("FLOPs (torch FLOP counter): ")[1].split(" GFLOP")[0])
-    assert flops > 0 and "CLO latent-iterations/s" in text
+    assert flops > 0 and "CLO latent-iterations/s" in text and "first call at these sizes" in text
     assert not Path(out_of(tiny_args)).exists()
 
 
