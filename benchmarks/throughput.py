@@ -12,8 +12,9 @@ left out). Model sizes matter here; with the small CPU presets the projection is
 bf16 autocast, fp32 latents and Adam state; ``weights``: bf16 weights (``--dtype bf16``; MAR casts no weights
 and reads it as bf16 autocast); ``fp32`` (CPU default).
 
-``--compile MODE`` runs the batched DiT sampling and CLO through ``torch.compile`` (``--gen-opt compile``;
-warm-up at both batch sizes first, so compilation is not timed); FLOPs are counted on the eager module.
+``--compile MODE`` runs the batched sampling and CLO through ``torch.compile`` as ``--gen-opt compile`` does
+(DiT: the transformer; MAR: its block stacks and DiffLoss head), after an untimed warm-up at the batch size, so
+compilation is not timed; FLOPs are counted on the eager modules.
 
     python benchmarks/throughput.py                              # CPU: small models, a few images
     python benchmarks/throughput.py --models dit-xl mar-b --images 32 --iters 20 --sample-steps 50  # one GPU
@@ -31,7 +32,7 @@ from diffusers.utils import logging as diffusers_logging
 sys.path.insert(0, str(Path(__file__).parent))
 from clo_batching import official_style  # noqa: E402  (the one-image-at-a-time reference loop)
 
-from cao2core import clo, kernels  # noqa: E402
+from cao2core import clo, compiling, kernels  # noqa: E402
 from cao2core.dryrun import count_flops, timed  # noqa: E402
 from cao2core.plugins import Host  # noqa: E402
 from cao2core.seeding import unit_generators  # noqa: E402
@@ -122,6 +123,15 @@ def peak_bf16(device: torch.device) -> float | None:
     return next((v for k, v in PEAK_BF16.items() if k in name), None)
 
 
+def set_compiled(handle, mode: str) -> None:
+    """``--gen-opt compile=MODE`` on a loaded handle: DiT's compiled transformer, MAR's compiled parts."""
+    if hasattr(handle, "compiled"):
+        handle.compiled = compiling.compiled(handle.transformer, mode) if mode != "none" else None
+    else:
+        handle.model.compile_parts(None if mode == "none" else lambda fn: compiling.compiled(fn, mode))
+    handle.compile_mode = mode
+
+
 def bench(name: str, args, device: torch.device) -> dict:
     gen, handle, model = BUILDERS[name](name, device, args.precision, args.sample_steps)
     spec = gen.latent_spec(handle=handle)
@@ -137,8 +147,8 @@ def bench(name: str, args, device: torch.device) -> dict:
     # pool sampling: one at a time, then one batch
     sample([0])                                                         # warm-up
     t_sample_one = timed(lambda: [sample([i]) for i in idx], device)[0]
-    if args.compile != "none" and hasattr(handle, "compiled"):        # DiT: the batched runs only
-        handle.compiled, handle.compile_mode = torch.compile(model, mode=args.compile), args.compile
+    if args.compile != "none":                                          # the batched runs only
+        set_compiled(handle, args.compile)
         sample(idx)                                                     # compiles at this batch size
     t_sample_batch, z0 = timed(lambda: sample(idx), device)
 
@@ -147,10 +157,10 @@ def bench(name: str, args, device: torch.device) -> dict:
         return clo.optimize(gen, handle, z0, torch.full((n,), label, device=device), ["null"] * n,
                             unit_generators(0, label, idx, "clo-noise"), unit_generators(0, label, idx, "clo-level"), s)
 
-    ours(1)                                                             # warm-up (kernel builds, allocator)
+    # warm-up (kernel builds, allocator; compilation, and for MAR its second, dynamic-shape graph)
+    ours(1 if args.compile == "none" else 3)
     t_clo_batch = timed(ours, device)[0]
-    if hasattr(handle, "compiled"):
-        handle.compiled = None          # FLOPs (the counter sees no compiled kernels) and the reference: eager
+    set_compiled(handle, "none")        # FLOPs (the counter sees no compiled kernels) and the reference: eager
     flops_iter = count_flops(lambda: ours(1))[0]                              # n latents, one iteration
 
     # the reference: fp32 weights, left trainable, one latent and one fresh Adam at a time
@@ -182,7 +192,8 @@ def main() -> None:
                     help="batched runs: bf16 autocast over fp32 weights and latents, bf16 weights, or fp32 "
                          "(default: autocast on a GPU, fp32 on a CPU)")
     ap.add_argument("--compile", default="none", choices=("none", "default", "reduce-overhead", "max-autotune"),
-                    help="torch.compile mode of the batched DiT runs (MAR: not compiled)")
+                    help="torch.compile mode of the batched runs (DiT: the transformer; MAR: its block stacks "
+                         "and DiffLoss head)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -193,7 +204,7 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if gpu else f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {name}; {args.images} images per batch, {args.iters} CLO iterations, "
           f"{args.sample_steps} sampler steps; precision {args.precision} ({PRECISION_TEXT[args.precision]}); "
-          f"torch.compile {args.compile} (DiT)")
+          f"torch.compile {args.compile}")
     rows = [bench(m, args, device) for m in args.models]
     print()
     print("| model | params | pool samples/s one-at-a-time | batched | CLO latent-it/s one-at-a-time | batched | "

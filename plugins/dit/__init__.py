@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from diffusers import AutoencoderKL, DiTTransformer2DModel
 
-from cao2core import precision
+from cao2core import compiling, precision
 from cao2core.errors import UserError
 from cao2core.hookspecs import (GENERIC_OPTIONS, Corrupted, LatentSpec, Prediction, SampleOutput, hookimpl,
                                  snapshot_steps_of)
@@ -36,7 +36,6 @@ __version__ = "0.1.0"
 CONVENTIONS = ("default", "reference")
 REFERENCE_STEPS = 50      # the reference respaces the 1000-step schedule to 50 steps
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune", "aot_eager")
 GEN_OPTS = {"num_heads", "autocast", "compile"}
 
 
@@ -89,9 +88,7 @@ def cao2_load(options: dict, device: torch.device) -> DiTHandle:
     if sampler not in sampling.SAMPLERS:
         raise UserError(f"unknown --sampler {sampler!r} for dit; use one of {', '.join(sampling.SAMPLERS)}")
     autocast = precision.autocast_dtype(options.get("autocast") or "none")
-    compile_mode = options.get("compile") or "none"
-    if compile_mode not in COMPILE_MODES:
-        raise UserError(f"--gen-opt compile={compile_mode}: use one of {', '.join(COMPILE_MODES)}")
+    compile_mode = compiling.compile_mode(options)
     heads = options.get("num_heads")
     transformer = loading.load_transformer(t_src, int(heads) if heads else None)
     vae = loading.load_vae(v_src)
@@ -105,10 +102,7 @@ def cao2_load(options: dict, device: torch.device) -> DiTHandle:
         transformer.to(dtype)     # the VAE stays fp32: decoding in half precision visibly degrades images
     n = transformer.config.num_embeds_ada_norm
     guidance = options.get("guidance")
-    compiled = None
-    if compile_mode != "none":
-        compiled = torch.compile(transformer, **({"backend": "aot_eager"} if compile_mode == "aot_eager"
-                                                 else {"mode": compile_mode}))
+    compiled = compiling.compiled(transformer, compile_mode) if compile_mode != "none" else None
     return DiTHandle(
         transformer=transformer, vae=vae,
         alphas_cumprod=sampling.noise_schedule().alphas_cumprod.to(device),

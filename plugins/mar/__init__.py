@@ -23,6 +23,10 @@ CLO on MAR (CaO2-MAR), ``LatentSpec.corruption == "mask"``:
   adds the masked mean of the variational-bound term as ``aux_loss``.
 * conditions: ``class`` = class embedding, ``null`` = the learned ``fake_latent``, ``zero`` = a zero vector in
   every buffer slot (CaO2-MAR's zero-label embedding).
+
+``--gen-opt compile=default|reduce-overhead|max-autotune`` compiles the encoder and decoder block stacks and the
+DiffLoss head (``MAR.compile_parts``); ``reduce-overhead`` adds CUDA graphs, which suit the head's sampling
+loop (``diffloss_steps`` small MLP calls per step).
 """
 from __future__ import annotations
 
@@ -31,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from cao2core import precision
+from cao2core import compiling, precision
 from cao2core.errors import UserError
 from cao2core.hookspecs import (GENERIC_OPTIONS, Corrupted, LatentSpec, Prediction, SampleOutput, hookimpl,
                                  snapshot_steps_of)
@@ -45,7 +49,7 @@ from .vae import AutoencoderKL
 __version__ = "0.1.0"
 LEVEL_RANGE, DEFAULT_LEVEL = (1, 999), 999
 GEN_OPTS = {"preset", "vae_config", "cfg_schedule", "temperature", "diffloss_steps", "mask_ratio", "vb", "noise",
-            "autocast", "clip_x0"}
+            "autocast", "clip_x0", "compile"}
 
 
 @dataclass
@@ -64,6 +68,7 @@ class MARHandle:
     vb: bool
     fixed_noise: bool
     autocast: torch.dtype | None
+    compile_mode: str
     sampler_diffusion: GaussianDiffusion
     diffusion: GaussianDiffusion = field(default_factory=GaussianDiffusion.training)
     sources: dict = field(default_factory=dict)
@@ -143,6 +148,8 @@ def cao2_load(options: dict, device: torch.device) -> MARHandle:
     model, vae, preset, sources = _load_weights(path, options, defaults)
     for m in (model, vae):
         m.eval().requires_grad_(False).to(device)
+    if settings["compile_mode"] != "none":
+        model.compile_parts(lambda fn: compiling.compiled(fn, settings["compile_mode"]))
     n = model.cfg.class_num
     return MARHandle(model=model, vae=vae, preset=preset,
                      label_space=defaults.get("label_space") or ("in1k" if n == 1000 else None),
@@ -171,7 +178,7 @@ def _settings(options: dict, defaults: dict) -> dict:
                 temperature=_float(options, "temperature", defaults.get("temperature", 1.0)),
                 clip_x0=parse_clip(options.get("clip_x0", defaults.get("clip_x0"))),
                 mask_ratio=parse_mask_ratio(options.get("mask_ratio") or "0.7,1"), vb=_flag(options, "vb"),
-                fixed_noise=noise == "fixed", autocast=autocast)
+                fixed_noise=noise == "fixed", autocast=autocast, compile_mode=compiling.compile_mode(options))
 
 
 def _load_weights(path: Path, options: dict, defaults: dict):
@@ -221,6 +228,7 @@ def cao2_describe(handle: MARHandle) -> dict:
                 "noise": "fixed" if handle.fixed_noise else "fresh",
                 "levels": "per-token head timestep, uniform on 0..T-hat"},
         "autocast": precision.dtype_name(handle.autocast),
+        "compile": handle.compile_mode,
     }
 
 
@@ -282,7 +290,7 @@ def cao2_predict(handle: MARHandle, corrupted: Corrupted, condition: torch.Tenso
     tokens, mask = corrupted.inputs, ex["mask"]
     b, L, D = tokens.shape
     z = model.forward_mae(tokens, mask, condition)
-    out = model.diffloss.net(ex["x_t"].reshape(-1, D), ex["t"].reshape(-1), z.reshape(b * L, -1)).float()
+    out = model.head(ex["x_t"].reshape(-1, D), ex["t"].reshape(-1), z.reshape(b * L, -1)).float()
     weight = mask[..., None].float()
     aux = None
     if handle.vb:

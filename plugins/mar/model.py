@@ -7,6 +7,7 @@ loads strictly with no key conversion. Randomness never comes from here: callers
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -294,15 +295,38 @@ class MAR(nn.Module):
             x = torch.where(valid[..., None], x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1])), 0.0)
             # keys only: padded queries still see the row's buffer (>= 1 key), so they stay finite; dropped below
             attn_mask = valid[:, None, None, :]
-        for block in self.encoder_blocks:
-            x = block(x, attn_mask)
-        x = self.decoder_embed(self.encoder_norm(x))
+        x = self.encoder_stack(x, attn_mask)
         if valid is not None:
             x = x[valid]                               # row-major, position order: the order of canvas[keep]
         canvas = self.mask_token.to(x.dtype).expand(b, buf + L, x.shape[-1]).clone()
         canvas[keep] = x.reshape(-1, x.shape[-1])
-        x = canvas + self.decoder_pos_embed_learned
+        x = self.decoder_stack(canvas + self.decoder_pos_embed_learned)[:, buf:]
+        return x + self.diffusion_pos_embed_learned
+
+    # the dense parts, apart from forward_mae's data-dependent gathers, so they can be compiled (see compile_parts)
+    def encoder_stack(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+        for block in self.encoder_blocks:
+            x = block(x, attn_mask)
+        return self.decoder_embed(self.encoder_norm(x))
+
+    def decoder_stack(self, x: torch.Tensor) -> torch.Tensor:
         for block in self.decoder_blocks:
             x = block(x)
-        x = self.decoder_norm(x)[:, buf:]
-        return x + self.diffusion_pos_embed_learned
+        return self.decoder_norm(x)
+
+    def head(self, x: torch.Tensor, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """The DiffLoss denoiser: noisy tokens (N, D), original timesteps (N,), conditioning (N, d_dec) ->
+        (N, 2D) eps and variance range."""
+        return self.diffloss.net(x, t, z)
+
+    COMPILED_PARTS = ("encoder_stack", "decoder_stack", "head")
+
+    def compile_parts(self, wrap: Callable[[Callable], Callable] | None) -> None:
+        """Route the encoder and decoder stacks and the DiffLoss head through ``wrap`` (``torch.compile``), or
+        back to the plain methods with ``None``. forward_mae's gathers and scatters stay eager (boolean indexing
+        would break the graph); the parts see a new token count at every sampling step, which ``torch.compile``
+        meets with one dynamic-shape graph from the second count on."""
+        for name in self.COMPILED_PARTS:
+            self.__dict__.pop(name, None)
+            if wrap is not None:
+                setattr(self, name, wrap(getattr(self, name)))

@@ -57,8 +57,8 @@ def sample(model: MAR, labels: torch.Tensor, generators: list, *, steps: int, gu
             def net(x, t, zc=zc, scale=scale):
                 with amp:
                     if not guided:
-                        return model.diffloss.net(x, t, zc).float()
-                    out = model.diffloss.net(torch.cat([x, x]), torch.cat([t, t]), zc).float()
+                        return model.head(x, t, zc).float()
+                    out = model.head(torch.cat([x, x]), torch.cat([t, t]), zc).float()
                 cond_out, null_out = out.chunk(2)
                 eps = null_out[:, :D] + scale * (cond_out[:, :D] - null_out[:, :D])
                 return torch.cat([eps, cond_out[:, D:]], dim=1)
