@@ -1,7 +1,8 @@
 """Class sharding over ``torchrun`` ranks with ``torch.distributed`` (NCCL on GPUs, gloo on CPUs).
 
-Under ``torchrun --nproc-per-node N cao2 run ...`` every rank loads the generator, checks the inputs, and
-distills the class groups (see ``workplan``) at positions ``rank, rank + N, ...``. Because every draw is seeded
+Under ``torchrun --nproc-per-node N cao2 run ...`` every rank loads the generator, checks the inputs and the
+files of the class groups (see ``workplan``) at positions ``rank, rank + N, ...``; the groups left to do, gathered
+from all ranks, are dealt out again in turn, so a resumed run keeps every rank busy. Because every draw is seeded
 per (run seed, class, index) and the groups do not depend on N, the files do not depend on N. Rank 0 creates
 the output folder before the others start and writes the manifest once all ranks are done. Without torchrun (no ``WORLD_SIZE`` above 1) this is a no-op.
 """
@@ -28,7 +29,12 @@ class Ranks:
         return self.rank == 0
 
     def shard(self, positions) -> list[int]:
+        """The positions ``rank, rank + N, ...``: what this rank checks."""
         return [p for p in positions if p % self.world_size == self.rank]
+
+    def spread(self, items: list) -> list:
+        """This rank's turn of ``items`` (the same list on every rank): items ``rank, rank + N, ...`` by place."""
+        return items[self.rank::self.world_size]
 
     def barrier(self) -> None:
         if self.world_size > 1:

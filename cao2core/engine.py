@@ -87,11 +87,13 @@ def run(cfg: RunConfig, host: Host | None = None) -> RunResult:
     store.load()
 
     # classes share forward passes in groups (fixed by the class list and batch size, not by the ranks);
-    # each rank takes whole groups and checks only its own classes' files against their records; a group with
-    # an incomplete class is computed again in full (at most one chunk's work repeated), so its chunks match
+    # each rank checks the files of every N-th group against their records, then the groups left to do are
+    # dealt out over the ranks (a resume stays balanced); a group with an incomplete class is computed again in
+    # full (at most one chunk's work repeated), so its chunks match
     groups = workplan.class_groups([source.keep(cid) for cid in space.ids], cfg.batch_size)
-    todo = [groups[g] for g in ranks.shard(range(len(groups)))
-            if not all([store.is_complete(space.ids[p]) for p in groups[g]])]
+    unfinished = [g for g in ranks.shard(range(len(groups)))
+                  if not all([store.is_complete(space.ids[p]) for p in groups[g]])]
+    todo = [groups[g] for g in ranks.spread(sorted(sum(ranks.gather(unfinished), [])))]
     for cid, why in store.redone.items():
         print(f"cao2: class {cid} will be redone: {why}", file=sys.stderr)
     sample_bar = tqdm(total=sum(source.size(space.ids[p]) for g in todo for p in g),
@@ -167,7 +169,8 @@ def run(cfg: RunConfig, host: Host | None = None) -> RunResult:
             try:
                 store.write_class(cid, pixels[rows_of], tensors, {
                     "name": space.names[pos], "label": pos, "generator_label": label, "condition": conditions[cid],
-                    "pool": source.size(cid), "kept": ipc, "group": cids, "seconds": record_times})
+                    "pool": source.size(cid), "kept": ipc, "group": cids, "seconds": record_times,
+                    "rank": ranks.rank})
             except OSError as exc:
                 raise UserError(f"cannot write class {cid} into {cfg.out} ({exc.strerror or exc}); free disk space "
                                 "or fix permissions, then rerun the same command to continue") from None

@@ -64,6 +64,17 @@ def test_two_ranks_write_the_same_files_as_one(tiny_world, tiny_classifier, tmp_
     m = json.loads((out / "manifest.json").read_text())
     assert sorted(m["classes"]) == sorted(CLASSES.split(","))
     assert proc.stdout.count("distilled 4 classes") == 1          # rank 0 reports for all ranks
+    records = {c: json.loads((out / "records" / f"{c}.json").read_text()) for c in CLASSES.split(",")}
+    assert {c: r["rank"] for c, r in records.items()} == {"0": 0, "3": 0, "5": 1, "8": 1}
+
+    # a resume deals out the groups left to do afresh: rank 1's group, the only one left, goes to rank 0
+    for c in ("5", "8"):
+        (out / "records" / f"{c}.json").unlink()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("distilled 2 classes (2 already complete)") == 1
+    assert all(json.loads((out / "records" / f"{c}.json").read_text())["rank"] == 0 for c in ("5", "8"))
+    assert snapshot(out) == straight
 
 
 def _complete_classes_are_whole(out: Path) -> None:
