@@ -96,10 +96,13 @@ def run(cfg: RunConfig, host: Host | None = None) -> RunResult:
     todo = [groups[g] for g in ranks.spread(sorted(sum(ranks.gather(unfinished), [])))]
     for cid, why in store.redone.items():
         print(f"cao2: class {cid} will be redone: {why}", file=sys.stderr)
+    # under torchrun only rank 0 draws its bars (its share stands for every rank's: the groups are dealt in turn)
+    shown = cfg.progress and ranks.is_main
+    of_ranks = f" (rank 0 of {ranks.world_size})" if ranks.world_size > 1 else ""
     sample_bar = tqdm(total=sum(source.size(space.ids[p]) for g in todo for p in g),
-                      desc="encode" if cfg.images else "sample pool", unit="img", disable=not cfg.progress)
+                      desc=("encode" if cfg.images else "sample pool") + of_ranks, unit="img", disable=not shown)
     clo_bar = tqdm(total=sum(workplan.chunks(sum(source.keep(space.ids[p]) for p in g), cfg.batch_size)
-                             for g in todo) * cfg.clo_iters, desc="CLO", unit="it", disable=not cfg.progress)
+                             for g in todo) * cfg.clo_iters, desc="CLO" + of_ranks, unit="it", disable=not shown)
     written = 0
     for group in todo:
         cids, labels = [space.ids[p] for p in group], [space.generator_labels[p] for p in group]
@@ -134,6 +137,8 @@ def run(cfg: RunConfig, host: Host | None = None) -> RunResult:
 
         # 3. CLO: the group's selected latents in chunks, each with its own condition, noise and level draws
         t0 = time.perf_counter()
+        if clo_bar.n == 0:
+            clo_bar.reset(clo_bar.total)       # its clock starts with the first CLO, not with the first pool
         rows = [(cid, label, i) for cid, label, (keep, _) in zip(cids, labels, kept) for i in range(len(keep))]
         latents, bad = [], {}
         for idx in batches(range(len(rows)), cfg.batch_size):
