@@ -48,10 +48,6 @@ class Ranks:
         dist.all_gather_object(values, value)
         return values
 
-    def total(self, n: int) -> int:
-        """The sum of ``n`` over all ranks (a barrier too)."""
-        return sum(self.gather(n))
-
 
 def init(device: str) -> Ranks:
     """Join the torchrun process group if there is one (``device`` picks the backend)."""

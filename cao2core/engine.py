@@ -103,7 +103,6 @@ def run(cfg: RunConfig, host: Host | None = None) -> RunResult:
                       desc=("encode" if cfg.images else "sample pool") + of_ranks, unit="img", disable=not shown)
     clo_bar = tqdm(total=sum(workplan.chunks(sum(source.keep(space.ids[p]) for p in g), cfg.batch_size)
                              for g in todo) * cfg.clo_iters, desc="CLO" + of_ranks, unit="it", disable=not shown)
-    written = 0
     for group in todo:
         cids, labels = [space.ids[p] for p in group], [space.generator_labels[p] for p in group]
         times = {}
@@ -179,15 +178,16 @@ def run(cfg: RunConfig, host: Host | None = None) -> RunResult:
             except OSError as exc:
                 raise UserError(f"cannot write class {cid} into {cfg.out} ({exc.strerror or exc}); free disk space "
                                 "or fix permissions, then rerun the same command to continue") from None
-            written += 1
     sample_bar.close()
     clo_bar.close()
 
-    written = ranks.total(written)     # every rank's classes are written after this
+    # every rank's classes are written after this; the ranks send each other their new records
+    sent = ranks.gather(store.this_run)
+    written = sum(e["status"] == "complete" for entries in sent for e in entries.values())
     if ranks.is_main:
-        store.finish()                  # the manifest lists every rank's records
+        store.finish(sent)              # the manifest lists every rank's records
     else:
-        store.load()
+        store.collect(sent)
     failed = {c: e.get("reason", "") for c, e in store.manifest["classes"].items() if e.get("status") == "failed"}
     completed = [c for c in space.ids if store.recorded_complete(c)]
     if ranks.is_main:

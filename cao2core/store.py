@@ -14,6 +14,7 @@ import shutil
 import signal
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,7 @@ from .errors import UserError
 
 MANIFEST = "manifest.json"
 FORMAT = "cao2-run/1"
+VISIBLE_WAIT_S = 60      # how long rank 0 waits to see the other ranks' files (network file systems cache)
 OWN_NAMES = (MANIFEST, "images", "latents", "records", "preview.png", "eval")   # what a run (and its eval) writes
 
 
@@ -87,6 +89,7 @@ class Store:
         self.rank, self.world_size = rank, world_size
         self.manifest = {"format": FORMAT, "run_id": run_id, **header, "classes": {}}
         self.redone: dict[str, str] = {}        # complete classes whose files no longer match their record
+        self.this_run: dict[str, dict] = {}     # the records this process wrote, to send to the other ranks
         self._verified: set[str] = set()
 
     def check(self, overwrite: bool = False) -> None:
@@ -204,12 +207,29 @@ class Store:
     def set_status(self, cid: str, entry: dict) -> None:
         atomic_write_bytes(self.out / "records" / f"{cid}.json", (json.dumps(entry, indent=2) + "\n").encode())
         self.manifest["classes"][cid] = entry
+        self.this_run[cid] = entry
         if self.world_size == 1:
             self.save_manifest()
 
-    def finish(self) -> None:
-        """Rank 0, after every rank is done: the manifest lists every class's record."""
+    def collect(self, sent: list[dict[str, dict]]) -> None:
+        """Every class's record after all ranks are done: the records on disk, then what each rank sent of this
+        run's (in rank order); a file system shared by several nodes may list a fresh file late."""
         self.load()
+        for entries in sent:
+            self.manifest["classes"].update(entries)
+
+    def finish(self, sent: list[dict[str, dict]], wait_s: float = VISIBLE_WAIT_S) -> None:
+        """Rank 0, after every rank is done: the manifest lists every class's record. Refuses to write it when
+        this rank cannot see the records the other ranks wrote: their nodes do not share ``--out``."""
+        self.collect(sent)
+        theirs = [self.out / "records" / f"{cid}.json" for r, entries in enumerate(sent) if r != self.rank
+                  for cid in entries]
+        deadline = time.monotonic() + wait_s
+        while (missing := [p for p in theirs if not p.is_file()]) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        if missing:
+            raise UserError(f"rank {self.rank} cannot see {missing[0]}, which another rank wrote: under torchrun "
+                            "on several nodes, --out must be a folder on a file system every node shares")
         self.save_manifest()
 
     def save_manifest(self) -> None:

@@ -171,6 +171,24 @@ def test_unwritable_output_is_refused(tiny_world, tiny_classifier, tmp_path, cap
     assert not (tmp_path / "o").exists()
 
 
+def test_rank_0_refuses_a_manifest_when_it_cannot_see_the_other_ranks_files(tmp_path):
+    # several nodes whose --out is not one shared folder: rank 1's record exists only on its own node
+    from cao2core.errors import UserError
+    from cao2core.store import Store
+    store = Store(tmp_path / "o", "rid", {}, rank=0, world_size=2)
+    store.open()
+    mine = {"0": {"status": "complete", "rank": 0}}
+    theirs = {"5": {"status": "complete", "rank": 1}}
+    store.manifest["classes"].update(mine)
+    with pytest.raises(UserError, match=r"rank 0 cannot see .*records/5\.json.*file system every node shares"):
+        store.finish([mine, theirs], wait_s=0.2)
+    assert json.loads((tmp_path / "o" / "manifest.json").read_text())["classes"] == {}    # not rewritten
+    # on a shared folder it appears (a network file system may list it late): the manifest takes what rank 1 sent
+    (tmp_path / "o" / "records" / "5.json").write_text(json.dumps({"status": "failed"}))
+    store.finish([mine, theirs], wait_s=0.2)
+    assert json.loads((tmp_path / "o" / "manifest.json").read_text())["classes"] == {**mine, **theirs}
+
+
 def test_ctrl_c_leaves_a_resumable_state(tiny_world, tiny_classifier, tmp_path, straight):
     out = tmp_path / "interrupted"
     cmd, env = cli("run", *base_args(tiny_world, tiny_classifier, out))
