@@ -62,9 +62,9 @@ def optimize_rows(gen, handle, latents: torch.Tensor, labels: torch.Tensor, kind
     the device (no synchronisation per iteration).
     """
     z = latents.detach().float().clone(memory_format=torch.contiguous_format).requires_grad_(True)
-    first_bad = torch.full((len(z),), -1, dtype=torch.long, device=z.device)
     if settings.iters == 0:
         return z.detach(), {}
+    first_bad = torch.full((len(z),), -1, dtype=torch.long, device=z.device)
     start = z.detach().clone()
     noise = torch.stack([torch.randn(z.shape[1:], generator=g) for g in noise_gens]).to(z.device)
     condition = gen.condition(handle=handle, labels=labels, kinds=kinds)

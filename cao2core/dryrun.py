@@ -53,7 +53,7 @@ def report(cfg, gen, handle, spec, space, settings, device, ranks: int) -> str:
     params = sum(p.numel() for m in _modules(handle) for p in m.parameters())
     work = Workload(cfg, gen, handle, space, settings, device)
 
-    flops_sample, one = count_flops(lambda: work.sample(1))      # also the warm-up
+    flops_sample, one = count_flops(lambda: work.sample(1))
     flops_clo = count_flops(lambda: work.optimize(one, 1))[0] if cfg.clo_iters else 0
     # chunks as the run fills them: a group's pools and selected latents share chunks
     b_pool = min(len(groups[0]) * pool, cfg.batch_size)

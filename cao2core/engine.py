@@ -91,19 +91,22 @@ def run(cfg: RunConfig, host: Host | None = None) -> RunResult:
     # dealt out over the ranks (a resume stays balanced); a group with an incomplete class is computed again in
     # full (at most one chunk's work repeated), so its chunks match
     groups = workplan.class_groups([source.keep(cid) for cid in space.ids], cfg.batch_size)
-    unfinished = [g for g in ranks.shard(range(len(groups)))
-                  if not all([store.is_complete(space.ids[p]) for p in groups[g]])]
-    todo = [groups[g] for g in ranks.spread(sorted(sum(ranks.gather(unfinished), [])))]
+    checked = {g: [p for p in groups[g] if not store.is_complete(space.ids[p])]
+               for g in ranks.shard(range(len(groups)))}
+    # (group, its incomplete positions): the rank that writes a group need not hash its complete classes again
+    todo = ranks.spread(sorted((g, missing) for part in ranks.gather(checked)
+                               for g, missing in part.items() if missing))
     for cid, why in store.redone.items():
         print(f"cao2: class {cid} will be redone: {why}", file=sys.stderr)
     # under torchrun only rank 0 draws its bars (its share stands for every rank's: the groups are dealt in turn)
     shown = cfg.progress and ranks.is_main
     of_ranks = f" (rank 0 of {ranks.world_size})" if ranks.world_size > 1 else ""
-    sample_bar = tqdm(total=sum(source.size(space.ids[p]) for g in todo for p in g),
+    sample_bar = tqdm(total=sum(source.size(space.ids[p]) for g, _ in todo for p in groups[g]),
                       desc=("encode" if cfg.images else "sample pool") + of_ranks, unit="img", disable=not shown)
-    clo_bar = tqdm(total=sum(workplan.chunks(sum(source.keep(space.ids[p]) for p in g), cfg.batch_size)
-                             for g in todo) * cfg.clo_iters, desc="CLO" + of_ranks, unit="it", disable=not shown)
-    for group in todo:
+    clo_bar = tqdm(total=sum(workplan.chunks(sum(source.keep(space.ids[p]) for p in groups[g]), cfg.batch_size)
+                             for g, _ in todo) * cfg.clo_iters, desc="CLO" + of_ranks, unit="it", disable=not shown)
+    for g, missing in todo:
+        group = groups[g]
         cids, labels = [space.ids[p] for p in group], [space.generator_labels[p] for p in group]
         times = {}
         # 1. pool: sampled by the generator, each sample from its own seed (refine: the given images, encoded)
@@ -162,7 +165,7 @@ def run(cfg: RunConfig, host: Host | None = None) -> RunResult:
         for pos, cid, label, (keep, scores) in zip(group, cids, labels, kept):
             ipc, rows_of = len(keep), slice(first, first + len(keep))
             first += ipc
-            if store.is_complete(cid):
+            if pos not in missing:
                 continue            # computed again only because its group had an incomplete class
             if cid in bad:
                 reason = str(clo.NonFiniteLatents.first_of(bad[cid]))

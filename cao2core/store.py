@@ -90,7 +90,6 @@ class Store:
         self.manifest = {"format": FORMAT, "run_id": run_id, **header, "classes": {}}
         self.redone: dict[str, str] = {}        # complete classes whose files no longer match their record
         self.this_run: dict[str, dict] = {}     # the records this process wrote, to send to the other ranks
-        self._verified: set[str] = set()
 
     def check(self, overwrite: bool = False) -> None:
         """Refuse an output folder that holds another run (unless ``overwrite``), unknown files, or that cannot
@@ -147,18 +146,13 @@ class Store:
         return self.manifest["classes"].get(cid, {}).get("status") == "complete"
 
     def is_complete(self, cid: str) -> bool:
-        """Complete, and every file still matches the sha256 its record holds (checked once per class)."""
+        """Complete, and every file still matches the sha256 its record holds (reads and hashes the files)."""
         if not self.recorded_complete(cid):
             return False
-        entry = self.manifest["classes"][cid]
-        if cid in self._verified:
-            return True
-        bad = self._mismatch(cid, entry.get("files") or {})
+        bad = self._mismatch(cid, self.manifest["classes"][cid].get("files") or {})
         if bad:
             self.redone[cid] = bad
-            return False
-        self._verified.add(cid)
-        return True
+        return not bad
 
     def _mismatch(self, cid: str, files: dict) -> str | None:
         expected = {f"images/{cid}/{name}": sha for name, sha in files.get("images", {}).items()}
@@ -202,7 +196,6 @@ class Store:
             shutil.rmtree(staging, ignore_errors=True)
             raise
         self.set_status(cid, dict(entry, status="complete", files={"images": images, "latents": _sha256(lat)}))
-        self._verified.add(cid)
 
     def set_status(self, cid: str, entry: dict) -> None:
         atomic_write_bytes(self.out / "records" / f"{cid}.json", (json.dumps(entry, indent=2) + "\n").encode())
@@ -212,9 +205,9 @@ class Store:
             self.save_manifest()
 
     def collect(self, sent: list[dict[str, dict]]) -> None:
-        """Every class's record after all ranks are done: the records on disk, then what each rank sent of this
-        run's (in rank order); a file system shared by several nodes may list a fresh file late."""
-        self.load()
+        """Every class's record after all ranks are done: those read at the start (``load``) updated with what
+        each rank sent of this run's, in rank order. Nothing is read again: a file system shared by several
+        nodes may list a fresh file late."""
         for entries in sent:
             self.manifest["classes"].update(entries)
 
