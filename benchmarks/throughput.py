@@ -60,7 +60,7 @@ def build_dit(name: str, device: torch.device, precision: str, steps: int):
     dtype = torch.bfloat16 if precision == "weights" else torch.float32
     transformer = DiTTransformer2DModel(**DIT, **DIT_SIZES[name]).eval().requires_grad_(False).to(device, dtype)
     handle = cao2_dit.DiTHandle(transformer=transformer, vae=None,
-                                alphas_cumprod=sampling.noise_schedule().alphas_cumprod.to(device),
+                                alphas_cumprod=sampling.alphas_cumprod().to(device),
                                 label_space="in1k", guidance=4.0, steps=steps, sampler="ddpm", convention="default",
                                 dtype=dtype, autocast=torch.bfloat16 if precision == "autocast" else None)
     return Host().generator("dit"), handle, transformer

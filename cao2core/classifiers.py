@@ -2,18 +2,31 @@
 
 The MNIST judge is registered in timm's registry, so ``timm.create_model("mnist_cnn")`` builds it like any
 other timm architecture and the engine needs no special case for it.
+
+What the classifier sees of a decoded sample (``INPUTS``, ``--classifier-input``):
+
+* ``timm``: clamped to [-1, 1], mapped to [0, 1], then the classifier's own eval preprocessing (timm's data
+  config: e.g. resize 256, centre crop 224, ImageNet mean/std for ResNet-18).
+* ``raw``: the decoder output as it is (unclamped, in about [-1, 1]) resized to the classifier's input size with
+  no crop and no normalization, as the official CaO2 DiT scripts feed ``Resize((224, 224))(samples)`` to ResNet-18.
+* ``jpeg``: written as an 8-bit image, JPEG-encoded and read back (PIL's default quality 75), short side resized
+  to the input size, [0, 1] and the classifier's mean/std, as the official CaO2 MAR script classifies its buffer.
 """
 from __future__ import annotations
 
 import hashlib
 import importlib.resources
+import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import timm
 import timm.data
+import numpy as np
 import torch
+import torch.nn.functional as F
+from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 from timm.models import register_model
@@ -57,6 +70,7 @@ def mnist_cnn(pretrained: bool = False, **kwargs) -> MnistCNN:
 
 
 DEFAULT_IMAGENET_CLASSIFIER = "resnet18.tv_in1k"   # the weights of torchvision's resnet18, as the reference uses
+INPUTS = ("timm", "raw", "jpeg")
 
 
 def embedded_mnist_classifier() -> Path:
@@ -72,11 +86,13 @@ class Classifier:
     source: str
     sha256: str | None = None
     class_accuracy: dict[str, float] = field(default_factory=dict)
+    input: str = "timm"         # what it sees of a decoded sample (INPUTS)
 
     def __post_init__(self):
         self.model.eval().requires_grad_(False)
-        self.transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=self.model))
-        self.in_chans = timm.data.resolve_data_config({}, model=self.model)["input_size"][0]
+        self.data_config = timm.data.resolve_data_config({}, model=self.model)
+        self.transform = timm.data.create_transform(**self.data_config)
+        self.in_chans, self.size = self.data_config["input_size"][0], self.data_config["input_size"][-1]
 
     def output_indices(self, space: LabelSpace) -> list[int]:
         """The output index of each class of ``space``; refuses a classifier whose class list does not cover it."""
@@ -92,17 +108,44 @@ class Classifier:
 
     @torch.no_grad()
     def probs(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Softmax over the classifier's outputs for pixels in [-1, 1], after its own preprocessing."""
-        x = (pixels.clamp(-1, 1) + 1) / 2
-        if x.shape[1] != self.in_chans:
-            x = x.expand(-1, self.in_chans, -1, -1) if x.shape[1] == 1 else x.mean(1, keepdim=True)
+        """Softmax over the classifier's outputs for decoded pixels in about [-1, 1], seen as ``input`` says."""
         device = next(self.model.parameters()).device
-        return self.model(self.transform(x).to(device)).float().softmax(-1)
+        return self.model(self.prepare(pixels).to(device)).float().softmax(-1)
+
+    def prepare(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The classifier's input batch for decoded pixels (B, C, H, W)."""
+        if self.input == "raw":
+            return F.interpolate(self._channels(pixels.float()), size=(self.size, self.size), mode="bilinear",
+                                 align_corners=False, antialias=True)
+        if self.input == "jpeg":
+            return torch.stack([self._jpeg(p) for p in pixels])
+        return self.transform(self._channels((pixels.clamp(-1, 1) + 1) / 2))
+
+    def _channels(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] == self.in_chans:
+            return x
+        return x.expand(-1, self.in_chans, -1, -1) if x.shape[1] == 1 else x.mean(1, keepdim=True)
+
+    def _jpeg(self, pixels: torch.Tensor) -> torch.Tensor:
+        # 8 bits as torchvision's save_image rounds them, then a JPEG file read back as the official buffer is
+        arr = ((pixels.float().clamp(-1, 1) + 1) / 2 * 255 + 0.5).clamp(0, 255).to(torch.uint8).cpu().numpy()
+        image = Image.fromarray(arr[0], "L") if arr.shape[0] == 1 else Image.fromarray(arr.transpose(1, 2, 0), "RGB")
+        buf = io.BytesIO()
+        image.save(buf, format="JPEG")
+        image = Image.open(io.BytesIO(buf.getvalue())).convert("L" if self.in_chans == 1 else "RGB")
+        w, h = image.size      # the short side to the input size, the long one truncated, as torchvision's Resize
+        image = image.resize((self.size, int(self.size * h / w)) if w <= h else (int(self.size * w / h), self.size),
+                             Image.BILINEAR)
+        x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).reshape(image.size[1], image.size[0], -1)
+        mean = torch.tensor(self.data_config["mean"]).view(-1, 1, 1)
+        std = torch.tensor(self.data_config["std"]).view(-1, 1, 1)
+        return (x.permute(2, 0, 1) - mean) / std
 
 
 def load_classifier(spec: str | None, space: LabelSpace, device: torch.device, arch: str | None = None,
-                    classes_file: str | None = None) -> Classifier:
-    """A timm model name (hub weights), a local .safetensors/.pt checkpoint, or None for the dataset's default."""
+                    classes_file: str | None = None, input: str = "timm") -> Classifier:
+    """A timm model name (hub weights), a local .safetensors/.pt checkpoint, or None for the dataset's default;
+    ``input`` says what it sees of a decoded sample (``INPUTS``)."""
     if spec is None:
         spec = str(embedded_mnist_classifier()) if space.generator_space == "mnist" else DEFAULT_IMAGENET_CLASSIFIER
     path = Path(spec)
@@ -116,6 +159,7 @@ def load_classifier(spec: str | None, space: LabelSpace, device: torch.device, a
     if clf.classes is not None and len(clf.classes) != _num_outputs(clf.model):
         raise UserError(f"classifier {clf.source} has {_num_outputs(clf.model)} outputs but its class list has "
                         f"{len(clf.classes)} entries; fix the class list")
+    clf.input = input
     clf.model.to(device)
     return clf
 

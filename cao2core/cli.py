@@ -85,10 +85,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
-    values = dict(presets.get(args.preset).options) if getattr(args, "preset", None) else {}
-    values.update(load_toml(args.config) if getattr(args, "config", None) else {})
-    values.update({k: v for k, v in vars(args).items()
-                   if k not in ("command", "config", "preset") and not k.startswith("eval_")})
+    preset = presets.get(args.preset) if getattr(args, "preset", None) else None
+    toml = load_toml(args.config) if getattr(args, "config", None) else {}
+    flags = {k: v for k, v in vars(args).items()
+             if k not in ("command", "config", "preset") and not k.startswith("eval_")}
+    profile = flags.get("profile", toml.get("profile", preset.options.get("profile") if preset else None))
+    values = preset.options_for(profile) if preset else {}
+    values.update(toml)
+    values.update(flags)
     try:
         return RunConfig(**values)
     except TypeError as exc:

@@ -8,10 +8,12 @@ from pathlib import Path
 
 from .errors import UserError
 from .hookspecs import CONDITION_KINDS, GENERIC_OPTIONS
+from .classifiers import INPUTS as CLASSIFIER_INPUTS
 from .kernels import BACKENDS as KERNEL_BACKENDS
 from .select import ORDERS, STRATEGIES
 
 CONDITIONS = CONDITION_KINDS + ("auto",)
+PROFILES = ("default", "reference")
 
 
 def _opt(default, help, choices=None, affects_output=True, commands=("run", "refine"), **kw):
@@ -31,6 +33,12 @@ class RunConfig:
                                         "the embedded MNIST judge, resnet18.tv_in1k for ImageNet")
     classifier_arch: str | None = _opt(None, "timm architecture of a --classifier checkpoint that does not name it")
     classifier_classes: str | None = _opt(None, "file of the classifier's class ids in output order (one per line)")
+    classifier_input: str | None = _opt(None, "what the selection classifier sees: timm = clamp to [0, 1] and the "
+                                              "classifier's own preprocessing; raw224 = the decoder output resized "
+                                              "to 224x224, nothing else (the official DiT scripts); jpeg224 = a "
+                                              "JPEG round trip, resize 224 and ImageNet normalization (the official "
+                                              "MAR script); default: timm, or the generator's official input under "
+                                              "--profile reference", CLASSIFIER_INPUTS)
     dataset: str | None = _opt(None, "label space: mnist, nette, woof, in100, in1k or a file of wnids; "
                                      "default: the generator's own")
     classes: str | None = _opt(None, "subset of classes: comma-separated ids or positions, A-B ranges; default: all")
@@ -52,13 +60,17 @@ class RunConfig:
                                            "use the class label")
     class_accuracy: str | None = _opt(None, "auto: JSON file {class id: validation accuracy}; default: the "
                                             "classifier checkpoint's own record")
-    timestep_convention: str = _opt("default", "DiT CLO timesteps: default = model told the noise level's own t; "
-                                               "reference = as the official code (respaced noise, raw index)",
-                                    ("default", "reference"))
+    timestep_convention: str | None = _opt(None, "DiT CLO timesteps: default = model told the noise level's own "
+                                                 "t; reference = as the official code (respaced noise, raw index); "
+                                                 "default: the --profile's", ("default", "reference"))
     sampler: str | None = _opt(None, "generator sampler (DiT: ddpm or ddim; MAR has one); default: the generator's")
     sample_steps: int | None = _opt(None, "sampling steps; default: the generator's (DiT: 50; MAR: 32 AR steps)")
     guidance: float | None = _opt(None, "classifier-free guidance scale; default: the generator's (DiT-XL/2: 2.7, MAR: 2.9)")
     gen_opt: list = _opt(list, "generator-specific option KEY=VALUE (repeatable)", nargs="append_kv")
+    profile: str = _opt("default", "default = the corrected method; reference = everything the official CaO2 code "
+                                   "does that the default corrects (timestep convention, guidance channels, "
+                                   "classifier input; see docs/fidelity.md), for reproducing a paper number",
+                        PROFILES)
     kernels: str = _opt("auto", "CLO loss/Adam kernels: auto = triton or cuda on GPUs, cpp on CPUs, else torch; "
                                 "the CAO2_KERNELS environment variable overrides auto", KERNEL_BACKENDS,
                         affects_output=False)

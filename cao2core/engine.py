@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import __version__, batchsize, clo, distributed, dryrun, kernels, select, workplan
+from .classifiers import INPUTS as CLASSIFIER_INPUTS
 from .classifiers import Classifier, load_classifier
 from .config import RunConfig
 from .errors import UserError
@@ -64,7 +65,8 @@ def run(cfg: RunConfig, host: Host | None = None) -> RunResult:
                         "another --select")
     classifier = None
     if cfg.select in ("confidence", "stability") or cfg.condition == "auto":
-        classifier = load_classifier(cfg.classifier, space, device, cfg.classifier_arch, cfg.classifier_classes)
+        classifier = load_classifier(cfg.classifier, space, device, cfg.classifier_arch, cfg.classifier_classes,
+                                     classifier_input(cfg, spec))
         targets = classifier.output_indices(space)
     source_id = source.identity()
     rid = run_id(cfg, source_id)
@@ -273,6 +275,18 @@ def resolve_classes(cfg: RunConfig, spec) -> LabelSpace:
     return space
 
 
+def classifier_input(cfg: RunConfig, spec) -> str:
+    """What the selection classifier sees: ``--classifier-input``, else the generator's official input under
+    ``--profile reference``, else the classifier's own preprocessing."""
+    if cfg.classifier_input:
+        return cfg.classifier_input
+    chosen = spec.reference_classifier_input if cfg.profile == "reference" else "timm"
+    if chosen not in CLASSIFIER_INPUTS:
+        raise UserError(f"generator {cfg.generator} declares reference_classifier_input={chosen!r}, which is not "
+                        f"one of {', '.join(CLASSIFIER_INPUTS)}; pass --classifier-input or fix the plugin")
+    return chosen
+
+
 def condition_per_class(cfg: RunConfig, space: LabelSpace, classifier: Classifier | None) -> dict[str, str]:
     """The CLO condition of each class; ``auto`` = task-oriented: class label if the class is easy, else null."""
     if cfg.condition != "auto":
@@ -311,7 +325,8 @@ def manifest_header(cfg, gen: Generator, handle, space: LabelSpace, classifier, 
                      **{p: ver(p) for p in ("diffusers", "timm", "safetensors", "pluggy")}},
         "command": " ".join(sys.argv),
         "generator": {"name": gen.name, **gen.describe(handle=handle)},
-        "classifier": None if classifier is None else {"source": classifier.source, "sha256": classifier.sha256},
+        "classifier": None if classifier is None else {"source": classifier.source, "sha256": classifier.sha256,
+                                                       "input": classifier.input},
         "dataset": space.name,
         "class_ids": list(space.ids),
         "class_names": list(space.names),

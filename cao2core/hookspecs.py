@@ -34,6 +34,9 @@ class LatentSpec:
     label_space: str | None = None  # the dataset whose label order the generator uses ("mnist", "in1k", ...)
     corruption: str = "noise"       # "noise" (q_sample) or "mask" (token masking)
     sample_steps: int | None = None  # K, the sampler's step count (snapshot steps are 0 .. K-1)
+    # how the generator's reference code fed decoded samples to the selection classifier, used under
+    # --profile reference (a cao2core.classifiers.INPUTS key; "timm" = the classifier's own preprocessing)
+    reference_classifier_input: str = "timm"
 
 
 @dataclass
@@ -73,7 +76,7 @@ class Prediction:
 
 # the keys of a generator's load options that come from the run's own flags; the rest are --gen-opt pairs
 GENERIC_OPTIONS = ("model", "vae", "dataset", "sampler", "sample_steps", "guidance", "timestep_convention",
-                   "dtype")
+                   "dtype", "profile")
 
 
 @hookspec(firstresult=True)
@@ -81,7 +84,8 @@ def cao2_load(options: dict, device: torch.device) -> Any:
     """Load the generator (frozen, eval mode, on ``device``) and return an opaque handle.
 
     ``options`` holds ``model``, ``vae``, ``dataset`` (may be None: use the plugin's default world) and the
-    generic sampling options (``GENERIC_OPTIONS``) plus any ``--gen-opt key=value`` pairs. Raise
+    generic sampling options (``GENERIC_OPTIONS``) plus any ``--gen-opt key=value`` pairs. ``profile`` is
+    ``default`` or ``reference`` (reproduce the generator's official CaO2 code where the default corrects it). Raise
     ``cao2core.errors.UserError`` for bad checkpoints or unknown ``--gen-opt`` keys.
     """
 

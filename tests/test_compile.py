@@ -80,7 +80,7 @@ def test_bad_compile_mode_is_a_user_error(worlds, family):
 
 
 def test_unknown_options_are_user_errors(worlds):
-    with pytest.raises(UserError, match="unknown --gen-opt colour for dit; known: autocast, compile, num_heads"):
+    with pytest.raises(UserError, match="unknown --gen-opt colour for dit; known: autocast, cfg_channels, compile, num_heads, timestep_freqs"):
         load("dit", worlds["dit"], colour="red")
 
 

@@ -135,7 +135,7 @@ def test_diffusers_folder_with_missing_weights_is_refused(tiny_world, tmp_path):
         loading.load_transformer(str(broken / "transformer"))
 
 
-def test_respaced_map_matches_dit_space_timesteps():
-    from cao2_dit import respaced_map
-    m = respaced_map()
-    assert m[:12] == [0, 20, 41, 61, 82, 102, 122, 143, 163, 183, 204, 224] and m[-1] == 999 and len(m) == 50
+def test_reference_levels_index_the_samplers_respaced_grid():
+    from cao2_dit import sampling
+    kept = sampling.grid(50)[::-1]
+    assert kept[:12] == [0, 20, 41, 61, 82, 102, 122, 143, 163, 183, 204, 224] and kept[-1] == 999 and len(kept) == 50

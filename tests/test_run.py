@@ -109,10 +109,11 @@ def test_selection_without_classifier(tiny_world, tmp_path, select):
 
 
 def test_reference_timestep_convention(tiny_args, tmp_path):
-    args = tiny_args + ["--timestep-convention", "reference"]
+    args = tiny_args + ["--timestep-convention", "reference", "--sample-steps", "50"]
     run_ok(args)
     m = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert m["config"]["clo_tmax"] == 11 and m["generator"]["timestep_convention"] == "reference"
+    assert m["generator"]["cfg_channels"] == 4 and m["generator"]["profile"] == "default"
 
 
 @pytest.mark.parametrize("command", ["run", "refine"])

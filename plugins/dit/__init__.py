@@ -2,13 +2,17 @@
 
 Registered under the ``cao2.generators`` entry point ``dit``. Without ``--model`` it loads the embedded
 MNIST world shipped in ``worlds/mnist``; with ``--model`` a diffusers DiT folder or hub id, or the original
-``DiT-XL-2-256x256.pt``.
+``DiT-XL-2-256x256.pt``. The weights run with the timestep-embedding frequencies they were trained with
+(``loading``) and sample on DiT's respaced grid (``sampling``).
 
 CLO corruption is ``q_sample`` on the 1000-step linear schedule. Timestep conventions:
 
 * ``default``: level t in [1, T-hat] on the 1000-step scale; noise at alpha-bar(t) and the model is told t.
-* ``reference``: as the official CaO2 code: level k in [1, T-hat] indexes the 50-step respaced schedule;
-  noise at alpha-bar(map[k]) (original t 20, 41, ..., 224 for k = 1..11) but the model is told k.
+* ``reference``: as the official CaO2 code: level k in [1, T-hat] indexes the sampler's respaced grid (50 steps:
+  original t 20, 41, ..., 224 for k = 1..11); noise at alpha-bar(grid[k]) but the model is told k.
+
+``--profile reference`` (options ``profile``) selects the reference convention and guidance on 3 of the 4 eps
+channels, as DiT's ``forward_with_cfg``; ``--gen-opt cfg_channels=N`` and ``--timestep-convention`` override.
 
 ``--gen-opt autocast=bf16|fp16`` runs the transformer forward (sampling and CLO) under ``torch.autocast``
 while its weights keep ``--dtype``; the latents, CLO's Adam state and the VAE stay fp32.
@@ -29,14 +33,16 @@ from cao2core import compiling, precision
 from cao2core.errors import UserError
 from cao2core.hookspecs import (GENERIC_OPTIONS, Corrupted, LatentSpec, Prediction, SampleOutput, hookimpl,
                                  snapshot_steps_of)
+from cao2core.respacing import space_timesteps
 
 from . import loading, sampling
 
 __version__ = "0.1.0"
 CONVENTIONS = ("default", "reference")
-REFERENCE_STEPS = 50      # the reference respaces the 1000-step schedule to 50 steps
+PROFILES = ("default", "reference")
+REFERENCE_CFG_CHANNELS = 3    # DiT's forward_with_cfg guides eps channels 0..2 only
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-GEN_OPTS = {"num_heads", "autocast", "compile"}
+GEN_OPTS = {"num_heads", "autocast", "compile", "timestep_freqs", "cfg_channels"}
 
 
 @dataclass
@@ -51,6 +57,9 @@ class DiTHandle:
     convention: str
     dtype: torch.dtype
     sources: dict = field(default_factory=dict)
+    timestep_freqs: str = "dit"             # the timestep-embedding frequencies the weights were trained with
+    cfg_channels: int | None = None         # eps channels guidance applies to; None: all
+    profile: str = "default"
     autocast: torch.dtype | None = None     # autocast dtype of the transformer forward; None: plain --dtype
     compiled: torch.nn.Module | None = None  # torch.compile of the transformer (--gen-opt compile)
     compile_mode: str = "none"
@@ -69,18 +78,15 @@ class DiTHandle:
         return (c.in_channels, c.sample_size, c.sample_size)
 
 
-def respaced_map(steps: int = REFERENCE_STEPS, total: int = 1000) -> list[int]:
-    """Original timesteps kept by DiT's ``space_timesteps(1000, "50")``: 0, 20, 41, 61, ..., 999."""
-    stride = (total - 1) / (steps - 1)
-    return [round(i * stride) for i in range(steps)]
-
-
 @hookimpl
 def cao2_load(options: dict, device: torch.device) -> DiTHandle:
     unknown = sorted(set(options) - set(GENERIC_OPTIONS) - GEN_OPTS)
     if unknown:
         raise UserError(f"unknown --gen-opt {unknown[0]} for dit; known: {', '.join(sorted(GEN_OPTS))}")
-    convention = options.get("timestep_convention") or "default"
+    profile = options.get("profile") or "default"
+    if profile not in PROFILES:
+        raise UserError(f"unknown --profile {profile!r}; use one of {', '.join(PROFILES)}")
+    convention = options.get("timestep_convention") or ("reference" if profile == "reference" else "default")
     if convention not in CONVENTIONS:
         raise UserError(f"unknown --timestep-convention {convention!r}; use one of {', '.join(CONVENTIONS)}")
     t_src, v_src, defaults = loading.resolve(options.get("model"), options.get("vae"), options.get("dataset"))
@@ -91,6 +97,9 @@ def cao2_load(options: dict, device: torch.device) -> DiTHandle:
     compile_mode = compiling.compile_mode(options)
     heads = options.get("num_heads")
     transformer = loading.load_transformer(t_src, int(heads) if heads else None)
+    freqs = options.get("timestep_freqs") or defaults.get("timestep_freqs", "dit")
+    loading.set_timestep_freqs(transformer, freqs)
+    cfg_channels = _cfg_channels(options.get("cfg_channels"), profile, transformer.config.in_channels)
     vae = loading.load_vae(v_src)
     if vae.config.latent_channels != transformer.config.in_channels:
         raise UserError(f"VAE {v_src} has {vae.config.latent_channels} latent channels but the DiT expects "
@@ -105,22 +114,37 @@ def cao2_load(options: dict, device: torch.device) -> DiTHandle:
     compiled = compiling.compiled(transformer, compile_mode) if compile_mode != "none" else None
     return DiTHandle(
         transformer=transformer, vae=vae,
-        alphas_cumprod=sampling.noise_schedule().alphas_cumprod.to(device),
+        alphas_cumprod=sampling.alphas_cumprod().to(device),
         label_space=defaults.get("label_space") or ("in1k" if n == 1000 else None),
         guidance=float(guidance if guidance is not None else defaults.get("guidance", 2.7)),
         steps=int(options.get("sample_steps") or defaults.get("sample_steps", 50)),
         sampler=sampler, convention=convention, dtype=dtype,
         sources={"transformer": t_src, "vae": v_src}, autocast=autocast, compiled=compiled,
-        compile_mode=compile_mode)
+        compile_mode=compile_mode, timestep_freqs=freqs, cfg_channels=cfg_channels, profile=profile)
+
+
+def _cfg_channels(value, profile: str, channels: int) -> int | None:
+    if value is None:
+        return min(REFERENCE_CFG_CHANNELS, channels) if profile == "reference" else None
+    try:
+        k = int(value)
+    except ValueError:
+        k = 0
+    if not 1 <= k <= channels:
+        raise UserError(f"--gen-opt cfg_channels={value}: give a whole number of latent channels 1-{channels}")
+    return k
 
 
 @hookimpl
 def cao2_latent_spec(handle: DiTHandle) -> LatentSpec:
+    official_input = "raw"      # the official DiT scripts: the decoder output resized to 224, nothing else
     if handle.convention == "reference":
-        return LatentSpec(handle.latent_shape, handle.num_classes, (1, REFERENCE_STEPS - 1), 11, handle.label_space,
-                          sample_steps=handle.steps)
+        # the official loop draws k from range(1, steps // 4): 1..11 of the 50 respaced steps
+        top = max(1, min(handle.steps // 4 - 1, handle.steps - 1))
+        return LatentSpec(handle.latent_shape, handle.num_classes, (1, max(1, handle.steps - 1)), top,
+                          handle.label_space, sample_steps=handle.steps, reference_classifier_input=official_input)
     return LatentSpec(handle.latent_shape, handle.num_classes, (1, 999), 224, handle.label_space,
-                      sample_steps=handle.steps)
+                      sample_steps=handle.steps, reference_classifier_input=official_input)
 
 
 @hookimpl
@@ -132,6 +156,8 @@ def cao2_describe(handle: DiTHandle) -> dict:
         "vae": {"source": handle.sources["vae"], "sha256": loading.sha256_of(handle.sources["vae"]),
                 "scaling_factor": handle.vae.config.scaling_factor, "shift_factor": handle.vae.config.shift_factor},
         "sampler": handle.sampler, "sample_steps": handle.steps, "guidance": handle.guidance,
+        "sampler_timesteps": sampling.grid(handle.steps), "timestep_freqs": handle.timestep_freqs,
+        "cfg_channels": handle.cfg_channels or handle.latent_shape[0], "profile": handle.profile,
         "null_label": handle.num_classes, "timestep_convention": handle.convention,
         "dtype": precision.dtype_name(handle.dtype), "autocast": precision.dtype_name(handle.autocast),
         "compile": handle.compile_mode,
@@ -144,7 +170,7 @@ def cao2_sample(handle: DiTHandle, labels: torch.Tensor, generators: list, snaps
     x, snapshots = sampling.sample(handle.forward_module(), labels, generators, null_label=handle.num_classes,
                                    guidance=handle.guidance, steps=handle.steps, sampler=handle.sampler,
                                    latent_shape=handle.latent_shape, dtype=handle.dtype, snapshot_steps=wanted,
-                                   autocast=handle.autocast)
+                                   autocast=handle.autocast, cfg_channels=handle.cfg_channels)
     return SampleOutput(latents=x, snapshots=snapshots)
 
 
@@ -184,8 +210,8 @@ def cao2_condition(handle: DiTHandle, labels: torch.Tensor, kinds: list) -> DiTC
 @hookimpl
 def cao2_corrupt(handle: DiTHandle, latents: torch.Tensor, levels: torch.Tensor, noise: torch.Tensor,
                  generators: list) -> Corrupted:
-    if handle.convention == "reference":
-        noise_t = torch.tensor(respaced_map(), device=levels.device)[levels]
+    if handle.convention == "reference":     # noise of the respaced step k; predict tells the model k itself
+        noise_t = torch.tensor(space_timesteps(sampling.TRAIN_STEPS, handle.steps), device=levels.device)[levels]
     else:
         noise_t = levels
     a = handle.alphas_cumprod[noise_t].view(-1, *([1] * (latents.ndim - 1)))

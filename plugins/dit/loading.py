@@ -1,6 +1,12 @@
 """Load a DiT transformer and its VAE from a diffusers folder, a hub id, or an original DiT checkpoint.
 
 Loading is strict: a missing, unexpected or mis-shaped weight is an error, never a silent re-initialisation.
+
+Timestep-embedding frequencies: DiT was trained with cos/sin of t * exp(-ln(10^4) * i / 128), i < 128; diffusers'
+``DiTTransformer2DModel`` builds exp(-ln(10^4) * i / 127) (``downscale_freq_shift=1``), 1.4% off at t = 11 and
+101% at t = 999. Every published DiT checkpoint (the original ``.pt`` and the hub's diffusers-format copies of
+the same weights) gets DiT's frequencies; a folder whose ``cao2.json`` says ``"timestep_freqs": "diffusers"``
+(a DiT trained with diffusers' module, as the embedded MNIST world) keeps diffusers'.
 """
 from __future__ import annotations
 
@@ -10,6 +16,7 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DiTTransformer2DModel
+from diffusers.models.embeddings import Timesteps
 
 from cao2core.errors import UserError
 
@@ -18,6 +25,18 @@ from . import convert
 WORLDS = Path(__file__).parent / "worlds"
 ORIGINAL_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".safetensors")
 DEFAULT_VAE = "stabilityai/sd-vae-ft-mse"   # the VAE of DiT-XL/2 and of the reference code
+# the timestep-embedding frequencies a DiT was trained with -> diffusers' Timesteps.downscale_freq_shift
+TIMESTEP_FREQS = {"dit": 0, "diffusers": 1}
+
+
+def set_timestep_freqs(model: DiTTransformer2DModel, freqs: str) -> None:
+    """Give every timestep embedding of ``model`` the frequencies it was trained with (``TIMESTEP_FREQS``)."""
+    if freqs not in TIMESTEP_FREQS:
+        raise UserError(f"--gen-opt timestep_freqs={freqs}: use dit (the original DiT training code, every "
+                        "published DiT checkpoint) or diffusers (a DiT trained with diffusers' module)")
+    for module in model.modules():
+        if isinstance(module, Timesteps):
+            module.downscale_freq_shift = TIMESTEP_FREQS[freqs]
 
 
 def world_dir(name: str) -> Path | None:

@@ -20,7 +20,8 @@ CLO on MAR (CaO2-MAR), ``LatentSpec.corruption == "mask"``:
 * ``predict`` runs the encoder on the visible tokens of the latent (the gradient path), the decoder, and the
   DiffLoss head on x_t built from the *detached* latent; ``Prediction(eps_hat, eps, weight=mask)``: the
   engine's loss is the masked-token mean squared error + lambda * the max over masked tokens. ``--gen-opt vb=1``
-  adds the masked mean of the variational-bound term as ``aux_loss``.
+  adds the masked mean of the variational-bound term as ``aux_loss`` (on by default under ``--profile
+  reference``: the official loss is the masked mean of mse + vb).
 * conditions: ``class`` = class embedding, ``null`` = the learned ``fake_latent``, ``zero`` = a zero vector in
   every buffer slot (CaO2-MAR's zero-label embedding).
 
@@ -133,6 +134,8 @@ def cao2_load(options: dict, device: torch.device) -> MARHandle:
         raise UserError(f"unknown --gen-opt {unknown[0]} for mar; known: {', '.join(sorted(GEN_OPTS))}")
     if options.get("sampler"):
         raise UserError("--sampler is a DiT option; mar has one sampler (masked autoregressive, cosine schedule)")
+    if (options.get("profile") or "default") not in ("default", "reference"):
+        raise UserError(f"unknown --profile {options.get('profile')!r}; use default or reference")
     if (options.get("timestep_convention") or "default") != "default":
         raise UserError("--timestep-convention is a DiT option; mar's CLO levels are the head's per-token timesteps")
     model_src = options.get("model")
@@ -177,7 +180,8 @@ def _settings(options: dict, defaults: dict) -> dict:
                 diffloss_steps=diffloss_steps,
                 temperature=_float(options, "temperature", defaults.get("temperature", 1.0)),
                 clip_x0=parse_clip(options.get("clip_x0", defaults.get("clip_x0"))),
-                mask_ratio=parse_mask_ratio(options.get("mask_ratio") or "0.7,1"), vb=_flag(options, "vb"),
+                mask_ratio=parse_mask_ratio(options.get("mask_ratio") or "0.7,1"),
+                vb=_flag(options, "vb") if options.get("vb") is not None else options.get("profile") == "reference",
                 fixed_noise=noise == "fixed", autocast=autocast, compile_mode=compiling.compile_mode(options))
 
 
@@ -211,7 +215,8 @@ def _load_weights(path: Path, options: dict, defaults: dict):
 @hookimpl
 def cao2_latent_spec(handle: MARHandle) -> LatentSpec:
     return LatentSpec(handle.model.cfg.latent_shape, handle.model.cfg.class_num, LEVEL_RANGE, DEFAULT_LEVEL,
-                      handle.label_space, corruption="mask", sample_steps=handle.steps)
+                      handle.label_space, corruption="mask", sample_steps=handle.steps,
+                      reference_classifier_input="jpeg")   # the official script classifies a JPEG buffer
 
 
 @hookimpl

@@ -11,6 +11,8 @@ from typing import Callable
 
 import torch
 
+from cao2core.respacing import space_timesteps
+
 TRAIN_STEPS = 1000
 
 
@@ -21,16 +23,6 @@ def cosine_alpha_bar(t: float) -> float:
 def cosine_betas(steps: int = TRAIN_STEPS, max_beta: float = 0.999) -> torch.Tensor:
     return torch.tensor([min(1 - cosine_alpha_bar((i + 1) / steps) / cosine_alpha_bar(i / steps), max_beta)
                          for i in range(steps)], dtype=torch.float64)
-
-
-def space_timesteps(total: int, count: int) -> list[int]:
-    """``count`` evenly spaced original timesteps of ``total``, first and last included (0, 10, ..., 50, 61, ..., 999)."""
-    if not 1 <= count <= total:
-        raise ValueError(f"cannot keep {count} of {total} diffusion steps")
-    if count == 1:
-        return [0]
-    stride = (total - 1) / (count - 1)
-    return sorted({round(i * stride) for i in range(count)})
 
 
 class GaussianDiffusion:

@@ -3,18 +3,20 @@
 Published layouts: ``checkpoint-last.pth`` is a ``torch.save`` dict with ``model``, ``model_ema`` and an ``args``
 ``argparse.Namespace``; the EMA weights are the ones sampled with. ``kl16.ckpt`` holds the VAE under ``model``.
 Both are read with ``weights_only=True`` admitting only ``argparse.Namespace``. Loading is strict: any missing,
-unexpected or mis-shaped key is a one-line ``UserError`` naming the mismatch.
+unexpected or mis-shaped key is a one-line ``UserError`` naming the mismatch, except entries of a VAE file
+outside the VAE, which are named and skipped as MAR's own loader skips them.
 """
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
+import sys
 from dataclasses import fields
 from pathlib import Path
 
 import torch
 
+from cao2core import weights
 from cao2core.errors import UserError
 
 from .model import MAR, PRESETS, MARConfig
@@ -88,6 +90,7 @@ def read_mar_checkpoint(path: Path) -> tuple[dict, argparse.Namespace | None]:
     state, args = ckpt["model_ema"], ckpt.get("args")
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{path}: 'model_ema' is not a state dict of tensors")
+    weights.require_floating(state, path)
     return state, args if isinstance(args, argparse.Namespace) else None
 
 
@@ -101,6 +104,7 @@ def read_vae_checkpoint(path: Path) -> dict:
         state = state["model"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{path} is not a VAE checkpoint (a state dict, or one under 'model' as kl16.ckpt)")
+    weights.require_floating(state, path)
     return state
 
 
@@ -121,11 +125,21 @@ def build_mar(cfg: MARConfig, state: dict, source, preset_name: str, args=None) 
 
 
 def build_vae(cfg: KLVAEConfig, state: dict, source, name: str) -> AutoencoderKL:
+    """The VAE of ``state``; entries outside it (training leftovers, which MAR's own non-strict loader skips) are
+    dropped with one line naming them; a missing or mis-shaped VAE entry is an error."""
     vae = AutoencoderKL(cfg)
-    problem = _strict_problem(vae, state)
+    own = vae.state_dict()
+    extra = sorted(k for k in state if k not in own)
+    problem = _strict_problem(vae, {k: v for k, v in state.items() if k in own})
     if problem:
         raise UserError(f"VAE checkpoint {source} does not fit the LDM-layout KL VAE {name} "
-                        f"({cfg.z_channels} latent channels, ch {cfg.ch} x {list(cfg.ch_mult)}): {problem}")
+                        f"({cfg.z_channels} latent channels, ch {cfg.ch} x {list(cfg.ch_mult)}): {problem}"
+                        + (f"; it also holds {len(extra)} unknown entries (first: {extra[0]})" if extra else ""))
+    if extra:
+        more = f" and {len(extra) - 3} more" if len(extra) > 3 else ""
+        print(f"cao2: VAE checkpoint {source}: ignoring {len(extra)} entries outside the VAE "
+              f"({', '.join(extra[:3])}{more})", file=sys.stderr)
+        state = {k: v for k, v in state.items() if k in own}
     vae.load_state_dict(state, strict=True)
     return vae
 
@@ -158,17 +172,12 @@ def _torch_load(path: Path, what: str):
 def read_safetensors(path: Path) -> dict:
     from safetensors.torch import load_file
     try:
-        return load_file(str(path))
+        state = load_file(str(path))
     except Exception as exc:
         raise UserError(f"cannot read {path} as safetensors ({type(exc).__name__})") from None
+    weights.require_floating(state, path)
+    return state
 
 
 def sha256_of(path) -> str | None:
-    path = Path(path)
-    if not path.is_file():
-        return None
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return weights.file_sha256(path) if Path(path).is_file() else None

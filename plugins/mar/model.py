@@ -280,7 +280,8 @@ class MAR(nn.Module):
         b, L, _ = tokens.shape
         buf = self.cfg.buffer_size
         x = self.z_proj(tokens)
-        x = torch.cat([cond[:, None, :].to(x.dtype).expand(b, buf, x.shape[-1]), x], dim=1)
+        # MAR writes the condition into an fp32 buffer that the (autocast) projection joins: it stays fp32
+        x = torch.cat([cond[:, None, :].float().expand(b, buf, x.shape[-1]), x.float()], dim=1)
         x = self.z_proj_ln(x + self.encoder_pos_embed_learned)
         keep = torch.cat([torch.ones(b, buf, dtype=torch.bool, device=mask.device), ~mask.bool()], dim=1)
         counts = keep.sum(1)
