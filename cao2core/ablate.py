@@ -18,7 +18,6 @@ from pathlib import Path
 
 from .config import RunConfig
 from .errors import UserError
-from .store import atomic_write_bytes
 
 REPORT, TABLE, CHART = "ablation.json", "ablation.md", "ablation.png"
 MARKER = "ablate.json"      # beside a variant's eval.json: the run and eval command it scored
@@ -44,7 +43,7 @@ EVAL_FLAGS = (
     ("--protocol", str, "evaluation protocol: hard, rded or rded-faithful (default: hard)"),
     ("--student", str, "student architecture (default: convnet3 for MNIST, resnet18 else)"),
     ("--epochs", int, "student training epochs (default: eval's)"),
-    ("--repeat", int, "students per variant, seeded alike across variants (default: 3)"),
+    ("--repeat", int, "students per variant (sweep: per point), seeded alike across them (default: 3)"),
     ("--eval-every", int, "test every N epochs (default: eval's)"),
     ("--val", str, "real held-out images (ImageNet val layout); MNIST: built in"),
     ("--teacher", str, "rded protocols: the soft-label teacher (default: eval's)"),
@@ -58,9 +57,10 @@ def _dest(flag: str) -> str:
 
 
 def add_eval_flags(p: argparse.ArgumentParser) -> None:
-    group = p.add_argument_group("evaluation of each variant (as `cao2 eval`)")
+    group = p.add_argument_group("evaluation of each variant or point (as `cao2 eval`)")
     for flag, typ, help_text in EVAL_FLAGS:
-        group.add_argument(flag, type=typ, default=None, help=help_text, dest=_dest(flag))
+        group.add_argument(flag, type=typ, default=None, help=help_text, dest=_dest(flag),
+                           metavar=flag.removeprefix("--").replace("-", "_").upper())
 
 
 def eval_argv(args: argparse.Namespace, data: str, device: str) -> list[str]:
@@ -77,33 +77,55 @@ def eval_argv(args: argparse.Namespace, data: str, device: str) -> list[str]:
     return argv
 
 
+def known_space(cfg: RunConfig):
+    """(label space, whole dataset) of the runs of ``cfg`` when the options name them (``--dataset``), else
+    (None, None): the generator's own label space is known only once it is loaded."""
+    if cfg.dataset is None:
+        return None, None
+    from .labels import label_space
+    full = label_space(cfg.dataset)
+    return full.select(cfg.classes), full
+
+
+def check_before_running(configs: list[RunConfig], evals: list, out: Path) -> None:
+    """Every option of every run and evaluation, checked before the first run starts."""
+    from .evaluate.cli import _check_numbers, preflight
+    for cfg in configs:
+        cfg.validate()
+        if cfg.dry_run:
+            raise UserError("--dry-run is for `cao2 run`; this command runs and scores every configuration")
+    for ev in evals:
+        _check_numbers(ev)
+    if evals:               # they differ only in --data: student, teacher and folders are checked once per space
+        for dataset, classes in dict.fromkeys((c.dataset, c.classes) for c in configs):
+            preflight(evals[0], *known_space(replace(configs[0], dataset=dataset, classes=classes)))
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a folder; choose another --out")
+
+
 def run(base: RunConfig, args: argparse.Namespace, parse_eval) -> dict:
     """Run and score the four variants; returns the ablation report (also written to OUT/ablation.json).
 
     ``parse_eval(argv)`` turns an eval command line into the namespace ``cao2 eval`` takes.
     """
     from . import engine
-    from .evaluate.cli import _check_numbers
     from .evaluate.cli import main as eval_main
+    from .evaluate.cli import parse_as
 
     if base.select == "none" or base.clo_iters == 0:
         raise UserError("cao2 ablate switches OSS and CLO off in turn, so the base configuration needs both: "
                         "a --select other than none and --clo-iters above 0")
     configs = [v.config(base) for v in VARIANTS]
     argvs = [eval_argv(args, c.out, base.device) for c in configs]
-    evals = [parse_eval(argv) for argv in argvs]
-    for cfg, ev in zip(configs, evals):
-        cfg.validate()
-        _check_numbers(ev)          # bad eval options fail before any run starts
+    evals = [parse_as(parse_eval, argv) for argv in argvs]
     out = Path(base.out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} exists and is not a folder; choose another --out")
+    check_before_running(configs, evals, out)
 
     rows = []
     for variant, cfg, argv, ev in zip(VARIANTS, configs, argvs, evals):
         print(f"== {variant.name}: select={cfg.select}, clo-iters={cfg.clo_iters} -> {cfg.out}", flush=True)
         engine.run(cfg)
-        report = _scored(Path(cfg.out), argv, lambda: eval_main(ev))
+        report = scored(Path(cfg.out), argv, lambda: eval_main(ev))
         rows.append({"variant": variant.name, "oss": variant.oss, "clo": variant.clo, "out": cfg.out,
                      "select": cfg.select, "clo_iters": cfg.clo_iters, "summary": report["summary"],
                      "eval_settings": report["config"]["settings"], "dataset": report["data"]["dataset"]})
@@ -115,16 +137,11 @@ def run(base: RunConfig, args: argparse.Namespace, parse_eval) -> dict:
     return result
 
 
-def _scored(out: Path, argv: list[str], evaluate) -> dict:
-    """The variant's eval report; a rerun reuses it when the run and the eval command are unchanged."""
-    marker, report = out / "eval" / MARKER, out / "eval" / "eval.json"
+def scored(out: Path, argv: list[str], evaluate) -> dict:
+    """The eval report of the run in ``out``; a rerun reuses it when the run and the eval command are unchanged."""
+    from .evaluate.report import reuse_or_evaluate
     key = {"run_id": json.loads((out / "manifest.json").read_text())["run_id"], "eval": argv}
-    if marker.is_file() and report.is_file() and json.loads(marker.read_text()) == key:
-        print(f"   reusing {report} (same run, same evaluation)", flush=True)
-    else:
-        evaluate()
-        atomic_write_bytes(marker, json.dumps(key).encode())
-    return json.loads(report.read_text())
+    return reuse_or_evaluate(out / "eval", key, evaluate, MARKER)
 
 
 def table(result: dict) -> str:

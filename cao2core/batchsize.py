@@ -29,6 +29,8 @@ def recorded(out: Path, run_id: str) -> int | None:
         manifest = json.loads((Path(out) / MANIFEST).read_text())
     except (OSError, ValueError):
         return None
+    if not isinstance(manifest, dict):
+        return None             # not a manifest cao2 wrote: the store's check says so in its own words
     size = manifest.get("batch_size") if manifest.get("run_id") == run_id else None
     return size if isinstance(size, int) and size >= 1 else None
 

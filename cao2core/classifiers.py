@@ -14,7 +14,6 @@ What the classifier sees of a decoded sample (``INPUTS``, ``--classifier-input``
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.resources
 import io
 import json
@@ -32,7 +31,9 @@ from safetensors.torch import load_file
 from timm.models import register_model
 from torch import nn
 
+from . import weights
 from .errors import UserError
+from .hookspecs import CLASSIFIER_INPUTS
 from .labels import LabelSpace
 
 
@@ -70,7 +71,7 @@ def mnist_cnn(pretrained: bool = False, **kwargs) -> MnistCNN:
 
 
 DEFAULT_IMAGENET_CLASSIFIER = "resnet18.tv_in1k"   # the weights of torchvision's resnet18, as the reference uses
-INPUTS = ("timm", "raw", "jpeg")
+INPUTS = CLASSIFIER_INPUTS
 
 
 def embedded_mnist_classifier() -> Path:
@@ -147,6 +148,10 @@ def load_classifier(spec: str | None, space: LabelSpace, device: torch.device, a
     """A timm model name (hub weights), a local .safetensors/.pt checkpoint, or None for the dataset's default;
     ``input`` says what it sees of a decoded sample (``INPUTS``)."""
     if spec is None:
+        if space.generator_space not in ("mnist", "in1k"):
+            raise UserError(f"label space {space.name} has no default selection classifier: pass --classifier (a "
+                            "checkpoint whose metadata names its classes, or a timm model with --classifier-classes) "
+                            "or --select none|random")
         spec = str(embedded_mnist_classifier()) if space.generator_space == "mnist" else DEFAULT_IMAGENET_CLASSIFIER
     path = Path(spec)
     if path.suffix in (".safetensors", ".pt", ".pth", ".bin") or path.exists():
@@ -154,14 +159,25 @@ def load_classifier(spec: str | None, space: LabelSpace, device: torch.device, a
     else:
         clf = _load_timm(spec)
     if classes_file is not None:
-        lines = [ln.split()[0] for ln in Path(classes_file).read_text().splitlines() if ln.strip()]
-        clf.classes = lines
+        clf.classes = read_class_list(classes_file, "--classifier-classes")
     if clf.classes is not None and len(clf.classes) != _num_outputs(clf.model):
         raise UserError(f"classifier {clf.source} has {_num_outputs(clf.model)} outputs but its class list has "
                         f"{len(clf.classes)} entries; fix the class list")
     clf.input = input
     clf.model.to(device)
     return clf
+
+
+def read_class_list(path: str, flag: str) -> list[str]:
+    """Class ids in output order, the first word of each non-empty line of ``path``."""
+    try:
+        lines = [ln.split()[0] for ln in Path(path).read_text().splitlines() if ln.strip()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{flag} {path}: cannot read it ({getattr(exc, 'strerror', None) or exc}); give a text file "
+                        "with one class id per line, in the classifier's output order") from None
+    if not lines:
+        raise UserError(f"{flag} {path} lists no class; give one class id per line, in the classifier's output order")
+    return lines
 
 
 def _num_outputs(model: nn.Module) -> int:
@@ -195,8 +211,8 @@ def _load_local(path: Path, arch: str | None) -> Classifier:
             state = torch.load(path, map_location="cpu", weights_only=True)
             state = state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else state
     except Exception as exc:
-        raise UserError(f"cannot read classifier checkpoint {path} ({type(exc).__name__}); "
-                        "it is truncated or not a safetensors/torch state dict") from None
+        raise UserError(f"cannot read classifier checkpoint {path}: {weights.load_error(exc)}") from None
+    weights.require_floating(state, path)
     arch = arch or meta.get("arch")
     if not arch:
         raise UserError(f"classifier checkpoint {path} does not name its architecture; pass --classifier-arch")
@@ -212,8 +228,7 @@ def _load_local(path: Path, arch: str | None) -> Classifier:
     classes = json.loads(meta["classes"]) if "classes" in meta else None
     acc = json.loads(meta["class_accuracy"]) if "class_accuracy" in meta else None
     class_accuracy = dict(zip(classes, acc)) if classes and acc else {}
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    return Classifier(model, classes, str(path), digest, class_accuracy)
+    return Classifier(model, classes, str(path), weights.file_sha256(path), class_accuracy)
 
 
 def _infer_num_classes(state: dict) -> int:

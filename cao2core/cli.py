@@ -1,7 +1,8 @@
-"""``cao2`` command line: ``cao2 run`` distills, ``cao2 plugins`` lists what is installed."""
+"""``cao2`` command line: ``cao2 run`` distills, ``cao2 eval`` scores, ``cao2 plugins`` lists what is installed."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from dataclasses import MISSING, fields
@@ -9,6 +10,7 @@ from dataclasses import MISSING, fields
 from . import __version__, ablate, distributed, presets
 from .config import RunConfig, load_toml
 from .errors import UserError
+from .evaluate import compare
 from .evaluate.cli import add_parser as add_eval_parser
 from .evaluate.cli import main as eval_main
 
@@ -63,11 +65,13 @@ def _add_run_flags(p: argparse.ArgumentParser, command: str = "run") -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cao2", description="Dataset distillation with pretrained generators (CaO2).")
     parser.add_argument("--version", action="version", version=f"cao2 {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the traceback behind an error (or CAO2_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
     run_p = sub.add_parser("run", help="distill a dataset", description="Sample a pool per class, select (OSS), "
                            "optimize the latents (CLO), decode and write the distilled set.")
     _add_run_flags(run_p)
-    sub.add_parser("plugins", help="list installed generator and other plugins with their hooks")
+    plugins_p = sub.add_parser("plugins", help="list installed generator and other plugins with their hooks")
+    plugins_p.add_argument("--verbose", "-v", action="store_true", help="also each generator's --gen-opt keys")
     sub.add_parser("presets", help="list the --preset settings with the paper's reported accuracy")
     add_eval_parser(sub)
     ablate_p = sub.add_parser("ablate", help="run and score the four OSS/CLO variants (paper-style ablation)",
@@ -81,14 +85,35 @@ def build_parser() -> argparse.ArgumentParser:
                               "decode and write them as `cao2 run` does.")
     _add_run_flags(refine_p, "refine")
     ablate.add_eval_flags(ablate_p)
+    sweep_p = sub.add_parser("sweep", help="run, measure and score a grid of run options on shared seeds",
+                             description="Run `cao2 run` at every point of a grid of flag values (--grid, "
+                             "repeatable; the points are their product), all on the same seeds, measure how far "
+                             "CLO moved each point's latents and images, score each point with `cao2 eval` "
+                             "unless --no-eval, and write OUT/<point>/, OUT/sweep.json, OUT/sweep.md and "
+                             "OUT/sweep.png.")
+    _add_run_flags(sweep_p)
+    sweep_p.add_argument("--grid", action="append", metavar="KEY=V1,V2,...",
+                         help="a `cao2 run` flag and its values, e.g. clo-lr=6e-4,1e-2,1e-1 (repeatable)")
+    sweep_p.add_argument("--no-eval", dest="evaluate", action="store_false",
+                         help="measure the points without training students; score chosen points later with "
+                              "`cao2 eval --data OUT/<point>`")
+    ablate.add_eval_flags(sweep_p)
+    compare.add_parser(sub)
     return parser
+
+
+def run_flag_actions() -> dict[str, argparse.Action]:
+    """The ``cao2 run`` flag of each RunConfig field, to parse values as that flag does (``cao2 sweep --grid``)."""
+    p = argparse.ArgumentParser(add_help=False)
+    _add_run_flags(p)
+    return {a.dest: a for a in p._actions}
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     preset = presets.get(args.preset) if getattr(args, "preset", None) else None
     toml = load_toml(args.config) if getattr(args, "config", None) else {}
     flags = {k: v for k, v in vars(args).items()
-             if k not in ("command", "config", "preset") and not k.startswith("eval_")}
+             if k not in ("command", "config", "preset", "debug") and not k.startswith("eval_")}
     profile = flags.get("profile", toml.get("profile", preset.options.get("profile") if preset else None))
     values = preset.options_for(profile) if preset else {}
     values.update(toml)
@@ -103,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "plugins":
-            return _plugins()
+            return _plugins(args.verbose)
         if args.command == "eval":
             return eval_main(args)
         if args.command == "presets":
@@ -111,6 +136,10 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "ablate":
             return _ablate(args)
+        if args.command == "sweep":
+            return _sweep(args)
+        if args.command == "compare":
+            return _compare(args)
         if args.command == "refine":
             cfg = config_from_args(args)
             if not cfg.images:
@@ -118,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
             return _run(cfg)
         return _run(config_from_args(args))
     except UserError as exc:
+        if getattr(args, "debug", False) or os.environ.get("CAO2_DEBUG", "") not in ("", "0"):
+            raise
         print(f"cao2: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -138,13 +169,15 @@ def _run(cfg: RunConfig) -> int:
         return 0
     print(f"{'refined' if cfg.images else 'distilled'} {result.written} classes "
           f"({len(result.completed) - result.written} already complete) into {result.out.resolve()}")
-    print(f"  images:   {result.out / 'images'}  (ImageFolder)")
-    print(f"  preview:  {result.out / 'preview.png'}")
+    if result.completed:
+        print(f"  images:   {result.out / 'images'}  (ImageFolder)")
+    if result.preview:
+        print(f"  preview:  {result.out / 'preview.png'}")
     print(f"  manifest: {result.out / 'manifest.json'}")
     if result.failed:
         cid, reason = next(iter(result.failed.items()))
         raise UserError(f"{len(result.failed)} class(es) failed and were not written (class {cid}: {reason}); "
-                        "lower --clo-lr or check the generator, then rerun the same command to redo them")
+                        "rerun the same command to redo them")
     return 0
 
 
@@ -159,17 +192,44 @@ def _ablate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _plugins() -> int:
+def _sweep(args: argparse.Namespace) -> int:
+    from . import sweep
+    if "out" not in vars(args):
+        args.out = "out/sweep"
+    run_args = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in ("grid", "evaluate")})
+    result = sweep.run(config_from_args(run_args), args, build_parser().parse_args, run_flag_actions())
+    print()
+    print(sweep.table(result))
+    print("\nwrote " + ", ".join(str(Path(args.out) / f) for f in (sweep.REPORT, sweep.TABLE, sweep.CHART)))
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    result = compare.run(args, build_parser().parse_args)
+    print()
+    print(compare.table(result))
+    print("\nwrote " + ", ".join(str(Path(result["out"]) / f) for f in (compare.REPORT, compare.TABLE)))
+    return 0
+
+
+def _plugins(verbose: bool = False) -> int:
     from .plugins import Host
     host = Host()
     for info in host.describe():
-        print(f"{info.name} {info.version} [{info.kind}]")
+        print(f"{info.name} {info.version} [{info.kind}]" + (f" from {info.distribution}" if info.distribution else ""))
         print("  hooks: " + ", ".join(h.removeprefix("cao2_") for h in info.hooks))
+        if verbose and info.options:
+            print("  --gen-opt keys:")
+            for key, opt in sorted(info.options.items()):
+                choices = f" ({'|'.join(opt.choices)})" if opt.choices else ""
+                print(f"    {key}{choices}: {opt.help} [default: {opt.default}]")
     for name, reason in sorted(host.broken.items()):
         print(f"{name} [generator, BROKEN]")
         print(f"  {reason}")
+    if verbose:
+        print("generic flags read by only some generators: --timestep-convention and --sampler (dit); "
+              "--profile reference changes what each generator's docs say")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from . import kernels
+from .contract import PluginError
 from .errors import UserError
 from .kernels.reference import clo_loss  # noqa: F401  (the semantics every kernel backend is tested against)
 
@@ -78,6 +79,10 @@ def optimize_rows(gen, handle, latents: torch.Tensor, labels: torch.Tensor, kind
         loss = kernels.clo_loss(p.pred, p.target, settings.lam, p.weight, backend=settings.kernels)
         if p.aux_loss is not None:
             loss = loss + p.aux_loss
+        if it == 0 and not loss.requires_grad:
+            raise PluginError(f"generator plugin {getattr(gen, 'label', gen)}: no gradient reaches the latents "
+                              "through cao2_corrupt and cao2_predict (detached or computed under torch.no_grad); "
+                              "the plugin breaks the cao2 contract (docs/plugins.md)")
         opt.zero_grad(set_to_none=True)
         loss.sum().backward()
         opt.step()

@@ -7,8 +7,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from .errors import UserError
-from .hookspecs import CONDITION_KINDS, GENERIC_OPTIONS
-from .classifiers import INPUTS as CLASSIFIER_INPUTS
+from .hookspecs import CLASSIFIER_INPUTS, CONDITION_KINDS, GENERIC_OPTIONS
 from .kernels import BACKENDS as KERNEL_BACKENDS
 from .select import ORDERS, STRATEGIES
 
@@ -92,12 +91,21 @@ class RunConfig:
     def validate(self) -> None:
         if self.ipc == "all" and not self.images:
             raise UserError("--ipc all keeps every given image: it is for `cao2 refine --images DIR`; give a number")
+        finite = lambda x: isinstance(x, (int, float)) and math.isfinite(x)    # noqa: E731
         checks = [(self.ipc == "all" or self.ipc >= 1, f"--ipc must be at least 1, got {self.ipc}"),
                   (self.pool_factor >= 1, f"--pool-factor must be at least 1, got {self.pool_factor}"),
                   (self.clo_iters >= 0, f"--clo-iters must be 0 or more, got {self.clo_iters}"),
-                  (math.isfinite(self.clo_lr) and self.clo_lr > 0, f"--clo-lr must be a positive number, got {self.clo_lr}"),
-                  (math.isfinite(self.clo_lambda) and self.clo_lambda >= 0,
+                  (finite(self.clo_lr) and self.clo_lr > 0, f"--clo-lr must be a positive number, got {self.clo_lr}"),
+                  (finite(self.clo_lambda) and self.clo_lambda >= 0,
                    f"--clo-lambda must be 0 or more, got {self.clo_lambda}"),
+                  (self.guidance is None or (finite(self.guidance) and self.guidance >= 0),
+                   f"--guidance must be a finite number, 0 or more, got {self.guidance}"),
+                  (finite(self.condition_threshold) and 0 <= self.condition_threshold <= 1,
+                   f"--condition-threshold must be an accuracy in [0, 1], got {self.condition_threshold}"),
+                  (self.clo_tmax is None or self.clo_tmax >= 1, f"--clo-tmax must be at least 1, got {self.clo_tmax}"),
+                  (self.classes is None or self.classes.strip(" ,") != "",
+                   "--classes is empty (an unset shell variable?); give class ids or positions, or leave the flag "
+                   "out to distill every class"),
                   (self.batch_size == "auto" or (isinstance(self.batch_size, int) and self.batch_size >= 1),
                    f"--batch-size must be at least 1 or auto, got {self.batch_size}"),
                   (self.dry_run is None or self.dry_run >= 1, "--dry-run RANKS must be at least 1"),
@@ -124,18 +132,59 @@ class RunConfig:
 
 
 def load_toml(path: str) -> dict:
-    """Read a --config file; keys are the flag names (dashes or underscores)."""
+    """Read a --config file; keys are the flag names (dashes or underscores), values of the flags' types."""
     try:
         data = tomllib.loads(Path(path).read_text())
     except FileNotFoundError:
         raise UserError(f"config file {path} not found") from None
-    except (OSError, tomllib.TOMLDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise UserError(f"config file {path} is not valid TOML: {exc}") from None
-    names = {f.name for f in fields(RunConfig)}
+    known = {f.name: f for f in fields(RunConfig)}
     out = {}
     for key, value in data.items():
         name = key.replace("-", "_")
-        if name not in names:
+        if name not in known:
             raise UserError(f"config file {path}: unknown key {key!r}; keys are the `cao2 run` flag names")
-        out[name] = value
+        out[name] = typed(known[name], value, f"config file {path}: {key}")
     return out
+
+
+def typed(f, value, where: str):
+    """A --config value checked against its flag's type and choices (TOML's own types: no "false" for false)."""
+    kind = str(f.type).replace(" ", "")
+    words = {"ipc": "all", "batch_size": "auto"}
+    if value is None:
+        raise UserError(f"{where}: no value")
+    if f.name == "gen_opt":         # KEY=VALUE strings; a single string or a table are accepted too
+        if isinstance(value, dict):
+            value = [f"{k}={'true' if v is True else 'false' if v is False else v}" for k, v in value.items()]
+        elif isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise UserError(f'{where}: give KEY=VALUE strings, e.g. gen-opt = ["autocast=bf16"]')
+        return value
+    if f.name == "classes" and isinstance(value, list) and all(isinstance(v, (int, str)) for v in value):
+        value = ",".join(str(v) for v in value)
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise UserError(f"{where} must be true or false (a TOML boolean, unquoted), got {value!r}")
+        return value
+    if value is True or value is False:
+        raise UserError(f"{where} must not be a boolean, got {value!r}")
+    if f.name in words and value == words[f.name]:
+        return value
+    if kind.startswith("int"):
+        if not isinstance(value, int):
+            extra = f" or {words[f.name]!r}" if f.name in words else ""
+            raise UserError(f"{where} must be a whole number{extra}, got {value!r}")
+        return value
+    if kind.startswith("float"):
+        if not isinstance(value, (int, float)):
+            raise UserError(f"{where} must be a number, got {value!r}")
+        return float(value)
+    if not isinstance(value, str):
+        raise UserError(f"{where} must be a string (quoted), got {value!r}")
+    choices = f.metadata.get("choices")
+    if choices and value not in choices:
+        raise UserError(f"{where} must be one of {', '.join(choices)}, got {value!r}")
+    return value

@@ -2,8 +2,9 @@
 
 Nothing is written. The FLOPs come from torch's FLOP counter on one pool sample and one CLO iteration of one
 latent (forward, backward and Adam) of the loaded generator; the throughput from timing one pool chunk and
-two CLO iterations of one chunk at ``--batch-size`` on the run's device, each after an untimed call at the same
-size, whose extra time (compilation, autotuning, allocator growth) is reported apart as a once-per-rank cost.
+two CLO iterations of one chunk at ``--batch-size`` on the run's device (on a CPU at most 8 samples, which bounds
+the dry run's own time), each after an untimed call at the same size, whose extra time (compilation, autotuning,
+allocator growth) is reported apart as a once-per-rank cost. A bar shows each sampling pass's steps.
 Classification and decoding are left out of the projection (they are a small share for DiT/MAR-sized
 generators).
 """
@@ -14,10 +15,13 @@ from dataclasses import replace
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
+from tqdm.auto import tqdm
 
 from . import clo
 from .seeding import unit_generators
 from .workplan import chunks, class_groups
+
+CPU_TIMED_CHUNK = 8     # samples timed per stage on a CPU
 
 
 def count_flops(fn):
@@ -53,14 +57,23 @@ def report(cfg, gen, handle, spec, space, settings, device, ranks: int) -> str:
     params = sum(p.numel() for m in _modules(handle) for p in m.parameters())
     work = Workload(cfg, gen, handle, space, settings, device)
 
-    flops_sample, one = count_flops(lambda: work.sample(1))
+    steps = spec.sample_steps
+
+    def sample(n: int, what: str):
+        """work.sample(n), saying what it does and moving a bar per sampler step (a sampler can take minutes)."""
+        with tqdm(total=steps, desc=f"dry run: {what}", unit="step", leave=False, disable=not cfg.progress) as bar:
+            return work.sample(n, progress=lambda: bar.update(1))
+
+    flops_sample, one = count_flops(lambda: sample(1, "FLOPs of one pool sample"))
     flops_clo = count_flops(lambda: work.optimize(one, 1))[0] if cfg.clo_iters else 0
-    # chunks as the run fills them: a group's pools and selected latents share chunks
-    b_pool = min(len(groups[0]) * pool, cfg.batch_size)
-    b_clo = min(len(groups[0]) * ipc, cfg.batch_size)       # <= b_pool: ipc <= pool
+    # chunks as the run fills them: a group's pools and selected latents share chunks; on a CPU, whose throughput
+    # hardly depends on the batch, a smaller chunk bounds the dry run's own time
+    cap = cfg.batch_size if device.type == "cuda" else min(cfg.batch_size, CPU_TIMED_CHUNK)
+    b_pool = min(len(groups[0]) * pool, cap)
+    b_clo = min(len(groups[0]) * ipc, cap)       # <= b_pool: ipc <= pool
     # the first call at a chunk size pays compilation (torch.compile, CUDA graphs) and autotuning once per rank
-    first_pool = timed(lambda: work.sample(b_pool), device)[0]
-    t_pool, pooled = timed(lambda: work.sample(b_pool), device)
+    first_pool = timed(lambda: sample(b_pool, f"first pool chunk of {b_pool} (untimed)"), device)[0]
+    t_pool, pooled = timed(lambda: sample(b_pool, f"timing a pool chunk of {b_pool}"), device)
     t_sample = t_pool / b_pool
     t_clo, warmup = 0.0, max(first_pool - t_pool, 0.0)
     if cfg.clo_iters:
@@ -106,10 +119,10 @@ class Workload:
         self.label = space.generator_labels[0]
         self.condition = "null" if cfg.condition == "auto" else cfg.condition
 
-    def sample(self, n: int) -> torch.Tensor:
+    def sample(self, n: int, progress=None) -> torch.Tensor:
         return self.gen.sample(handle=self.handle, labels=torch.full((n,), self.label, device=self.device),
                                generators=unit_generators(self.cfg.seed, self.label, range(n), "sample"),
-                               snapshot_steps=[]).latents
+                               snapshot_steps=[], progress=progress).latents
 
     def optimize(self, latents: torch.Tensor, iters: int) -> torch.Tensor:
         n = len(latents)

@@ -1,6 +1,9 @@
 """The distillation run: for each class, sample a pool, select (OSS), optimize (CLO), decode, store.
 
-Read ``run`` top to bottom to follow one class from the command line to its PNG files.
+Read top to bottom to follow one class from the command line to its PNG files: ``run`` calls ``prepare``
+(every input checked, nothing written), ``open_store``, ``plan_groups``, then ``distill_group`` for each group of
+classes, whose stages are ``sample_pools``, ``select_samples``, ``optimize_latents`` and ``store_classes``, and
+``finish``.
 """
 from __future__ import annotations
 
@@ -16,11 +19,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import __version__, batchsize, clo, distributed, dryrun, kernels, select, workplan
-from .classifiers import INPUTS as CLASSIFIER_INPUTS
+from . import __version__, batchsize, clo, distributed, dryrun, kernels, select, weights, workplan
 from .classifiers import Classifier, load_classifier
 from .config import RunConfig
 from .errors import UserError
+from .hookspecs import CLASSIFIER_INPUTS
 from .labels import LabelSpace, label_space
 from .plugins import Generator, Host
 from .pools import ImagePool, SampledPool, batches, in_chunks
@@ -38,167 +41,284 @@ class RunResult:
     failed: dict[str, str]
     rank: int = 0
     plan: str | None = None     # --dry-run: what the run would do
+    preview: bool = False       # preview.png was written
+
+
+@dataclass
+class Run:
+    """Everything a run needs, resolved and checked before anything is written."""
+
+    cfg: RunConfig
+    ranks: distributed.Ranks
+    gen: Generator
+    handle: object
+    spec: object
+    space: LabelSpace
+    source: SampledPool | ImagePool
+    clo: clo.CLOSettings
+    classifier: Classifier | None
+    targets: list[int] | None
+    device: torch.device
+    run_id: str
+    conditions: dict[str, str]
+    description: dict           # the generator's own record (cao2_describe)
+    identity: dict              # everything that determines the output; run_id is its hash
 
 
 def run(cfg: RunConfig, host: Host | None = None) -> RunResult:
+    """Distill: check every input, then for each group of classes sample the pool, select (OSS), optimize (CLO),
+    decode and store; each class appears on disk only when all its files are in place."""
     cfg.validate()
-    ranks = distributed.init(cfg.device)         # torchrun: this process distills every world_size-th class
-    host = host or Host()
+    ranks = distributed.init(cfg.device)         # torchrun: this process distills every world_size-th group
+    r = prepare(cfg, host or Host(), ranks)
+    if r.cfg.dry_run:
+        plan = dryrun.report(r.cfg, r.gen, r.handle, r.spec, r.space, r.clo, r.device, r.cfg.dry_run)
+        return RunResult(Path(r.cfg.out), [], 0, {}, ranks.rank, plan)
+    store = open_store(r)
+    groups, todo = plan_groups(r, store)
+    bars = Bars(r, groups, todo)
+    for g, missing in todo:
+        distill_group(r, store, groups[g], missing, bars)
+    bars.close()
+    return finish(r, store)
+
+
+def prepare(cfg: RunConfig, host: Host, ranks) -> Run:
+    """Load the generator and classifier and check every option and input; writes nothing."""
     gen = host.generator(cfg.generator)
     device = resolve_device(distributed.rank_device(cfg.device, ranks))
-    handle = gen.load(options=cfg.gen_options(), device=device)
+    handle = gen.load(options=gen.parse_options(cfg.gen_options()), device=device)
     spec = gen.latent_spec(handle=handle)
-
-    space = resolve_classes(cfg, spec)
+    space = resolve_classes(cfg, spec, gen.label_spaces())
     if cfg.images:      # cao2 refine: the pool is the given images; the classes are their folders
-        source = ImagePool(cfg.images, label_space(space.name), cfg, gen, handle, spec, device)
+        source = ImagePool(cfg.images, label_space(space.name, gen.label_spaces()), cfg, gen, handle, spec, device)
         space = source.space
     else:
         source = SampledPool(cfg, gen, handle, device)
-    clo_settings = clo.CLOSettings(cfg.clo_iters, cfg.clo_lr, cfg.clo_lambda, spec.level_range[0],
-                                   cfg.clo_tmax if cfg.clo_tmax is not None else spec.default_level_max)
-    clo.check_levels(clo_settings, spec.level_range)
-    clo_settings.kernels = resolve_kernels(cfg.kernels, device)
+    settings = clo.CLOSettings(cfg.clo_iters, cfg.clo_lr, cfg.clo_lambda, spec.level_range[0],
+                               cfg.clo_tmax if cfg.clo_tmax is not None else spec.default_level_max)
+    clo.check_levels(settings, spec.level_range)
+    settings.kernels = resolve_kernels(cfg.kernels, device)
     if cfg.select == "stability" and (spec.sample_steps or 0) < 2:
         raise UserError(f"--select stability compares the sample one step before the end with the final one, but "
                         f"this sampler has {spec.sample_steps or 'no'} steps; use --sample-steps 2 or more, or "
                         "another --select")
-    classifier = None
+    classifier = targets = None
     if cfg.select in ("confidence", "stability") or cfg.condition == "auto":
         classifier = load_classifier(cfg.classifier, space, device, cfg.classifier_arch, cfg.classifier_classes,
                                      classifier_input(cfg, spec))
         targets = classifier.output_indices(space)
-    source_id = source.identity()
-    rid = run_id(cfg, source_id)
+    description = gen.describe(handle=handle)
+    identity = run_identity(cfg, gen, description, classifier, source.identity(), host)
+    rid = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    work = dryrun.Workload(cfg, gen, handle, space, settings, device, classifier)
     if cfg.batch_size == "auto":
-        cfg = resolve_batch_size(cfg, ranks, dryrun.Workload(cfg, gen, handle, space, clo_settings, device,
-                                                             classifier), rid, device)
-    if cfg.dry_run:
-        plan = dryrun.report(cfg, gen, handle, spec, space, clo_settings, device, cfg.dry_run)
-        return RunResult(Path(cfg.out), [], 0, {}, ranks.rank, plan)
-    conditions = condition_per_class(cfg, space, classifier)
+        cfg = resolve_batch_size(cfg, ranks, work, rid, device)
+    if not cfg.dry_run and not cfg.images:
+        preflight(work, cfg)
+    return Run(cfg, ranks, gen, handle, spec, space, source, settings, classifier, targets, device, rid,
+               condition_per_class(cfg, space, classifier), description, identity)
 
-    header = manifest_header(cfg, gen, handle, space, classifier, clo_settings)
-    header["source"] = source_id
-    store = Store(Path(cfg.out), rid, header, ranks.rank, ranks.world_size)
-    store.check(cfg.overwrite)
-    ranks.barrier()
-    if ranks.is_main:
+
+def preflight(work: dryrun.Workload, cfg: RunConfig) -> None:
+    """Call every hook the run needs once, on two samples (within --batch-size), before anything is written: a
+    plugin that breaks the contract fails here with an empty output folder rather than halfway through."""
+    with torch.no_grad():
+        latents = work.sample(min(2, cfg.batch_size))
+    if cfg.select in ("confidence", "stability") and work.classifier is not None:
+        work.classify(latents)
+    if cfg.clo_iters:
+        try:
+            work.optimize(latents, 1)
+        except clo.NonFiniteLatents:
+            pass                # a class's own failure: the run records it for that class and goes on
+    work.decode(latents)
+
+
+def open_store(r: Run) -> Store:
+    """Check the output folder, then (rank 0) create it or take over this same run's; read its records."""
+    header = manifest_header(r.cfg, r.gen, r.description, r.space, r.classifier, r.clo)
+    header["source"] = r.source.identity()
+    header["identity"] = r.identity
+    store = Store(Path(r.cfg.out), r.run_id, header, r.ranks.rank, r.ranks.world_size)
+    store.check(r.cfg.overwrite)
+    r.ranks.barrier()
+    if r.ranks.is_main:
         store.open()                    # nothing is written before every input has been checked
-    ranks.barrier()
+    r.ranks.barrier()
     store.load()
+    return store
 
-    # classes share forward passes in groups (fixed by the class list and batch size, not by the ranks);
-    # each rank checks the files of every N-th group against their records, then the groups left to do are
-    # dealt out over the ranks (a resume stays balanced); a group with an incomplete class is computed again in
-    # full (at most one chunk's work repeated), so its chunks match
-    groups = workplan.class_groups([source.keep(cid) for cid in space.ids], cfg.batch_size)
+
+def plan_groups(r: Run, store: Store) -> tuple[list[list[int]], list[tuple[int, list[int]]]]:
+    """The class groups, and this rank's share of those with an incomplete class: [(group, its incomplete
+    positions)].
+
+    Classes share forward passes in groups fixed by the class list and batch size, not by the ranks. Each rank
+    checks the files of every N-th group against their records; the groups left to do are dealt out over the
+    ranks, so a resume stays balanced. A group with an incomplete class is computed again in full (at most one
+    chunk's work repeated), so its chunks hold the same samples."""
+    space, ranks = r.space, r.ranks
+    groups = workplan.class_groups([r.source.keep(cid) for cid in space.ids], r.cfg.batch_size)
     checked = {g: [p for p in groups[g] if not store.is_complete(space.ids[p])]
                for g in ranks.shard(range(len(groups)))}
-    # (group, its incomplete positions): the rank that writes a group need not hash its complete classes again
     todo = ranks.spread(sorted((g, missing) for part in ranks.gather(checked)
                                for g, missing in part.items() if missing))
     for cid, why in store.redone.items():
         print(f"cao2: class {cid} will be redone: {why}", file=sys.stderr)
-    # under torchrun only rank 0 draws its bars (its share stands for every rank's: the groups are dealt in turn)
-    shown = cfg.progress and ranks.is_main
-    of_ranks = f" (rank 0 of {ranks.world_size})" if ranks.world_size > 1 else ""
-    sample_bar = tqdm(total=sum(source.size(space.ids[p]) for g, _ in todo for p in groups[g]),
-                      desc=("encode" if cfg.images else "sample pool") + of_ranks, unit="img", disable=not shown)
-    clo_bar = tqdm(total=sum(workplan.chunks(sum(source.keep(space.ids[p]) for p in groups[g]), cfg.batch_size)
-                             for g, _ in todo) * cfg.clo_iters, desc="CLO" + of_ranks, unit="it", disable=not shown)
-    for g, missing in todo:
-        group = groups[g]
-        cids, labels = [space.ids[p] for p in group], [space.generator_labels[p] for p in group]
-        times = {}
-        # 1. pool: sampled by the generator, each sample from its own seed (refine: the given images, encoded)
-        t0 = time.perf_counter()
-        pools = source.latents(list(zip(cids, labels)), cfg.batch_size, sample_bar)
-        times["sample"] = time.perf_counter() - t0
+    if ranks.is_main and ranks.world_size > len(groups):
+        print(f"cao2: {len(groups)} class group(s) for {ranks.world_size} ranks: {ranks.world_size - len(groups)} "
+              "rank(s) have nothing to do (a smaller --batch-size makes more groups)", file=sys.stderr)
+    return groups, todo
 
-        # 2. OSS per class: classify the decoded pool with the classifier's own preprocessing
-        t0 = time.perf_counter()
-        if cfg.select in ("confidence", "stability"):
-            probs = classify(gen, handle, classifier, [p for p, _ in pools], cfg.batch_size)
-            if cfg.select == "stability":
-                probs_before = classify(gen, handle, classifier, [b for _, b in pools], cfg.batch_size)
-        kept = []
-        for k, (pos, cid, label) in enumerate(zip(group, cids, labels)):
-            ipc = source.keep(cid)
-            if cfg.select == "confidence":
-                keep = select.select_confidence(probs[k], targets[pos], ipc, cfg.order)
-                scores = select.scores_of(probs[k], targets[pos])[keep]
-            elif cfg.select == "stability":
-                keep = select.select_stability(probs_before[k], probs[k], ipc)
-                scores = select.stability_of(probs_before[k], probs[k])[keep]
-            else:
-                keep = (select.select_random(source.size(cid), ipc, unit_generator(cfg.seed, label, 0, "select"))
-                        if cfg.select == "random" else torch.arange(ipc))
-                scores = torch.full((ipc,), float("nan"))
-            kept.append((keep, scores))
-        latents_init = torch.cat([pool[keep.to(pool.device)] for (pool, _), (keep, _) in zip(pools, kept)])
-        times["select"] = time.perf_counter() - t0
 
-        # 3. CLO: the group's selected latents in chunks, each with its own condition, noise and level draws
-        t0 = time.perf_counter()
-        if clo_bar.n == 0:
-            clo_bar.reset(clo_bar.total)       # its clock starts with the first CLO, not with the first pool
-        rows = [(cid, label, i) for cid, label, (keep, _) in zip(cids, labels, kept) for i in range(len(keep))]
-        latents, bad = [], {}
-        for idx in batches(range(len(rows)), cfg.batch_size):
-            units = [rows[r] for r in idx]
-            z, chunk_bad = clo.optimize_rows(
-                gen, handle, latents_init[idx], torch.tensor([l for _, l, _ in units], device=device),
-                [conditions[c] for c, _, _ in units], [unit_generator(cfg.seed, l, i, "clo-noise") for _, l, i in units],
-                [unit_generator(cfg.seed, l, i, "clo-level") for _, l, i in units], clo_settings, clo_bar.update)
-            latents.append(z)
-            for r, it in chunk_bad.items():
-                c, _, i = units[r]
-                bad.setdefault(c, {})[i] = it
-        latents = torch.cat(latents)
-        times["clo"] = time.perf_counter() - t0
+class Bars:
+    """The pool and CLO progress bars; under torchrun only rank 0 draws them (the groups are dealt in turn, so
+    its share stands for every rank's)."""
 
-        # 4. decode the group in chunks; store each class, which appears only once all its files are in place
-        t0 = time.perf_counter()
-        pixels = in_chunks(lambda z: gen.decode(handle=handle, latents=z).cpu(), latents, cfg.batch_size)
-        times["decode"] = time.perf_counter() - t0
-        record_times = {k: round(v, 3) for k, v in times.items()}
-        first = 0
-        for pos, cid, label, (keep, scores) in zip(group, cids, labels, kept):
-            ipc, rows_of = len(keep), slice(first, first + len(keep))
-            first += ipc
-            if pos not in missing:
-                continue            # computed again only because its group had an incomplete class
-            if cid in bad:
-                reason = str(clo.NonFiniteLatents.first_of(bad[cid]))
-                store.set_status(cid, {"status": "failed", "reason": reason, "label": pos, "generator_label": label})
-                continue
-            tensors = {"latents": latents[rows_of], "latents_init": latents_init[rows_of],
-                       "labels": torch.full((ipc,), label), "scores": scores.float(), "pool_index": keep.long()}
-            try:
-                store.write_class(cid, pixels[rows_of], tensors, {
-                    "name": space.names[pos], "label": pos, "generator_label": label, "condition": conditions[cid],
-                    "pool": source.size(cid), "kept": ipc, "group": cids, "seconds": record_times,
-                    "rank": ranks.rank})
-            except OSError as exc:
-                raise UserError(f"cannot write class {cid} into {cfg.out} ({exc.strerror or exc}); free disk space "
-                                "or fix permissions, then rerun the same command to continue") from None
-    sample_bar.close()
-    clo_bar.close()
+    def __init__(self, r: Run, groups, todo):
+        shown = r.cfg.progress and r.ranks.is_main
+        of_ranks = f" (rank 0 of {r.ranks.world_size})" if r.ranks.world_size > 1 else ""
+        ids, src, size = r.space.ids, r.source, r.cfg.batch_size
+        self.sample = tqdm(total=sum(src.size(ids[p]) for g, _ in todo for p in groups[g]),
+                           desc=("encode" if r.cfg.images else "sample pool") + of_ranks, unit="img",
+                           disable=not shown)
+        self.clo = tqdm(total=sum(workplan.chunks(sum(src.keep(ids[p]) for p in groups[g]), size)
+                                  for g, _ in todo) * r.cfg.clo_iters, desc="CLO" + of_ranks, unit="it",
+                        disable=not shown)
 
-    # every rank's classes are written after this; the ranks send each other their new records
+    def clo_step(self, n: int) -> None:
+        if self.clo.n == 0 and n:
+            self.clo.reset(self.clo.total)      # its clock starts with the first CLO, not with the first pool
+        self.clo.update(n)
+
+    def close(self) -> None:
+        self.sample.close()
+        self.clo.close()
+
+
+def distill_group(r: Run, store: Store, group: list[int], missing: list[int], bars: Bars) -> None:
+    """One group of classes from pool to PNG files; only the classes in ``missing`` are written."""
+    cids, labels = [r.space.ids[p] for p in group], [r.space.generator_labels[p] for p in group]
+    times = {}
+    t0 = time.perf_counter()
+    pools = sample_pools(r, cids, labels, bars)
+    times["sample"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    kept = select_samples(r, group, cids, labels, pools)
+    latents_init = torch.cat([pool[keep.to(pool.device)] for (pool, _), (keep, _) in zip(pools, kept)])
+    times["select"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    latents, bad = optimize_latents(r, cids, labels, kept, latents_init, bars)
+    times["clo"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    pixels = in_chunks(lambda z: r.gen.decode(handle=r.handle, latents=z).cpu(), latents, r.cfg.batch_size)
+    times["decode"] = time.perf_counter() - t0
+    store_classes(r, store, group, missing, kept, latents_init, latents, pixels, bad,
+                  {k: round(v, 3) for k, v in times.items()})
+
+
+def sample_pools(r: Run, cids: list[str], labels: list[int], bars: Bars) -> list[tuple[torch.Tensor, object]]:
+    """1. Each class's pool (and its state one sampler step before the end, for ``stability``): sampled by the
+    generator, each sample from its own seed (refine: the given images, encoded)."""
+    return r.source.latents(list(zip(cids, labels)), r.cfg.batch_size, bars.sample)
+
+
+def select_samples(r: Run, group: list[int], cids: list[str], labels: list[int], pools
+                   ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """2. OSS: (kept pool indices in selection order, their scores) per class; the pool is classified after
+    decoding, as the classifier input says."""
+    cfg = r.cfg
+    if cfg.select in ("confidence", "stability"):
+        probs = classify(r.gen, r.handle, r.classifier, [p for p, _ in pools], cfg.batch_size)
+        if cfg.select == "stability":
+            probs_before = classify(r.gen, r.handle, r.classifier, [b for _, b in pools], cfg.batch_size)
+    kept = []
+    for k, (pos, cid, label) in enumerate(zip(group, cids, labels)):
+        ipc = r.source.keep(cid)
+        if cfg.select == "confidence":
+            keep = select.select_confidence(probs[k], r.targets[pos], ipc, cfg.order)
+            scores = select.scores_of(probs[k], r.targets[pos])[keep]
+        elif cfg.select == "stability":
+            keep = select.select_stability(probs_before[k], probs[k], ipc)
+            scores = select.stability_of(probs_before[k], probs[k])[keep]
+        else:
+            keep = (select.select_random(r.source.size(cid), ipc, unit_generator(cfg.seed, label, 0, "select"))
+                    if cfg.select == "random" else torch.arange(ipc))
+            scores = torch.full((ipc,), float("nan"))
+        kept.append((keep, scores))
+    return kept
+
+
+def optimize_latents(r: Run, cids: list[str], labels: list[int], kept, latents_init: torch.Tensor, bars: Bars
+                     ) -> tuple[torch.Tensor, dict[str, str]]:
+    """3. CLO on the group's selected latents in chunks, each row with its own condition, noise and level draws.
+    Returns the latents and {class: why it failed} for classes whose samples or latents are not finite."""
+    cfg = r.cfg
+    rows = [(cid, label, i) for cid, label, (keep, _) in zip(cids, labels, kept) for i in range(len(keep))]
+    # a non-finite sample is the generator's fault, not CLO's: checked on the device, one sync per group
+    finite = torch.isfinite(latents_init.flatten(1)).all(1).tolist()
+    bad = {rows[k][0]: (f"non-finite samples from the generator ({r.gen.label}, cao2_sample): NaN or Inf in "
+                        f"sample {rows[k][2]}") for k in range(len(rows)) if not finite[k]}
+    first_bad: dict[str, dict[int, int]] = {}
+    latents = []
+    for idx in batches(range(len(rows)), cfg.batch_size):
+        units = [rows[k] for k in idx]
+        z, chunk_bad = clo.optimize_rows(
+            r.gen, r.handle, latents_init[idx], torch.tensor([l for _, l, _ in units], device=r.device),
+            [r.conditions[c] for c, _, _ in units], [unit_generator(cfg.seed, l, i, "clo-noise") for _, l, i in units],
+            [unit_generator(cfg.seed, l, i, "clo-level") for _, l, i in units], r.clo, bars.clo_step)
+        latents.append(z)
+        for k, it in chunk_bad.items():
+            c, _, i = units[k]
+            first_bad.setdefault(c, {})[i] = it
+    for c, rows_bad in first_bad.items():
+        bad.setdefault(c, f"{clo.NonFiniteLatents.first_of(rows_bad)}; lower --clo-lr")
+    return torch.cat(latents), bad
+
+
+def store_classes(r: Run, store: Store, group, missing, kept, latents_init, latents, pixels, bad, seconds) -> None:
+    """4. Write each class of the group that was missing: PNGs, latents and its record (written last); a class
+    with non-finite values is recorded as failed instead."""
+    first = 0
+    cids = [r.space.ids[p] for p in group]
+    for pos, cid, (keep, scores) in zip(group, cids, kept):
+        ipc, rows_of = len(keep), slice(first, first + len(keep))
+        first += ipc
+        label = r.space.generator_labels[pos]
+        if pos not in missing:
+            continue            # computed again only because its group had an incomplete class
+        if cid in bad:
+            store.set_status(cid, {"status": "failed", "reason": bad[cid], "label": pos, "generator_label": label})
+            continue
+        tensors = {"latents": latents[rows_of], "latents_init": latents_init[rows_of],
+                   "labels": torch.full((ipc,), label), "scores": scores.float(), "pool_index": keep.long()}
+        try:
+            store.write_class(cid, pixels[rows_of], tensors, {
+                "name": r.space.names[pos], "label": pos, "generator_label": label, "condition": r.conditions[cid],
+                "pool": r.source.size(cid), "kept": ipc, "group": cids, "seconds": seconds, "rank": r.ranks.rank})
+        except OSError as exc:
+            raise UserError(f"cannot write class {cid} into {r.cfg.out} ({exc.strerror or exc}); free disk space "
+                            "or fix permissions, then rerun the same command to continue") from None
+
+
+def finish(r: Run, store: Store) -> RunResult:
+    """Every rank's classes are written: the ranks send each other their new records, rank 0 writes the manifest
+    (listing them all) and the preview."""
+    ranks = r.ranks
     sent = ranks.gather(store.this_run)
     written = sum(e["status"] == "complete" for entries in sent for e in entries.values())
     if ranks.is_main:
-        store.finish(sent)              # the manifest lists every rank's records
+        store.finish(sent)
     else:
         store.collect(sent)
     failed = {c: e.get("reason", "") for c, e in store.manifest["classes"].items() if e.get("status") == "failed"}
-    completed = [c for c in space.ids if store.recorded_complete(c)]
+    completed = [c for c in r.space.ids if store.recorded_complete(c)]
+    preview = False
     if ranks.is_main:
-        write_preview(store, gen, handle, completed, device, cfg.batch_size)
+        preview = write_preview(store, r.gen, r.handle, completed, r.device, r.cfg.batch_size)
     ranks.barrier()
-    return RunResult(Path(cfg.out), completed, written, failed, ranks.rank)
+    return RunResult(Path(r.cfg.out), completed, written, failed, ranks.rank, preview=preview)
 
 
 def classify(gen: Generator, handle, classifier: Classifier, pools: list[torch.Tensor], batch_size: int
@@ -210,8 +330,8 @@ def classify(gen: Generator, handle, classifier: Classifier, pools: list[torch.T
     return list(probs.split([len(p) for p in pools]))
 
 
-def write_preview(store: Store, gen: Generator, handle, class_ids: list[str], device, batch_size: int) -> None:
-    """Selected latents before and after CLO, decoded side by side, for the first classes."""
+def write_preview(store: Store, gen: Generator, handle, class_ids: list[str], device, batch_size: int) -> bool:
+    """Selected latents before and after CLO, decoded side by side, for the first classes; False if none."""
     rows = []
     for cid in class_ids[:PREVIEW_CLASSES]:
         t = store.load_latents(cid)
@@ -221,6 +341,7 @@ def write_preview(store: Store, gen: Generator, handle, class_ids: list[str], de
         rows.append((img[:n], img[n:]))
     if rows:
         store.write_preview(rows)
+    return bool(rows)
 
 
 def resolve_batch_size(cfg: RunConfig, ranks, work: dryrun.Workload, rid: str, device: torch.device) -> RunConfig:
@@ -256,16 +377,31 @@ def resolve_device(name: str) -> torch.device:
         dev = torch.device(name)
     except RuntimeError:
         raise UserError(f"unknown --device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"--device {name}: this torch has no usable MPS (Apple GPU) backend; use --device cpu")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"--device {name}: a run needs a device that computes (cpu, cuda, cuda:N), not {dev.type}")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {name} asked for CUDA but no GPU is visible; use --device cpu")
     return dev
 
 
-def resolve_classes(cfg: RunConfig, spec) -> LabelSpace:
+def resolve_classes(cfg: RunConfig, spec, declared: dict) -> LabelSpace:
+    """The run's classes: ``--dataset`` (or the generator's own label space) narrowed by ``--classes``;
+    ``declared``: the generator plugin's own label spaces."""
     dataset = cfg.dataset or spec.label_space
     if dataset is None:
-        raise UserError("this generator does not say which label space it uses; pass --dataset")
-    space = label_space(dataset).select(cfg.classes)
+        raise UserError("this generator takes any label space: pass --dataset (a shipped one or a file with one "
+                        "class per line, ID [NAME])")
+    try:
+        space = label_space(dataset, declared)
+    except UserError:
+        if cfg.dataset:
+            raise
+        raise UserError(f"generator {cfg.generator} says its labels follow label space {dataset!r}, which neither "
+                        "cao2 nor the plugin declares (cao2_label_spaces); pass --dataset with a file of its classes "
+                        "(ID [NAME] per line, in the generator's label order)") from None
+    space = space.select(cfg.classes)
     if spec.label_space is not None and spec.label_space != space.generator_space:
         raise UserError(f"dataset {dataset} uses {space.generator_space} labels but the generator was trained on "
                         f"{spec.label_space}; pass a matching --dataset or --model")
@@ -306,12 +442,35 @@ def condition_per_class(cfg: RunConfig, space: LabelSpace, classifier: Classifie
     return {c: "class" if acc[c] >= cfg.condition_threshold else "null" for c in space.ids}
 
 
-def run_id(cfg: RunConfig, source: dict | None = None) -> str:
-    key = cfg.output_key() if source is None else {**cfg.output_key(), "source": source["sha256"]}
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+def run_identity(cfg: RunConfig, gen: Generator, description: dict, classifier: Classifier | None,
+                 source: dict | None, host: Host) -> dict:
+    """Everything that determines the output: the configuration, the sha256 of every file read (every sha256 the
+    generator's description reports, the classifier, the class list and accuracy files, the refined images), the
+    generator plugin's distribution and version, the cross-cutting plugins and cao2's version. A run resumes an
+    output only if this is unchanged."""
+    files = {}
+
+    def hashes(d: dict, prefix: str) -> None:
+        for k, v in d.items():
+            if isinstance(v, dict):
+                hashes(v, f"{prefix}{k}.")
+            elif k == "sha256":
+                files[prefix.rstrip(".")] = v
+    hashes(description, "generator.")
+    if classifier is not None:
+        files["classifier"] = classifier.sha256 or classifier.source
+    for flag in ("classifier_classes", "class_accuracy"):
+        path = getattr(cfg, flag)
+        if path and Path(path).is_file():
+            files[flag] = weights.file_sha256(path)
+    if source is not None:
+        files["images"] = source["sha256"]
+    return {"config": cfg.output_key(), "files": files,
+            "generator": {"name": gen.name, "distribution": gen.distribution, "version": gen.version},
+            "plugins": host.active_plugins(), "cao2": __version__}
 
 
-def manifest_header(cfg, gen: Generator, handle, space: LabelSpace, classifier, settings) -> dict:
+def manifest_header(cfg, gen: Generator, description: dict, space: LabelSpace, classifier, settings) -> dict:
     def ver(pkg):
         try:
             return version(pkg)
@@ -324,10 +483,11 @@ def manifest_header(cfg, gen: Generator, handle, space: LabelSpace, classifier, 
         "versions": {"cao2": __version__, "python": platform.python_version(), "torch": torch.__version__,
                      **{p: ver(p) for p in ("diffusers", "timm", "safetensors", "pluggy")}},
         "command": " ".join(sys.argv),
-        "generator": {"name": gen.name, **gen.describe(handle=handle)},
+        "generator": {"name": gen.name, "distribution": gen.distribution, "version": gen.version, **description},
         "classifier": None if classifier is None else {"source": classifier.source, "sha256": classifier.sha256,
                                                        "input": classifier.input},
         "dataset": space.name,
+        "generator_space": space.generator_space,   # whose label order generator_labels index
         "class_ids": list(space.ids),
         "class_names": list(space.names),
         "generator_labels": list(space.generator_labels),

@@ -9,7 +9,7 @@ Latents are always the *scaled* latents the generator denoises, batched along di
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import pluggy
 import torch
@@ -21,6 +21,8 @@ hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
 CONDITION_KINDS = ("class", "null", "zero")
+# what the selection classifier sees of a decoded sample (see cao2core.classifiers)
+CLASSIFIER_INPUTS = ("timm", "raw", "jpeg")
 
 
 @dataclass(frozen=True)
@@ -31,11 +33,12 @@ class LatentSpec:
     num_classes: int                # labels are 0 .. num_classes-1
     level_range: tuple[int, int]    # allowed CLO corruption levels (inclusive), e.g. (1, 999) timesteps
     default_level_max: int          # T-hat used when the user gives none
-    label_space: str | None = None  # the dataset whose label order the generator uses ("mnist", "in1k", ...)
+    label_space: str | None = None  # the label space whose order the generator's labels follow ("mnist", "in1k",
+    #                                 one of its cao2_label_spaces); None: any (text-conditioned), --dataset says
     corruption: str = "noise"       # "noise" (q_sample) or "mask" (token masking)
     sample_steps: int | None = None  # K, the sampler's step count (snapshot steps are 0 .. K-1)
     # how the generator's reference code fed decoded samples to the selection classifier, used under
-    # --profile reference (a cao2core.classifiers.INPUTS key; "timm" = the classifier's own preprocessing)
+    # --profile reference (one of CLASSIFIER_INPUTS; "timm" = the classifier's own preprocessing)
     reference_classifier_input: str = "timm"
 
 
@@ -74,6 +77,16 @@ class Prediction:
     aux_loss: torch.Tensor | None = None  # optional (B,) extra per-sample loss added to the CLO loss
 
 
+@dataclass(frozen=True)
+class GenOption:
+    """One ``--gen-opt KEY=VALUE`` key a generator takes, as ``cao2_options`` declares it."""
+
+    help: str
+    default: Any = None                          # shown by `cao2 plugins --verbose`; the plugin applies it
+    parse: Callable[[str], Any] = str            # the value's text -> the value; raise ValueError for bad text
+    choices: tuple[str, ...] | None = None       # the allowed texts, if it is a choice
+
+
 # the keys of a generator's load options that come from the run's own flags; the rest are --gen-opt pairs
 GENERIC_OPTIONS = ("model", "vae", "dataset", "sampler", "sample_steps", "guidance", "timestep_convention",
                    "dtype", "profile")
@@ -91,6 +104,22 @@ def cao2_load(options: dict, device: torch.device) -> Any:
 
 
 @hookspec(firstresult=True)
+def cao2_options() -> dict:
+    """The ``--gen-opt`` keys this generator takes, ``{key: GenOption}`` (optional hook).
+
+    cao2 refuses unknown keys and parses every value through its ``GenOption`` before ``cao2_load``, so the plugin
+    receives typed values; ``cao2 plugins --verbose`` lists them. Without this hook the values arrive as text.
+    """
+
+
+@hookspec(firstresult=True)
+def cao2_label_spaces() -> dict:
+    """Label spaces this generator's labels can refer to (optional): ``{name: [(class id, class name), ...]}`` in
+    label order. ``--dataset NAME`` resolves through them, and a ``LatentSpec.label_space`` naming one needs no
+    ``--dataset``; the generator label of a class is its position in the list."""
+
+
+@hookspec(firstresult=True)
 def cao2_latent_spec(handle: Any) -> LatentSpec:
     """Describe the latents, the label space and the CLO level range of a loaded generator."""
 
@@ -101,8 +130,12 @@ def cao2_describe(handle: Any) -> dict:
 
 
 @hookspec(firstresult=True)
-def cao2_sample(handle: Any, labels: torch.Tensor, generators: list, snapshot_steps: list) -> SampleOutput:
+def cao2_sample(handle: Any, labels: torch.Tensor, generators: list, snapshot_steps: list,
+                progress: Callable[[], None]) -> SampleOutput:
     """Sample one latent per label; sample i draws all its randomness from ``generators[i]`` only.
+
+    ``progress()`` may be called after each of the ``LatentSpec.sample_steps`` sampler steps, so the pool bar moves
+    per step (a plugin that does not take the argument moves it per call).
 
     ``snapshot_steps``: 0-based sampler steps (negative ones count from the end, -1 = the last) whose state
     after that step is returned in ``SampleOutput.snapshots`` under the step as asked; the selection strategy
@@ -141,4 +174,4 @@ def cao2_predict(handle: Any, corrupted: Corrupted, condition: Any) -> Predictio
 
 REQUIRED_HOOKS = ("cao2_load", "cao2_latent_spec", "cao2_describe", "cao2_sample", "cao2_decode",
                   "cao2_condition", "cao2_corrupt", "cao2_predict")
-OPTIONAL_HOOKS = ("cao2_encode",)
+OPTIONAL_HOOKS = ("cao2_encode", "cao2_options", "cao2_label_spaces")

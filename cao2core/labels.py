@@ -1,13 +1,17 @@
 """Label spaces: which classes a run distills, their folder names, and their labels in the generator.
 
-``--dataset`` names a shipped list (mnist, nette, woof, in100, in1k) or a text file of ImageNet wnids. A
-subset class's generator label is its line in the ImageNet-1K wnid list; its label inside the distilled set
-is its position in the subset list (see data/imagenet/README.md).
+A label space is an ordered list of class ids with names. ``--dataset`` names a shipped one (mnist, nette, woof,
+in100, in1k), one a generator plugin declares (``cao2_label_spaces``), or a text file with one class per line:
+``ID [NAME...]``. A file of ImageNet wnids is an ImageNet subset: a class's generator label is its line in the
+ImageNet-1K wnid list, its label inside the distilled set its position in the file (see data/imagenet/README.md).
+Any other file is a label space of its own: a class's generator label is its position, for generators that take
+any label space (text-conditioned ones) or declare that same file's classes.
 """
 from __future__ import annotations
 
 import functools
 import importlib.resources
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +21,7 @@ IMAGENET_FILES = {"nette": "imagenette_wnids.txt", "woof": "imagewoof_wnids.txt"
                   "in100": "imagenet100_wnids.txt", "in1k": "imagenet1k_wnids.txt"}
 DATASETS = ("mnist",) + tuple(IMAGENET_FILES)
 IMAGENET_SPACES = {"in1k", "nette", "woof", "in100"}
+WNID = re.compile(r"n\d{8}")
 
 
 @dataclass(frozen=True)
@@ -69,26 +74,65 @@ def imagenet1k() -> tuple[list[str], list[str]]:
     return _data_file("imagenet1k_wnids.txt"), _data_file("imagenet1k_names.txt")
 
 
-def label_space(dataset: str) -> LabelSpace:
-    """Resolve ``--dataset`` to a label space."""
+def from_pairs(name: str, pairs, generator_space: str | None = None) -> LabelSpace:
+    """A label space of its own from (class id, class name) pairs in label order."""
+    pairs = [(str(i), str(n)) for i, n in pairs]
+    if not pairs:
+        raise UserError(f"label space {name} lists no class; put one class id (and optionally its name) per line")
+    ids = [i for i, _ in pairs]
+    if len(set(ids)) != len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise UserError(f"label space {name} lists class {dup!r} twice; each class must appear once")
+    bad = [i for i in ids if not i or "/" in i or i.startswith(".")]
+    if bad:
+        raise UserError(f"label space {name}: class id {bad[0]!r} cannot name a folder; use ids without '/' or a "
+                        "leading dot")
+    return LabelSpace(name, tuple(ids), tuple(n for _, n in pairs), tuple(range(len(ids))), generator_space or name)
+
+
+def read_pairs(path: Path) -> list[tuple[str, str]]:
+    """(id, name) per non-empty line ``ID [NAME...]``; the name defaults to the id."""
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"dataset file {path}: cannot read it ({getattr(exc, 'strerror', None) or exc})") from None
+    pairs = []
+    for line in lines:
+        parts = line.split(None, 1)
+        if parts and not parts[0].startswith("#"):
+            pairs.append((parts[0], parts[1].strip() if len(parts) > 1 else parts[0]))
+    return pairs
+
+
+def label_space(dataset: str, declared: dict | None = None) -> LabelSpace:
+    """Resolve ``--dataset``: a shipped label space, one in ``declared`` ({name: [(id, name), ...]}, from the
+    generator plugin), or a file."""
     if dataset == "mnist":
         digits = tuple(str(i) for i in range(10))
         return LabelSpace("mnist", digits, digits, tuple(range(10)), "mnist")
+    if declared and dataset in declared:
+        return from_pairs(dataset, declared[dataset])
     if dataset in IMAGENET_FILES:
-        wnids = _data_file(IMAGENET_FILES[dataset])
+        wnids, names = _data_file(IMAGENET_FILES[dataset]), None
     else:
         path = Path(dataset)
         if not path.is_file():
-            raise UserError(f"unknown dataset {dataset!r}; use one of {', '.join(DATASETS)} or a file of wnids")
-        wnids = [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
-        if not wnids:
-            raise UserError(f"dataset file {dataset} lists no wnid; put one ImageNet wnid per line")
+            known = ", ".join(DATASETS + tuple(declared or ()))
+            raise UserError(f"unknown dataset {dataset!r}; use one of {known} or a file with one class per line "
+                            "(ID [NAME])")
+        pairs = read_pairs(path)
+        all_wnids = set(imagenet1k()[0])
+        if not pairs or not all(WNID.fullmatch(i) for i, _ in pairs):
+            return from_pairs(dataset, pairs)               # a label space of its own
+        unknown = [i for i, _ in pairs if i not in all_wnids]
+        if unknown:         # wnids, but not ImageNet-1K's: a typo, not a label space of its own
+            raise UserError(f"dataset {dataset}: {unknown[0]!r} is not an ImageNet-1K wnid; fix the class list")
+        wnids = [i for i, _ in pairs]
+        names = [n if n != i else None for i, n in pairs]
     all_wnids, all_names = imagenet1k()
     index = {w: i for i, w in enumerate(all_wnids)}
-    unknown = [w for w in wnids if w not in index]
-    if unknown:
-        raise UserError(f"dataset {dataset}: {unknown[0]!r} is not an ImageNet-1K wnid; fix the class list")
     if len(set(wnids)) != len(wnids):
         raise UserError(f"dataset {dataset} lists a wnid twice; each class must appear once")
     labels = tuple(index[w] for w in wnids)
-    return LabelSpace(dataset, tuple(wnids), tuple(all_names[i].split(",")[0] for i in labels), labels, "in1k")
+    shown = tuple((names[k] if names and names[k] else all_names[i].split(",")[0]) for k, i in enumerate(labels))
+    return LabelSpace(dataset, tuple(wnids), shown, labels, "in1k")

@@ -11,10 +11,9 @@ import hashlib
 from pathlib import Path
 
 import torch
-from PIL import Image
 
 from .errors import UserError
-from .evaluate.data import IMAGE_EXTS, _human_names, _natural, _norm, class_folders, load_image
+from .imagefolder import IMAGE_EXTS, check_image, class_folders, human_names, load_image, natural_key, norm_name
 from .labels import LabelSpace
 from .seeding import unit_generator
 
@@ -31,6 +30,27 @@ def batches(indices, size: int, bar=None):
             bar.update(len(chunk))
 
 
+class StepProgress:
+    """Moves a bar by a chunk's samples: in whole samples as the generator reports its sampler steps, the rest
+    (all of it, for a generator that reports no steps) when the chunk is done."""
+
+    def __init__(self, bar, samples: int, steps: int | None):
+        self.bar, self.samples, self.steps = bar, samples, steps
+        self.seen = self.moved = 0
+
+    def __call__(self) -> None:
+        self.seen += 1
+        if self.bar is not None and self.steps:
+            target = min(self.samples, self.samples * self.seen // self.steps)
+            self.bar.update(target - self.moved)
+            self.moved = target
+
+    def done(self) -> None:
+        if self.bar is not None:
+            self.bar.update(self.samples - self.moved)
+            self.moved = self.samples
+
+
 def in_chunks(fn, x: torch.Tensor, size: int) -> torch.Tensor:
     """``fn`` over ``x`` in chunks of ``size`` rows, concatenated: no call sees more than ``size``."""
     return torch.cat([fn(x[idx]) for idx in batches(range(len(x)), size)])
@@ -42,20 +62,20 @@ def _split(tensors: list[torch.Tensor], sizes: list[int]) -> list[torch.Tensor]:
 
 def class_files(root: Path, space: LabelSpace) -> dict[str, list[Path]]:
     """Image files per class id of the class folders under ``root``, named by class id or class name."""
-    by_name = {_norm(n): cid for cid, n in zip(space.ids, space.names)}
+    by_name = {norm_name(n): cid for cid, n in zip(space.ids, space.names)}
     if space.generator_space == "in1k":     # any ImageNet synonym of a class of the space
         ids = set(space.ids)
-        by_name.update({k: w for k, w in _human_names().items() if w in ids and k not in by_name})
+        by_name.update({k: w for k, w in human_names().items() if w in ids and k not in by_name})
     files: dict[str, list[Path]] = {}
     for name, folder in class_folders(root, "--images").items():
-        cid = name if name in space.ids else by_name.get(_norm(name))
+        cid = name if name in space.ids else by_name.get(norm_name(name))
         if cid is None:
             raise UserError(f"--images folder {folder} maps to no class of dataset {space.name}; name class "
                             f"folders by class id (e.g. {space.ids[0]!r}) or class name (e.g. {space.names[0]!r})")
         if cid in files:
             raise UserError(f"--images folders {files[cid][0].parent.name!r} and {name!r} are both class {cid!r}; "
                             "merge them into one folder")
-        entries = sorted((p for p in folder.iterdir() if not p.name.startswith(".")), key=_natural)
+        entries = sorted((p for p in folder.iterdir() if not p.name.startswith(".")), key=natural_key)
         odd = [p for p in entries if not p.is_file() or p.suffix.lower() not in IMAGE_EXTS]
         if odd:
             raise UserError(f"--images: {odd[0]} is not an image file ({', '.join(IMAGE_EXTS)}); move it out "
@@ -87,10 +107,13 @@ class SampledPool:
         snapshot = [SNAPSHOT_STEP] if self.cfg.select == "stability" else []
         units = [(label, i) for cid, label in classes for i in range(self.size(cid))]
         pools, befores = [], []
-        for chunk in batches(units, batch_size, bar):
+        steps = self.gen.spec.sample_steps if self.gen.spec is not None else None
+        for chunk in batches(units, batch_size):
+            moved = StepProgress(bar, len(chunk), steps)
             out = self.gen.sample(handle=self.handle, labels=torch.tensor([l for l, _ in chunk], device=self.device),
                                   generators=[unit_generator(self.cfg.seed, l, i, "sample") for l, i in chunk],
-                                  snapshot_steps=snapshot)
+                                  snapshot_steps=snapshot, progress=moved)
+            moved.done()
             pools.append(out.latents.float())
             if snapshot:
                 befores.append(out.snapshots[SNAPSHOT_STEP].float())
@@ -136,12 +159,7 @@ class ImagePool:
                                         ("ids", "names", "generator_labels")), space.generator_space)
 
     def _check(self, path: Path) -> None:
-        try:
-            with Image.open(path) as im:
-                im.verify()
-                w, h = im.size
-        except (OSError, SyntaxError) as exc:
-            raise UserError(f"--images: cannot read {path} ({exc}); remove or replace it") from None
+        w, h = check_image(path, "--images")
         if min(w, h) < MIN_IMAGE_FRACTION * self.resolution:
             raise UserError(f"--images: {path} is {w}x{h}, smaller than the minimum short side "
                             f"{int(MIN_IMAGE_FRACTION * self.resolution)} px for this {self.resolution} px "
@@ -168,7 +186,8 @@ class ImagePool:
         units = [(cid, label, i) for cid, label in classes for i in range(self.size(cid))]
         out = []
         for chunk in batches(units, batch_size, bar):
-            pixels = torch.stack([load_image(self.files[c][i], self.channels, self.resolution) for c, _, i in chunk])
+            pixels = torch.stack([load_image(self.files[c][i], self.channels, self.resolution, role="--images")
+                                  for c, _, i in chunk])
             pixels = pixels.float().div(127.5).sub(1.0).to(self.device)
             out.append(self.gen.encode(handle=self.handle, pixels=pixels, generators=[
                 unit_generator(self.cfg.seed, l, i, "encode") for _, l, i in chunk]).float())

@@ -1,18 +1,24 @@
 """The distilled-set store: ImageFolder PNGs, per-class latents (safetensors), manifest.json, preview.png.
 
-A class becomes visible only when complete: its files are written under temporary names and renamed, and
-its record marks it complete last. An output folder that belongs to another run is refused (or replaced with
-``--overwrite``); a complete class whose files no longer match its record is redone.
+``manifest.json`` is written first, so an output folder is recognisably cao2's (and whose run) from its first
+file on, whatever kill or full disk stops its creation. A class becomes visible only when complete: its files are
+written under temporary names, listed in its record (``writing``), renamed into place, and the record is marked
+``complete`` last. An output folder of another run is refused, or replaced with ``--overwrite``, which removes
+only the files that run's manifest and records list (and cao2's temporary names), and refuses when there is
+anything else. A complete class whose files no longer match its record is redone. Files and folders get the
+mode the umask gives, as a distilled set is made to be shared.
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
+import re
+import secrets
 import shutil
 import signal
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -20,14 +26,60 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
 
 from .errors import UserError
 
 MANIFEST = "manifest.json"
 FORMAT = "cao2-run/1"
 VISIBLE_WAIT_S = 60      # how long rank 0 waits to see the other ranks' files (network file systems cache)
-OWN_NAMES = (MANIFEST, "images", "latents", "records", "preview.png", "eval")   # what a run (and its eval) writes
+PREVIEW = "preview.png"
+SUBFOLDERS = ("images", "latents", "records")
+# what cao2's evaluations write under OUT/eval/ by default: `cao2 eval` (evaluate/report.py), the markers of
+# `cao2 ablate` (ablate.py) and `cao2 sweep` (sweep.py), and `cao2 compare`'s evaluations (evaluate/compare.py);
+# --overwrite removes these and refuses anything else there
+EVAL_FOLDER = "eval"
+EVAL_FILES = ("eval.json", "eval.png", "ablate.json", "sweep-measures.json", "compare.json", "compare.md",
+              "compare-key.json")
+EVAL_SUBFOLDERS = re.compile(r"compare(/(distilled|random-real)-[a-z0-9-]+)?")
+SWAP_TRIES = 10          # renames of a class folder that another process keeps replacing, before giving up
+IMAGE_NAME = re.compile(r"\d+\.png")
+TOKEN = r"[a-z0-9_]{8}"    # the random part of a temporary name (cao2's own, and tempfile's in older runs)
+# cao2's temporary names, per folder of a run: what a kill may leave behind
+TEMP_NAMES = {
+    ".": re.compile(rf"\.(manifest\.json\.{TOKEN}\.tmp|preview\.{TOKEN}\.png)"),
+    "latents": re.compile(rf"\..+\.safetensors\.{TOKEN}\.tmp"),
+    "records": re.compile(rf"\..+\.json\.{TOKEN}\.tmp"),
+    EVAL_FOLDER: re.compile(rf"\.({'|'.join(map(re.escape, EVAL_FILES))})\.{TOKEN}\.tmp"),
+}
+STAGING = re.compile(rf"\.[^.].*\.{TOKEN}(\.old\d+)?")     # images/.<class>.<token>: a class folder being written
+
+
+def identity_change(old: dict, new: dict) -> str:
+    """What differs between the identities of two runs (their manifests' ``identity``), in words."""
+    a, b = old.get("identity"), new.get("identity")
+    if not isinstance(a, dict) or not isinstance(b, dict):
+        return "it was written by another version of cao2, which recorded no identity"
+
+    def leaves(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            if isinstance(v, dict) and v:
+                out.update(leaves(v, f"{prefix}{k}."))
+            else:
+                out[f"{prefix}{k}"] = v
+        return out
+    la, lb = leaves(a), leaves(b)
+    changed = sorted(k for k in la.keys() | lb.keys() if la.get(k) != lb.get(k))
+    if not changed:
+        return "its identity differs"
+    key = changed[0]
+
+    def short(v):
+        return f"{v[:12]}…" if isinstance(v, str) and len(v) == 64 else json.dumps(v)
+    more = f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""
+    return f"{key} was {short(la.get(key))}, now {short(lb.get(key))}{more}"
 
 
 def to_uint8(pixels: torch.Tensor) -> np.ndarray:
@@ -64,8 +116,33 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _reason(exc: BaseException) -> str:
+    return getattr(exc, "strerror", None) or " ".join(str(exc).split()) or type(exc).__name__
+
+
+def new_file(folder: Path, prefix: str, suffix: str) -> tuple[int, Path]:
+    """(fd, path) of a new file with a unique name, created with the mode ``open()`` gives (mkstemp's is 0600)."""
+    while True:
+        path = folder / f"{prefix}{secrets.token_hex(4)}{suffix}"
+        try:
+            return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), path
+        except FileExistsError:
+            continue
+
+
+def _new_folder(folder: Path, prefix: str) -> Path:
+    """A new folder with a unique name, created with the mode ``mkdir()`` gives (mkdtemp's is 0700)."""
+    while True:
+        path = folder / f"{prefix}{secrets.token_hex(4)}"
+        try:
+            os.mkdir(path)
+            return path
+        except FileExistsError:
+            continue
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = new_file(path.parent, f".{path.name}.", ".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
@@ -73,14 +150,65 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _swap_in(staging: Path, final: Path) -> None:
+    """Rename the complete folder ``staging`` to ``final``. A folder already there (an interrupted attempt, or
+    another process writing the same class at this moment) is first renamed aside and removed after: no step
+    fails because the other process got there first."""
+    asides = []
+    try:
+        for n in range(SWAP_TRIES):
+            try:
+                os.rename(staging, final)
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
+                    raise
+            aside = staging.with_name(f"{staging.name}.old{n}")
+            try:
+                os.rename(final, aside)
+                asides.append(aside)
+            except FileNotFoundError:
+                pass                # the other process moved it aside first
+        raise OSError(errno.EBUSY, f"{final} kept being replaced by another process")
+    finally:
+        for aside in asides:
+            _remove(aside)
+
+
+def _record_problem(record) -> str | None:
+    """Why ``record`` is not a class record as cao2 writes it (None: it is)."""
+    if not isinstance(record, dict):
+        return "is not a JSON object"
+    if not isinstance(record.get("status"), str):
+        return "has no status string"
+    files = record.get("files")
+    if files is None:
+        return "lists no files" if record["status"] in ("complete", "writing") else None
+    if not isinstance(files, dict) or not isinstance(files.get("latents"), str):
+        return "has no file list"
+    images = files.get("images")
+    if not isinstance(images, dict) or not all(isinstance(k, str) and IMAGE_NAME.fullmatch(k) and isinstance(v, str)
+                                               for k, v in images.items()):
+        return "has no list of images"
+    return None
+
+
 class Store:
-    """One run's output folder. Each class's completion record (``records/<class>.json``, with the sha256 of
-    every file) is written last, after its images and latents; ``manifest.json`` is the header plus all records,
-    rewritten by rank 0. Several ranks may fill one store: each writes only its own classes' files and records.
+    """One run's output folder. Each class's record (``records/<class>.json``, with the sha256 of every file)
+    lists its files before they are renamed into place (``writing``) and marks them ``complete`` after;
+    ``manifest.json`` is the header plus all records, rewritten by rank 0. Several ranks may fill one store: each
+    writes only its own classes' files and records.
     """
 
     def __init__(self, out: Path, run_id: str, header: dict, rank: int = 0, world_size: int = 1):
@@ -88,27 +216,130 @@ class Store:
         self.run_id = run_id
         self.rank, self.world_size = rank, world_size
         self.manifest = {"format": FORMAT, "run_id": run_id, **header, "classes": {}}
-        self.redone: dict[str, str] = {}        # complete classes whose files no longer match their record
+        self.redone: dict[str, str] = {}        # classes whose record or files say they must be written again
         self.this_run: dict[str, dict] = {}     # the records this process wrote, to send to the other ranks
 
-    def check(self, overwrite: bool = False) -> None:
-        """Refuse an output folder that holds another run (unless ``overwrite``), unknown files, or that cannot
-        be written; touches nothing."""
+    # --- whose folder it is ------------------------------------------------------------------------------------
+
+    def _existing(self) -> dict | None:
+        """The manifest of the cao2 run in ``out``; None when there is none yet (no folder, an empty one, or what
+        an interrupted creation left). Refuses a folder cao2 did not write, or whose manifest is damaged."""
+        if not self.out.exists():
+            return None
+        if not self.out.is_dir():
+            raise UserError(f"{self.out} exists and is not a folder; choose another --out")
         path = self.out / MANIFEST
-        if path.is_file():
-            try:
-                old = json.loads(path.read_text())
-            except (OSError, ValueError):
-                raise UserError(f"{path} is unreadable; choose another --out or remove that folder") from None
-            if old.get("run_id") != self.run_id and not overwrite:
-                raise UserError(f"{self.out} holds a different run (its manifest's configuration differs); "
-                                "choose another --out, or pass --overwrite to replace it")
-            unknown = [p.name for p in self.out.iterdir() if p.name not in OWN_NAMES]
-            if unknown and old.get("run_id") != self.run_id:
-                raise UserError(f"--overwrite would leave {self.out / unknown[0]}, which cao2 did not write; "
-                                "move it away or choose another --out")
-        elif self.out.exists() and (not self.out.is_dir() or any(self.out.iterdir())):
+        if path.exists() and not path.is_file():
             raise UserError(f"{self.out} exists and is not a cao2 output folder; choose another --out")
+        if not path.exists():
+            left = [p for p in self.out.iterdir() if not (
+                TEMP_NAMES["."].fullmatch(p.name) and p.is_file()
+                or p.name in SUBFOLDERS and p.is_dir() and not p.is_symlink() and not any(p.iterdir()))]
+            if left:
+                raise UserError(f"{self.out} exists and is not a cao2 output folder; choose another --out")
+            return None
+        try:
+            manifest = json.loads(path.read_bytes())
+        except OSError as exc:
+            raise UserError(f"cannot read {path} ({_reason(exc)}); fix its permissions or choose another --out"
+                            ) from None
+        except ValueError:
+            manifest = None
+        if isinstance(manifest, dict) and manifest.get("format") != FORMAT:
+            raise UserError(f"{self.out} exists and is not a cao2 output folder (its {MANIFEST} was not written "
+                            "by cao2); choose another --out")
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("run_id"), str):
+            raise UserError(f"{path} is damaged (not the JSON object with a run id that cao2 writes), so cao2 "
+                            f"cannot tell which run {self.out} holds; choose another --out or move that folder away")
+        return manifest
+
+    def _listed(self, manifest: dict) -> tuple[dict[str, set[str]], set[str]]:
+        """(class -> the images its record lists, the classes whose record file is cao2's) of another run, from
+        its manifest and its records (those of several ranks are in the manifest only once the run finished)."""
+        entries = manifest.get("classes") if isinstance(manifest.get("classes"), dict) else {}
+        ids = manifest.get("class_ids") if isinstance(manifest.get("class_ids"), list) else []
+        recorded = {c for c in [*ids, *entries] if isinstance(c, str)}
+        images: dict[str, set[str]] = {}
+
+        def take(cid: str, record) -> None:
+            if _record_problem(record) is None:
+                recorded.add(cid)
+                if record.get("files") is not None:
+                    images.setdefault(cid, set()).update(record["files"]["images"])
+
+        for cid, record in entries.items():
+            take(cid, record)
+        for path in sorted((self.out / "records").glob("*.json")):
+            with contextlib.suppress(OSError, ValueError):
+                take(path.stem, json.loads(path.read_bytes()))
+        return images, recorded
+
+    def _plan_removal(self, manifest: dict) -> list[Path]:
+        """What another run wrote in ``out``, in the order to remove it: the files its manifest and records list
+        (and cao2's temporary names), then their folders, then the records, so that an interrupted removal leaves
+        only listed files. Refuses, naming it, the first file or folder at any depth that cao2 did not write."""
+        images, recorded = self._listed(manifest)
+
+        def wrote(rel: tuple[str, ...], is_folder: bool) -> bool:
+            """Whether OUT/<rel> is a folder or file that cao2 writes."""
+            name, where = rel[-1], rel[:-1]
+            if not where:
+                return (name in (*SUBFOLDERS, EVAL_FOLDER) if is_folder
+                        else name in (MANIFEST, PREVIEW) or bool(TEMP_NAMES["."].fullmatch(name)))
+            if where[0] == EVAL_FOLDER:
+                return (bool(EVAL_SUBFOLDERS.fullmatch("/".join(rel[1:]))) if is_folder
+                        else name in EVAL_FILES or bool(TEMP_NAMES[EVAL_FOLDER].fullmatch(name)))
+            if where == ("images",):
+                return is_folder and (name in images or bool(STAGING.fullmatch(name)))
+            if is_folder:
+                return False
+            if where == ("latents",):
+                return (name.endswith(".safetensors") and name[:-len(".safetensors")] in images
+                        or bool(TEMP_NAMES["latents"].fullmatch(name)))
+            if where == ("records",):
+                return name.endswith(".json") and name[:-len(".json")] in recorded or bool(
+                    TEMP_NAMES["records"].fullmatch(name))
+            if len(where) == 2 and where[0] == "images":     # a listed image, or any image of a folder being staged
+                cls = where[1]
+                return bool(IMAGE_NAME.fullmatch(name)) if STAGING.fullmatch(cls) else name in images.get(cls, ())
+            return False
+
+        files, folders, records = [], [], []
+
+        def walk(folder: Path, rel: tuple[str, ...]) -> None:
+            for path, is_folder in self._entries(folder):
+                sub = (*rel, path.name)
+                if not wrote(sub, is_folder):
+                    raise UserError(f"{self.out} holds {path.relative_to(self.out)}, which cao2 did not write; "
+                                    "--overwrite replaces only cao2's files, so move it away or choose another --out")
+                if is_folder:
+                    walk(path, sub)
+                    if len(sub) > 1 or sub[0] == EVAL_FOLDER:     # images/, latents/, records/ stay for the new run
+                        folders.append(path)                      # after what it holds: deepest first
+                elif sub[0] == "records":
+                    records.append(path)
+                elif sub != (MANIFEST,):                          # replaced by the new run's, last
+                    files.append(path)
+
+        walk(self.out, ())
+        return files + folders + records
+
+    @staticmethod
+    def _entries(folder: Path) -> list[tuple[Path, bool]]:
+        """(entry, is a real folder) of ``folder``: a symlink counts as a file, never followed."""
+        with os.scandir(folder) as it:
+            return sorted((Path(e.path), e.is_dir(follow_symlinks=False)) for e in it)
+
+    def check(self, overwrite: bool = False) -> None:
+        """Refuse an output folder that holds another run (unless ``overwrite``), anything cao2 did not write
+        where ``overwrite`` would remove files, or a folder that cannot be written; touches nothing."""
+        manifest = self._existing()
+        if manifest is not None and manifest["run_id"] != self.run_id:
+            if not overwrite:
+                raise UserError(f"{self.out} holds a run of other inputs ({identity_change(manifest, self.manifest)}); "
+                                "rerun with the inputs it was made with, choose another --out, or pass --overwrite "
+                                "to replace it")
+            self._plan_removal(manifest)
         parent = self.out
         while not parent.exists():
             parent = parent.parent
@@ -116,29 +347,47 @@ class Store:
             raise UserError(f"cannot write to {parent}; choose another --out or fix its permissions")
 
     def open(self) -> None:
-        """Rank 0: create the folder, or replace another run's files (after ``check(overwrite=True)``), or take
-        over this same run's records (complete classes are kept)."""
-        path = self.out / MANIFEST
-        if path.is_file() and json.loads(path.read_text()).get("run_id") != self.run_id:
-            for name in OWN_NAMES:
-                target = self.out / name
-                if target.is_dir():
-                    shutil.rmtree(target)
-                else:
-                    target.unlink(missing_ok=True)
-        for sub in ("images", "latents", "records"):
-            (self.out / sub).mkdir(parents=True, exist_ok=True)
+        """Rank 0: create the folder (its manifest first), or replace another run's files (after
+        ``check(overwrite=True)``), or take over this same run's records (complete classes are kept)."""
+        manifest = self._existing()
+        try:
+            if manifest is None:
+                self.out.mkdir(parents=True, exist_ok=True)
+                for debris in self.out.iterdir():       # what an interrupted creation left
+                    if TEMP_NAMES["."].fullmatch(debris.name):
+                        debris.unlink()
+                self._write_manifest()
+            elif manifest["run_id"] != self.run_id:
+                for path in self._plan_removal(manifest):
+                    if path.is_dir() and not path.is_symlink():
+                        path.rmdir()
+                    else:
+                        path.unlink(missing_ok=True)
+                self._write_manifest()              # the folder is the new run's once the old one's files are gone
+            for sub in SUBFOLDERS:
+                (self.out / sub).mkdir(exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"cannot prepare the output folder {self.out} ({_reason(exc)}); free disk space or fix "
+                            "permissions, then rerun the same command") from None
         self.load()
         self.save_manifest()
+
+    # --- records -------------------------------------------------------------------------------------------------
 
     def load(self) -> None:
         """Read the completion records (all ranks, after rank 0 opened the folder)."""
         records = {}
         for p in sorted((self.out / "records").glob("*.json")):
             try:
-                records[p.stem] = json.loads(p.read_text())
+                record = json.loads(p.read_bytes())
             except (OSError, ValueError):
                 self.redone[p.stem] = "its record is unreadable"
+                continue
+            problem = _record_problem(record)
+            if problem:
+                self.redone[p.stem] = f"its record {problem}"
+            else:
+                records[p.stem] = record
         self.manifest["classes"] = records
 
     def recorded_complete(self, cid: str) -> bool:
@@ -168,37 +417,45 @@ class Store:
         return None
 
     def write_class(self, cid: str, pixels: torch.Tensor, tensors: dict[str, torch.Tensor], entry: dict) -> None:
+        """Write a class's images and latents and mark it complete; a write that fails (full disk, permissions)
+        is one UserError, and the classes already complete stay so."""
         with _interrupts_deferred():        # Ctrl-C lands after the class is whole, not halfway through it
-            self._write_class(cid, pixels, tensors, entry)
+            try:
+                self._write_class(cid, pixels, tensors, entry)
+            except (OSError, SafetensorError) as exc:
+                raise UserError(f"cannot write class {cid} into {self.out} ({_reason(exc)}); free disk space or fix "
+                                "permissions, then rerun the same command to continue") from None
 
     def _write_class(self, cid: str, pixels: torch.Tensor, tensors: dict[str, torch.Tensor], entry: dict) -> None:
-        lat = self.out / "latents" / f"{cid}.safetensors"
-        fd, tmp = tempfile.mkstemp(dir=lat.parent, prefix=f".{lat.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp,
-                      # one key: safetensors orders several metadata keys differently in every process
-                      metadata={"cao2": json.dumps({"class": cid, "run_id": self.run_id}, sort_keys=True)})
-            os.replace(tmp, lat)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        latents = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+                       # one key: safetensors orders several metadata keys differently in every process
+                       metadata={"cao2": json.dumps({"class": cid, "run_id": self.run_id}, sort_keys=True)})
         final = self.out / "images" / cid
-        staging = Path(tempfile.mkdtemp(dir=self.out / "images", prefix=f".{cid}."))
+        staging = _new_folder(final.parent, f".{cid}.")
         try:
             for i, arr in enumerate(to_uint8(pixels)):
                 _image(arr).save(staging / f"{i}.png")
-            images = {p.name: _sha256(p) for p in sorted(staging.iterdir())}
-            if final.exists():           # left by an interrupted or corrupted attempt of this same run
-                shutil.rmtree(final)
-            os.replace(staging, final)
+            files = {"images": {p.name: _sha256(p) for p in sorted(staging.iterdir())},
+                     "latents": hashlib.sha256(latents).hexdigest()}
+            # listed before they appear: a kill in the next steps leaves only files a record lists
+            self._write_record(cid, dict(entry, status="writing", files=files))
+            atomic_write_bytes(self.out / "latents" / f"{cid}.safetensors", latents)
+            _swap_in(staging, final)
         except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
+            _remove(staging)
             raise
-        self.set_status(cid, dict(entry, status="complete", files={"images": images, "latents": _sha256(lat)}))
+        self.set_status(cid, dict(entry, status="complete", files=files))
+
+    def _write_record(self, cid: str, entry: dict) -> None:
+        path = self.out / "records" / f"{cid}.json"
+        try:
+            atomic_write_bytes(path, (json.dumps(entry, indent=2) + "\n").encode())
+        except OSError as exc:
+            raise UserError(f"cannot write {path} ({_reason(exc)}); free disk space or fix permissions, then rerun "
+                            "the same command to continue") from None
 
     def set_status(self, cid: str, entry: dict) -> None:
-        atomic_write_bytes(self.out / "records" / f"{cid}.json", (json.dumps(entry, indent=2) + "\n").encode())
+        self._write_record(cid, entry)
         self.manifest["classes"][cid] = entry
         self.this_run[cid] = entry
         if self.world_size == 1:
@@ -225,8 +482,17 @@ class Store:
                             "on several nodes, --out must be a folder on a file system every node shares")
         self.save_manifest()
 
-    def save_manifest(self) -> None:
+    def _write_manifest(self) -> None:
         atomic_write_bytes(self.out / MANIFEST, (json.dumps(self.manifest, indent=2) + "\n").encode())
+
+    def save_manifest(self) -> None:
+        """Rewrite ``manifest.json``; a failed write is one UserError (the records, and so every complete class,
+        are kept: the same command writes it again)."""
+        try:
+            self._write_manifest()
+        except OSError as exc:
+            raise UserError(f"cannot write {self.out / MANIFEST} ({_reason(exc)}); free disk space or fix "
+                            "permissions, then rerun the same command (complete classes are kept)") from None
 
     def load_latents(self, cid: str) -> dict[str, torch.Tensor]:
         return load_file(str(self.out / "latents" / f"{cid}.safetensors"))
@@ -245,9 +511,17 @@ class Store:
             for j, img in enumerate(after):
                 x = pad + n * (w + pad) + w // 2 + j * (w + pad)
                 canvas[y:y + h, x:x + w] = img
-        path = self.out / "preview.png"
-        fd, tmp = tempfile.mkstemp(dir=self.out, prefix=".preview.", suffix=".png")
-        os.close(fd)
-        _image(canvas).save(tmp)
-        os.replace(tmp, path)
+        path = self.out / PREVIEW
+        try:
+            fd, tmp = new_file(self.out, ".preview.", ".png")
+            os.close(fd)
+            try:
+                _image(canvas).save(tmp)
+                os.replace(tmp, path)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+        except OSError as exc:
+            raise UserError(f"cannot write {path} ({_reason(exc)}); free disk space or fix permissions, then rerun "
+                            "the same command") from None
         return path

@@ -60,6 +60,16 @@ def source_sha256(source: str | None) -> str | None:
     return digest.hexdigest()
 
 
+def load_error(exc: Exception) -> str:
+    """Why ``torch.load(..., weights_only=True)`` or safetensors refused a file, in a few words."""
+    import pickle
+    if isinstance(exc, pickle.UnpicklingError) or "Weights only load failed" in str(exc):
+        return ("it holds Python objects besides tensors (a pickle), which cao2 does not execute: re-save it as a "
+                "plain state dict (torch.save(model.state_dict(), ...)) or as safetensors")
+    text = " ".join(str(exc).split())
+    return f"it is truncated or not a torch/safetensors file ({type(exc).__name__}: {text[:160]})"
+
+
 def require_floating(state: dict, source) -> None:
     """Refuse a state dict with a non-floating weight: ``load_state_dict`` would cast int8 or bool weights into
     the model's float parameters without a word, and the run would compute garbage."""

@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# the sha256 cache of weight files: the tests' temporary files stay out of the user's cache
+os.environ.setdefault("CAO2_HASH_CACHE", os.path.join(tempfile.mkdtemp(prefix="cao2-test-"), "sha256.json"))
 
 import pytest
 import torch

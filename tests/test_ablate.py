@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
@@ -58,9 +59,18 @@ def test_ablate_needs_both_parts_switched_on(tiny_args, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def test_bad_eval_option_fails_before_any_run(tiny_args, tmp_path, capsys):
-    assert main(["ablate", *tiny_args, "--repeat", "0"]) == 2
-    assert "--repeat must be at least 1" in capsys.readouterr().err
+@pytest.mark.parametrize("extra,match", [
+    (["--repeat", "0"], "--repeat must be at least 1"),
+    (["--student", "bogus"], "unknown --student 'bogus'"),
+    (["--protocol", "rded", "--teacher", "no-such-model"], "--teacher 'no-such-model' is neither a file nor"),
+    (["--val", "nowhere"], "--val nowhere is not a folder"),
+    (["--dataset", "mnist", "--student", "convnet6"], "cannot build student 'convnet6' for 1-channel 32px images"),
+    (["--dry-run"], "--dry-run is for `cao2 run`"),
+])
+def test_bad_eval_option_fails_before_any_run(tiny_args, tmp_path, capsys, extra, match):
+    assert main(["ablate", *tiny_args, *extra]) == 2
+    err = capsys.readouterr().err
+    assert match in err and err.count("\n") == 1
     assert not (tmp_path / "out").exists()
 
 

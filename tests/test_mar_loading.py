@@ -106,7 +106,7 @@ def test_stability_needs_two_sampler_steps(mar_world, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("opt,match", [("cfg_schedule=cosine", "cfg_schedule"), ("colour=red", "unknown --gen-opt"),
-                                       ("preset=mar_tiny", "not one of mar_base"), ("temperature=hot", "not a number"),
+                                       ("preset=mar_tiny", "not one of mar_base"), ("temperature=hot", "temperature=hot: mar cannot read it"),
                                        ("clip_x0=-1", "clip_x0")])
 def test_bad_generator_options(mar_world, tmp_path, capsys, opt, match):
     run_fails(["--model", str(mar_world), "--gen-opt", opt], capsys, match, tmp_path / "o")

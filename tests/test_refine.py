@@ -58,7 +58,7 @@ def test_refine_selects_optimizes_and_records_the_source(tiny_world, tiny_classi
     assert main(["refine", *args_for(tiny_world, tiny_classifier, images, out, "--ipc", "4")]) == 0
     assert "(2 already complete)" in capsys.readouterr().out
     write_digits(images, {"2": 1}, first=50)                            # overwrite 0.png with another digit
-    fails(args_for(tiny_world, tiny_classifier, images, out, "--ipc", "4"), capsys, "holds a different run")
+    fails(args_for(tiny_world, tiny_classifier, images, out, "--ipc", "4"), capsys, "holds a run of other inputs")
 
 
 def test_refine_keeps_every_image_and_is_deterministic(tiny_world, tiny_classifier, tmp_path):

@@ -146,20 +146,21 @@ def test_other_run_needs_overwrite(tiny_world, tiny_classifier, tmp_path, capsys
 def test_disk_full_keeps_what_was_written(tiny_world, tiny_classifier, tmp_path, capsys, monkeypatch):
     import cao2core.store as store
     out = tmp_path / "o"
-    real, calls = store.save_file, []
+    real, calls = store.atomic_write_bytes, []
 
-    def full_after_one(tensors, path, metadata=None):
-        calls.append(path)
-        if len(calls) > 1:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real(tensors, path, metadata=metadata)
-    monkeypatch.setattr(store, "save_file", full_after_one)
+    def full_after_one(path, data):
+        if path.suffix == ".safetensors":
+            calls.append(path)
+            if len(calls) > 1:
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, data)
+    monkeypatch.setattr(store, "atomic_write_bytes", full_after_one)
     assert main(["run", *base_args(tiny_world, tiny_classifier, out)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "No space left on device" in err and "rerun the same command" in err
     assert sorted(p.name for p in (out / "images").iterdir()) == ["0"]          # the first class is kept
     assert not [p for p in out.rglob(".*")]
-    monkeypatch.setattr(store, "save_file", real)
+    monkeypatch.setattr(store, "atomic_write_bytes", real)
     assert main(["run", *base_args(tiny_world, tiny_classifier, out)]) == 0
     assert "(1 already complete)" in capsys.readouterr().out
 

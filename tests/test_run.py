@@ -210,9 +210,10 @@ def test_every_call_stays_within_the_batch_size_and_clo_chunks_span_classes(tiny
             "--pool-factor", "2", "--clo-iters", "2", "--batch-size", "7", "--out", str(tmp_path / "o"),
             "--no-progress", "--device", "cpu"])
     assert max(n for _, n in spy.sizes) <= 7       # the preview's decodes (before | after CLO) included
-    # groups {0, 1} and {2, 3}, {4}: pools of 12 and 6 samples in chunks of 7; CLO chunks of 6 and 3
-    assert [n for k, n in spy.sizes if k == "sample"] == [7, 5, 7, 5, 6]
-    assert spy.condition_labels == [[0, 1], [2, 3], [4]]
+    # the preflight's 2 samples of class 0 first; then groups {0, 1} and {2, 3}, {4}: pools of 12 and 6 samples
+    # in chunks of 7; CLO chunks of 6 and 3
+    assert [n for k, n in spy.sizes if k == "sample"] == [2, 7, 5, 7, 5, 6]
+    assert spy.condition_labels == [[0], [0, 1], [2, 3], [4]]
     m = json.loads((tmp_path / "o" / "manifest.json").read_text())
     assert m["classes"]["1"]["group"] == ["0", "1"] and m["batch_size"] == 7
     # a batch below one class's IPC: every class is its own group, and the preview decodes in chunks too
@@ -220,4 +221,4 @@ def test_every_call_stays_within_the_batch_size_and_clo_chunks_span_classes(tiny
     run_ok(["--model", str(tiny_world), "--classifier", str(tiny_classifier), "--classes", "0,1", "--ipc", "3",
             "--pool-factor", "2", "--clo-iters", "1", "--batch-size", "2", "--out", str(tmp_path / "b2"),
             "--no-progress", "--device", "cpu"])
-    assert max(n for _, n in spy.sizes) <= 2 and [n for k, n in spy.sizes if k == "condition"] == [2, 1, 2, 1]
+    assert max(n for _, n in spy.sizes) <= 2 and [n for k, n in spy.sizes if k == "condition"] == [2, 2, 1, 2, 1]

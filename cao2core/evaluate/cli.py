@@ -41,6 +41,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                       "default for MNIST: the built-in 10k test split")
     data.add_argument("--train", metavar="DIR", help="real training images for --random-real / --full-real "
                       "(default for MNIST: the built-in 50k train split)")
+    data.add_argument("--classes", help="--random-real / --full-real: only these classes of --dataset (ids or "
+                      "positions, A-B ranges, as `cao2 run --classes`), to match a run distilled with --classes; "
+                      "default: all")
     data.add_argument("--class-map", metavar="FILE", help="rename class folders: one 'FOLDER CLASS_ID' per line "
                       "(e.g. RDED's 00000..00009 folders)")
     data.add_argument("--image-size", type=int, help="student input size for ImageNet label spaces (default: 224); "
@@ -109,8 +112,63 @@ def _check_numbers(args) -> None:
     if args.train and args.data:
         raise UserError("--train is for the --random-real / --full-real baselines; --data already gives the "
                         "training images")
+    if args.classes and args.data:
+        raise UserError("--classes is for the --random-real / --full-real baselines; a --data set brings its own "
+                        "classes")
     if args.protocol == "hard" and (args.teacher or args.teacher_arch or args.teacher_classes or args.temperature):
         raise UserError("--teacher/--temperature are for --protocol rded or rded-faithful; drop them or pick one")
+
+
+def parse_as(parse, argv: list[str]) -> argparse.Namespace:
+    """``parse(argv)`` (the top-level parser) for an eval command line that another command runs; the report
+    records that command line as its own."""
+    args = parse(argv)
+    args.command_line = " ".join(["cao2", *argv])
+    return args
+
+
+def preflight(args, space=None, full=None) -> None:
+    """Check an evaluation that will run later, once its set exists (``cao2 ablate``, ``cao2 sweep``, ``cao2
+    compare``), so that a bad option fails before any distillation or training: the numbers, the folders, the
+    device, the student and the teacher. ``space`` (and its whole dataset ``full``), when the caller knows them:
+    the student is then built for that label space, the teacher must cover it and ``--val`` must hold it."""
+    _check_numbers(args)
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        raise UserError("--plot needs matplotlib: pip install matplotlib")
+    import timm
+    from ..classifiers import load_classifier
+    from ..engine import resolve_device
+    from . import data as D
+    from .protocols import PROTOCOLS
+    from .students import create_student
+
+    device = resolve_device(args.device)
+    for flag, folder in (("--val", args.val), ("--train", args.train)):
+        if folder and not Path(folder).is_dir():
+            raise UserError(f"{flag} {folder} is not a folder; give an existing folder of class subfolders")
+    class_map = D.read_class_map(args.class_map)
+    if space is not None:
+        channels, size, _, _ = D.world(space, args.image_size)
+        create_student(args.student or (MNIST_DEFAULTS if D.is_mnist(space) else IMAGENET_DEFAULTS)["student"],
+                       len(space.ids), channels, size)
+        if args.val and full is not None:
+            D.real_folder(args.val, full, space, "validation", class_map)
+    elif args.student and not timm.list_models(args.student.split(".")[0]):
+        create_student(args.student, 1, 1, 32)      # an unknown name: raises the student's own one-line error
+    if not PROTOCOLS[args.protocol].soft:
+        return
+    if args.teacher_classes and not Path(args.teacher_classes).is_file():
+        raise UserError(f"--teacher-classes {args.teacher_classes} not found; give a file of class ids, one a line")
+    if space is not None:
+        load_classifier(args.teacher, space, device, args.teacher_arch, args.teacher_classes).output_indices(space)
+    elif args.teacher:
+        path = Path(args.teacher)
+        if path.suffix in (".safetensors", ".pt", ".pth", ".bin") or path.exists():
+            if not path.is_file():
+                raise UserError(f"--teacher {path} not found; give an existing checkpoint or a timm model name")
+        elif not timm.list_models(args.teacher.split(".")[0]):
+            raise UserError(f"--teacher {args.teacher!r} is neither a file nor a timm model name; give a timm name "
+                            "(e.g. resnet18.tv_in1k) or a checkpoint path")
 
 
 def _ver(pkg: str):
@@ -148,7 +206,7 @@ def main(args: argparse.Namespace) -> int:
             full = D.infer_space(Path(args.train), "training")
         else:
             raise UserError("the real baselines need --dataset (mnist, nette, ...) or a --train folder")
-        space = full
+        space = full.select(args.classes) if args.classes else full
     mnist = D.is_mnist(space)
     channels, size, mean, std = D.world(space, args.image_size)
     defaults = MNIST_DEFAULTS if mnist else IMAGENET_DEFAULTS
@@ -251,8 +309,9 @@ def main(args: argparse.Namespace) -> int:
         results.append(result)
 
     config = {
-        "command": " ".join(["cao2", "eval", *sys.argv[2:]]) if len(sys.argv) > 1 and sys.argv[1] == "eval"
-        else " ".join(sys.argv),
+        "command": getattr(args, "command_line", None)      # set by the commands that run evaluations in turn
+        or (" ".join(["cao2", "eval", *sys.argv[2:]]) if len(sys.argv) > 1 and sys.argv[1] == "eval"
+            else " ".join(sys.argv)),
         "settings": settings.as_dict(),
         "protocol": {k: v for k, v in vars(protocol).items()},
         "teacher": None if teacher is None else {"source": teacher.source, "sha256": teacher.sha256},

@@ -12,20 +12,18 @@ from __future__ import annotations
 
 import functools
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
+from torch.utils.data import default_collate
 
 from ..errors import UserError
-from ..labels import IMAGENET_FILES, LabelSpace, imagenet1k, label_space
+from ..imagefolder import IMAGE_EXTS, class_folders, human_names, image_files, load_image, norm_name
+from ..labels import IMAGENET_FILES, LabelSpace, from_pairs, label_space
 from ..seeding import unit_seed
 from ..store import MANIFEST
 
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 MNIST_SIZE = 32
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 VAL_CROP_PCT = 0.875          # real validation images: resize the short side to S / 0.875, centre crop S
@@ -55,43 +53,7 @@ def _shipped_spaces() -> dict[str, frozenset]:
     return spaces
 
 
-@functools.lru_cache(maxsize=None)
-def _human_names() -> dict[str, str]:
-    """Normalised ImageNet class name (any synonym) -> wnid."""
-    wnids, names = imagenet1k()
-    table: dict[str, str] = {}
-    for wnid, line in zip(wnids, names):
-        for synonym in line.split(","):
-            table.setdefault(_norm(synonym), wnid)
-    return table
-
-
-def _norm(name: str) -> str:
-    return re.sub(r"[\s_\-]+", " ", name.strip().lower())
-
-
 # --- folder layouts --------------------------------------------------------------------------------------------
-
-
-def _natural(path: Path):
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path.name)]
-
-
-def _images(folder: Path) -> list[Path]:
-    return sorted((p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS
-                   and not p.name.startswith(".")), key=_natural)
-
-
-def class_folders(root: Path, role: str) -> dict[str, Path]:
-    """The class folders of an ImageFolder tree (hidden folders are skipped)."""
-    if not root.is_dir():
-        raise UserError(f"{role} folder {root} not found; give a folder of class folders (DIR/<class id>/*.png)")
-    folders = {p.name: p for p in sorted(root.iterdir()) if p.is_dir() and not p.name.startswith(".")}
-    if not folders:
-        loose = any(p.suffix.lower() in IMAGE_EXTS for p in root.iterdir() if p.is_file())
-        raise UserError(f"{role} folder {root} has {'images but ' if loose else ''}no class folders; "
-                        "expected DIR/<class id>/*.png (ImageNet val layout)")
-    return folders
 
 
 def read_class_map(path: str | None) -> dict[str, str] | None:
@@ -135,7 +97,7 @@ def check_layout(root: Path, space: LabelSpace, role: str, class_map: dict[str, 
     ids = set(space.ids)
     if names != ids:
         raise UserError(_diagnose(root, role, sorted(names), space, mapped=class_map is not None))
-    files = {cid: _images(folders[cid]) for cid in space.ids}
+    files = {cid: image_files(folders[cid]) for cid in space.ids}
     empty = [cid for cid, fs in files.items() if not fs]
     if empty:
         raise UserError(f"{role} folder {root}: class folder {folders[empty[0]].name!r} has no images "
@@ -151,6 +113,8 @@ def _diagnose(root: Path, role: str, names: list[str], space: LabelSpace | None,
     numeric = all(n.isdigit() for n in names)
     padded = any(len(n) > 1 and n.startswith("0") for n in names)      # 00000, 00001, ... (RDED)
     digit_ids = bool(ids) and all(i.isdigit() for i in ids)
+    if space is None and not mapped and (partial := _partial_space(names)) is not None:
+        return _missing_classes(where, names, partial)
     if not mapped and numeric and not set(names) <= ids and (padded or not digit_ids):
         second = f"{names[1]}, " if len(names) > 1 else ""
         return (f"{where} has numeric class folders ({names[0]}, {second}...) as RDED writes them; their numbers "
@@ -162,11 +126,11 @@ def _diagnose(root: Path, role: str, names: list[str], space: LabelSpace | None,
                 hint = {"nette": " (e.g. fastai's imagenette2)", "woof": " (e.g. fastai's imagewoof2)"}.get(other, "")
                 return (f"{where} holds the classes of dataset {other}{hint}, but this evaluation uses dataset "
                         f"{space.name}; point it at {space.name}'s data or pass --dataset {other}")
-    human = _human_names()
-    named = [n for n in names if _norm(n) in human and n not in ids]
+    human = human_names()
+    named = [n for n in names if norm_name(n) in human and n not in ids]
     if named and len(named) * 2 >= len(names):
         return (f"{where} names its class folders by class name ({named[0]!r}, ...), not by wnid; rename each "
-                f"folder to its wnid (e.g. {named[0]!r} -> {human[_norm(named[0])]!r}; see "
+                f"folder to its wnid (e.g. {named[0]!r} -> {human[norm_name(named[0])]!r}; see "
                 "cao2core/data/imagenet/imagenet1k_names.txt) or pass --class-map FILE")
     if space is None:
         return (f"cannot tell which label space {where} uses from its folder names; pass --dataset "
@@ -180,6 +144,23 @@ def _diagnose(root: Path, role: str, names: list[str], space: LabelSpace | None,
         parts.append(f"{len(extra)} folder(s) not in the dataset (first: {extra[0]!r})")
     return (f"{where} does not hold exactly the {len(space.ids)} classes of dataset {space.name}: "
             f"{', '.join(parts)}; give a folder with one subfolder per class id")
+
+
+def _partial_space(names: list[str]) -> LabelSpace | None:
+    """The smallest shipped label space that holds every folder name and more: some of its classes are missing."""
+    holders = [other for other, members in _shipped_spaces().items() if set(names) < members]
+    return label_space(min(holders, key=lambda n: len(_shipped_spaces()[n]))) if holders else None
+
+
+def _missing_classes(where: str, names: list[str], space: LabelSpace) -> str:
+    missing = [c for c in space.ids if c not in set(names)]
+    more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+    subset = ("" if is_mnist(space) else
+              ", or pass --dataset FILE listing exactly the wnids of its folders")
+    return (f"{where} has {len(names)} of the {len(space.ids)} class folders of dataset {space.name}: folder "
+            f"{missing[0]!r}{more} is missing; add the missing class folders or finish the cao2 run that writes "
+            f"them (a run distilled with --classes is evaluated by passing its output folder, the one holding "
+            f"{MANIFEST}){subset}")
 
 
 def infer_space(root: Path, role: str) -> LabelSpace:
@@ -235,8 +216,19 @@ class ImageSet:
             return
         dataset = _Files(self.files, self.labels, self.channels, self.size, self.crop_pct)
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=[c.tolist() for c in chunks],
-                                             num_workers=workers)
-        yield from loader
+                                             num_workers=workers, collate_fn=_collate)
+        for batch in loader:
+            if isinstance(batch, _Unreadable):
+                raise UserError(batch.message)
+            yield batch
+
+
+class _Unreadable:
+    """A file a loader worker refused: its message travels as data, since a worker's exception comes back
+    wrapped in a multi-line traceback."""
+
+    def __init__(self, message: str):
+        self.message = message
 
 
 class _Files(torch.utils.data.Dataset):
@@ -247,26 +239,14 @@ class _Files(torch.utils.data.Dataset):
         return len(self.files)
 
     def __getitem__(self, i):
-        return load_image(self.files[i], self.channels, self.size, self.crop_pct), self.labels[i]
+        try:
+            return load_image(self.files[i], self.channels, self.size, self.crop_pct), self.labels[i]
+        except UserError as exc:
+            return _Unreadable(str(exc))
 
 
-def load_image(path: Path, channels: int, size: int, crop_pct: float = 1.0) -> torch.Tensor:
-    """uint8 (C, size, size): short side resized to size / crop_pct (bilinear, antialiased), centre crop."""
-    try:
-        with Image.open(path) as im:
-            im = im.convert("L" if channels == 1 else "RGB")
-            if im.size != (size, size) or crop_pct != 1.0:
-                short = round(size / crop_pct)
-                w, h = im.size
-                scale = short / min(w, h)
-                im = im.resize((max(short, round(w * scale)), max(short, round(h * scale))), Image.BILINEAR)
-                left, top = (im.size[0] - size) // 2, (im.size[1] - size) // 2
-                im = im.crop((left, top, left + size, top + size))
-            arr = np.asarray(im, dtype=np.uint8)
-    except OSError as exc:
-        raise UserError(f"cannot read image {path} ({exc}); remove or replace it") from None
-    arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
-    return torch.from_numpy(arr.copy())
+def _collate(items):
+    return next((x for x in items if isinstance(x, _Unreadable)), None) or default_collate(items)
 
 
 def folder_set(files: dict[str, list[Path]], space: LabelSpace, description: str, channels: int, size: int,
@@ -305,31 +285,50 @@ class Distilled:
     info: dict
 
 
+def _read_manifest(path: Path) -> dict:
+    """A run's manifest, refused in one line unless it has the shape ``cao2 run`` writes."""
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError):
+        manifest = None
+    ok = (isinstance(manifest, dict) and isinstance(manifest.get("dataset"), str)
+          and isinstance(manifest.get("class_ids"), list) and all(isinstance(c, str) for c in manifest["class_ids"])
+          and isinstance(manifest.get("classes", {}), dict))
+    if not ok:
+        raise UserError(f"{path} is unreadable or not a cao2 run manifest; pass the images folder itself as --data")
+    return manifest
+
+
 def open_distilled(path: str, dataset: str | None, class_map: dict[str, str] | None) -> Distilled:
     root = Path(path)
     manifest_path = root / MANIFEST
     if manifest_path.is_file():
-        try:
-            manifest = json.loads(manifest_path.read_text())
-            ids = list(manifest["class_ids"])
-            run_dataset = manifest["dataset"]
-        except (OSError, ValueError, KeyError, TypeError):
-            raise UserError(f"{manifest_path} is unreadable or not a cao2 run manifest; "
-                            "pass the images folder itself as --data") from None
-        status = manifest.get("classes", {})
-        incomplete = [c for c in ids if status.get(c, {}).get("status") != "complete"]
+        manifest = _read_manifest(manifest_path)
+        ids, run_dataset, status = manifest["class_ids"], manifest["dataset"], manifest.get("classes", {})
+        incomplete = [c for c in ids if not isinstance(status.get(c), dict) or status[c].get("status") != "complete"]
         if incomplete:
             raise UserError(f"{root} is an unfinished cao2 run ({len(incomplete)} of {len(ids)} classes not "
                             f"complete, first {incomplete[0]!r}); rerun its `cao2 run` command to finish it")
-        full = label_space(dataset or run_dataset)
+        try:
+            full = label_space(dataset or run_dataset)
+        except UserError:
+            if dataset or not isinstance(manifest.get("class_names"), list):
+                raise
+            # a label space of the generator plugin's own: the manifest lists its classes
+            full = from_pairs(run_dataset, zip(ids, manifest["class_names"]), manifest.get("generator_space"))
         unknown = [c for c in ids if c not in full.ids]
         if unknown:
             raise UserError(f"{root} was distilled for dataset {run_dataset}, whose class {unknown[0]!r} is not "
                             f"in --dataset {dataset}; drop --dataset or pass a matching one")
         space = full.select(",".join(c for c in full.ids if c in set(ids)))
+        gone = [c for c in space.ids if not (root / "images" / c).is_dir()]
+        if gone and class_map is None:
+            raise UserError(f"{root} is a cao2 run whose manifest lists class {gone[0]!r} as complete, but its "
+                            f"folder images/{gone[0]} is missing; rerun its `cao2 run` command to redo it")
         files = check_layout(root / "images", space, "distilled", class_map)
+        config = manifest.get("config")
         info = {"layout": "cao2 run", "run_id": manifest.get("run_id"), "dataset": run_dataset,
-                "run_ipc": manifest.get("config", {}).get("ipc")}
+                "run_ipc": config.get("ipc") if isinstance(config, dict) else None}
         return Distilled(space, full, files, root, True, info)
     if (root / "images").is_dir() and not any(p.is_dir() and p.name != "images" and not p.name.startswith(".")
                                              for p in root.iterdir()):

@@ -7,15 +7,16 @@ so it is optimistic and not a held-out figure.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
 import shutil
 import statistics
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
+from ..store import new_file
 from .protocols import PROTOCOLS, RepeatResult
 
 FORMAT = "cao2-eval/1"
@@ -103,6 +104,25 @@ def plot_png(report: dict) -> bytes:
     return buf.getvalue()
 
 
+def reuse_or_evaluate(folder: Path, key: dict, evaluate, marker: str) -> dict:
+    """The eval report in ``folder``. ``evaluate()`` (re)writes it unless the ``marker`` file beside it records
+    this same ``key`` (what was scored and how) and the sha256 of this very report, so a rerun reuses a finished
+    evaluation and never one that another command replaced."""
+    mark, report = folder / marker, folder / REPORT
+    if mark.is_file() and report.is_file():
+        try:
+            recorded = json.loads(mark.read_text())
+        except (OSError, ValueError):
+            recorded = None
+        if recorded == {"key": key, "report_sha256": hashlib.sha256(report.read_bytes()).hexdigest()}:
+            print(f"   reusing {report} (same data, same evaluation)", flush=True)
+            return json.loads(report.read_text())
+    evaluate()
+    data = report.read_bytes()
+    write_files(folder, {marker: json.dumps({"key": key, "report_sha256": hashlib.sha256(data).hexdigest()}).encode()})
+    return json.loads(data)
+
+
 def write_outputs(out: Path, report: dict, plot: bool) -> list[Path]:
     """Write eval.json (and eval.png) into ``out``."""
     return write_files(out, {REPORT: (json.dumps(report, indent=2) + "\n").encode(),
@@ -119,7 +139,7 @@ def write_files(out: Path, files: dict[str, bytes | None]) -> list[Path]:
         for name, data in files.items():
             if data is None:
                 continue
-            fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{name}.", suffix=".tmp")
+            fd, tmp = new_file(out, f".{name}.", ".tmp")       # the umask's mode: reports are made to be shared
             with os.fdopen(fd, "wb") as fh:
                 fh.write(data)
                 fh.flush()

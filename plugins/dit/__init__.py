@@ -31,8 +31,8 @@ from diffusers import AutoencoderKL, DiTTransformer2DModel
 
 from cao2core import compiling, precision
 from cao2core.errors import UserError
-from cao2core.hookspecs import (GENERIC_OPTIONS, Corrupted, LatentSpec, Prediction, SampleOutput, hookimpl,
-                                 snapshot_steps_of)
+from cao2core.hookspecs import (GENERIC_OPTIONS, Corrupted, GenOption, LatentSpec, Prediction, SampleOutput,
+                                 hookimpl, snapshot_steps_of)
 from cao2core.respacing import space_timesteps
 
 from . import loading, sampling
@@ -42,7 +42,18 @@ CONVENTIONS = ("default", "reference")
 PROFILES = ("default", "reference")
 REFERENCE_CFG_CHANNELS = 3    # DiT's forward_with_cfg guides eps channels 0..2 only
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-GEN_OPTS = {"num_heads", "autocast", "compile", "timestep_freqs", "cfg_channels"}
+GEN_OPTS = {
+    "num_heads": GenOption("attention heads of an original-layout checkpoint (weights do not say; inferred from the "
+                           "width for DiT-S/B/L/XL)", "from the width", int),
+    "autocast": GenOption("run the transformer forward under torch.autocast; weights keep --dtype", "none",
+                          choices=tuple(precision.AUTOCAST)),
+    "compile": GenOption("torch.compile mode of the transformer", "none", choices=compiling.COMPILE_MODES),
+    "timestep_freqs": GenOption("the timestep-embedding frequencies the weights were trained with: dit = i/128 (every "
+                                "published DiT), diffusers = i/127", "dit, or the folder's cao2.json",
+                                choices=tuple(loading.TIMESTEP_FREQS)),
+    "cfg_channels": GenOption("eps channels classifier-free guidance applies to", "all; 3 under --profile reference",
+                              int),
+}
 
 
 @dataclass
@@ -79,8 +90,13 @@ class DiTHandle:
 
 
 @hookimpl
+def cao2_options() -> dict:
+    return GEN_OPTS
+
+
+@hookimpl
 def cao2_load(options: dict, device: torch.device) -> DiTHandle:
-    unknown = sorted(set(options) - set(GENERIC_OPTIONS) - GEN_OPTS)
+    unknown = sorted(set(options) - set(GENERIC_OPTIONS) - set(GEN_OPTS))
     if unknown:
         raise UserError(f"unknown --gen-opt {unknown[0]} for dit; known: {', '.join(sorted(GEN_OPTS))}")
     profile = options.get("profile") or "default"
@@ -96,6 +112,8 @@ def cao2_load(options: dict, device: torch.device) -> DiTHandle:
     autocast = precision.autocast_dtype(options.get("autocast") or "none")
     compile_mode = compiling.compile_mode(options)
     heads = options.get("num_heads")
+    if heads is not None and not str(heads).isdigit():
+        raise UserError(f"--gen-opt num_heads={heads}: give a whole number of attention heads (DiT-XL/2: 16)")
     transformer = loading.load_transformer(t_src, int(heads) if heads else None)
     freqs = options.get("timestep_freqs") or defaults.get("timestep_freqs", "dit")
     loading.set_timestep_freqs(transformer, freqs)
@@ -151,9 +169,9 @@ def cao2_latent_spec(handle: DiTHandle) -> LatentSpec:
 def cao2_describe(handle: DiTHandle) -> dict:
     return {
         "family": "dit",
-        "transformer": {"source": handle.sources["transformer"], "sha256": loading.sha256_of(handle.sources["transformer"]),
+        "transformer": {"source": handle.sources["transformer"], "sha256": loading.sha256_of(handle.sources["transformer"], "transformer"),
                         "config": dict(handle.transformer.config)},
-        "vae": {"source": handle.sources["vae"], "sha256": loading.sha256_of(handle.sources["vae"]),
+        "vae": {"source": handle.sources["vae"], "sha256": loading.sha256_of(handle.sources["vae"], "vae"),
                 "scaling_factor": handle.vae.config.scaling_factor, "shift_factor": handle.vae.config.shift_factor},
         "sampler": handle.sampler, "sample_steps": handle.steps, "guidance": handle.guidance,
         "sampler_timesteps": sampling.grid(handle.steps), "timestep_freqs": handle.timestep_freqs,
@@ -165,12 +183,13 @@ def cao2_describe(handle: DiTHandle) -> dict:
 
 
 @hookimpl
-def cao2_sample(handle: DiTHandle, labels: torch.Tensor, generators: list, snapshot_steps: list) -> SampleOutput:
+def cao2_sample(handle: DiTHandle, labels: torch.Tensor, generators: list, snapshot_steps: list,
+                progress=None) -> SampleOutput:
     wanted = snapshot_steps_of(snapshot_steps, handle.steps)
     x, snapshots = sampling.sample(handle.forward_module(), labels, generators, null_label=handle.num_classes,
                                    guidance=handle.guidance, steps=handle.steps, sampler=handle.sampler,
                                    latent_shape=handle.latent_shape, dtype=handle.dtype, snapshot_steps=wanted,
-                                   autocast=handle.autocast, cfg_channels=handle.cfg_channels)
+                                   autocast=handle.autocast, cfg_channels=handle.cfg_channels, progress=progress)
     return SampleOutput(latents=x, snapshots=snapshots)
 
 

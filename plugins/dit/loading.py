@@ -10,14 +10,15 @@ the same weights) gets DiT's frequencies; a folder whose ``cao2.json`` says ``"t
 """
 from __future__ import annotations
 
-import hashlib
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DiTTransformer2DModel
 from diffusers.models.embeddings import Timesteps
 
+from cao2core import weights
 from cao2core.errors import UserError
 
 from . import convert
@@ -86,42 +87,69 @@ def load_transformer(source: str, num_heads: int | None = None) -> DiTTransforme
                             "this is not a standard DiT checkpoint")
         return model
     try:
-        model, info = DiTTransformer2DModel.from_pretrained(source, subfolder=_subfolder(source, "transformer"),
-                                                            output_loading_info=True, low_cpu_mem_usage=False)
+        model, info = _from_pretrained(DiTTransformer2DModel, source, "transformer")
+    except UserError:
+        raise
     except Exception as exc:
-        raise UserError(f"cannot load the DiT transformer from {source} ({_first_line(exc)})") from None
+        raise UserError(f"cannot load the DiT transformer from {source} ({_cause(exc)})") from None
     _check_info(info, source)
     return model
 
 
 def load_vae(source: str) -> AutoencoderKL:
     try:
-        vae, info = AutoencoderKL.from_pretrained(source, subfolder=_subfolder(source, "vae"),
-                                                  output_loading_info=True, low_cpu_mem_usage=False)
+        vae, info = _from_pretrained(AutoencoderKL, source, "vae")
+    except UserError:
+        raise
     except Exception as exc:
-        raise UserError(f"cannot load the VAE from {source} ({_first_line(exc)}); "
+        raise UserError(f"cannot load the VAE from {source} ({_cause(exc)}); "
                         "pass --vae with a diffusers AutoencoderKL folder or hub id") from None
     _check_info(info, source)
     return vae
 
 
-def sha256_of(source: str) -> str | None:
-    """sha256 of a checkpoint file, or of a folder's weight files in name order; None for a hub id."""
-    path = Path(source)
-    files = [path] if path.is_file() else sorted(p for p in path.glob("*") if p.suffix in (".safetensors", ".bin"))
-    if not path.exists() or not files:
+def sha256_of(source: str, component: str) -> str | None:
+    """sha256 of a checkpoint file or a folder's weight files; for a hub id, of the cached file it loaded from."""
+    if Path(source).exists():
+        return weights.source_sha256(source)
+    try:
+        from huggingface_hub import try_to_load_from_cache
+        for name in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"):
+            for where in (f"{component}/{name}", name):
+                cached = try_to_load_from_cache(source, where)
+                if isinstance(cached, str):
+                    return weights.file_sha256(cached)
+    except Exception:       # not a hub id the cache knows: nothing on this disk to hash
         return None
-    h = hashlib.sha256()
-    for f in files:
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 22), b""):
-                h.update(chunk)
-    return h.hexdigest()
+    return None
 
 
-def _subfolder(source: str, name: str) -> str | None:
-    """Hub ids are repos with transformer/ and vae/ subfolders; local folders are the component itself."""
-    return None if Path(source).exists() else name
+def _from_pretrained(cls, source: str, component: str):
+    """(model, loading info) from a local component folder, or from a hub repo's ``component`` subfolder or, failing
+    that, its root (``stabilityai/sd-vae-ft-mse`` is a VAE on its own)."""
+    kw = dict(output_loading_info=True, low_cpu_mem_usage=False)
+    with _quiet_diffusers():        # its multi-line logs of a failed attempt would bury the one-line error
+        if Path(source).exists():
+            if not any(Path(source).glob("diffusion_pytorch_model*")):
+                raise UserError(f"{source} has no diffusion_pytorch_model.safetensors (nor .bin): the weights of "
+                                "this diffusers folder are missing; copy them in or point to the complete folder")
+            weights.require_floating_files(source)
+            return cls.from_pretrained(source, **kw)
+        try:
+            return cls.from_pretrained(source, subfolder=component, **kw)
+        except OSError:
+            return cls.from_pretrained(source, **kw)
+
+
+@contextmanager
+def _quiet_diffusers():
+    from diffusers.utils import logging as dlog
+    level = dlog.get_verbosity()
+    dlog.set_verbosity(dlog.CRITICAL)
+    try:
+        yield
+    finally:
+        dlog.set_verbosity(level)
 
 
 def _read_state_dict(path: Path) -> dict:
@@ -132,12 +160,12 @@ def _read_state_dict(path: Path) -> dict:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise UserError(f"cannot read checkpoint {path}: it is truncated or not a torch/safetensors file "
-                        f"({_first_line(exc)})") from None
+        raise UserError(f"cannot read checkpoint {path}: {weights.load_error(exc)}") from None
     if isinstance(state, dict) and "ema" in state and isinstance(state["ema"], dict):
         state = state["ema"]      # training checkpoints keep the EMA weights, which DiT samples with
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{path} is not a state dict of tensors")
+    weights.require_floating(state, path)
     return state
 
 
@@ -156,6 +184,8 @@ def _check_info(info: dict, source: str) -> None:
         raise UserError(f"checkpoint {source} does not match its config ({'; '.join(problems)})")
 
 
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
+def _cause(exc: Exception) -> str:
+    """The essential cause of a loading error, on one line (torch's state-dict errors name the key on line 2)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    lines = [ln for ln in lines if not ln.startswith(("Error(s) in loading state_dict", "You may consider"))]
+    return f"{type(exc).__name__}: {'; '.join(lines[:2])}"[:300]

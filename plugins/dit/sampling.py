@@ -67,11 +67,11 @@ def guide(out: torch.Tensor, channels: int, guidance: float, cfg_channels: int) 
 def sample(transformer, labels: torch.Tensor, generators: list, *, null_label: int, guidance: float,
            steps: int, sampler: str, latent_shape: tuple, dtype: torch.dtype,
            snapshot_steps: dict | None = None, autocast: torch.dtype | None = None,
-           cfg_channels: int | None = None) -> tuple[torch.Tensor, dict]:
+           cfg_channels: int | None = None, progress=None) -> tuple[torch.Tensor, dict]:
     """Sample latents; ``snapshot_steps`` maps a 0-based step to the key its state (after that step) is kept under.
 
     ``autocast`` runs the transformer under autocast to that dtype; guidance and the scheduler stay fp32.
-    ``cfg_channels``: how many eps channels guidance applies to (default all).
+    ``cfg_channels``: how many eps channels guidance applies to (default all); ``progress()`` after every step.
     """
     snapshot_steps = snapshot_steps or {}
     device = labels.device
@@ -95,6 +95,8 @@ def sample(transformer, labels: torch.Tensor, generators: list, *, null_label: i
             x = scheduler.step(out, t, x, generator=generators).prev_sample
         if step in snapshot_steps:
             snapshots[snapshot_steps[step]] = x.clone()
+        if progress is not None:
+            progress()
     return x, snapshots
 
 

@@ -38,8 +38,8 @@ import torch
 
 from cao2core import compiling, precision
 from cao2core.errors import UserError
-from cao2core.hookspecs import (GENERIC_OPTIONS, Corrupted, LatentSpec, Prediction, SampleOutput, hookimpl,
-                                 snapshot_steps_of)
+from cao2core.hookspecs import (GENERIC_OPTIONS, Corrupted, GenOption, LatentSpec, Prediction, SampleOutput,
+                                 hookimpl, snapshot_steps_of)
 
 from . import loading, sampling
 from .diffusion import GaussianDiffusion
@@ -49,8 +49,22 @@ from .vae import AutoencoderKL
 
 __version__ = "0.1.0"
 LEVEL_RANGE, DEFAULT_LEVEL = (1, 999), 999
-GEN_OPTS = {"preset", "vae_config", "cfg_schedule", "temperature", "diffloss_steps", "mask_ratio", "vb", "noise",
-            "autocast", "clip_x0", "compile"}
+GEN_OPTS = {
+    "preset": GenOption("MAR size: mar_base, mar_large, mar_huge or a JSON file of MARConfig fields",
+                        "the checkpoint's args.model"),
+    "vae_config": GenOption("KL VAE config: kl16, mnist_small or a JSON file of its fields", "kl16"),
+    "cfg_schedule": GenOption("guidance schedule over the AR steps", "linear", choices=sampling.CFG_SCHEDULES),
+    "temperature": GenOption("DiffLoss sampling temperature (scales the added noise)", 1.0, float),
+    "diffloss_steps": GenOption("DiffLoss sampler steps (respaced from 1000)", 100, int),
+    "mask_ratio": GenOption("CLO mask ratio range LO,HI (truncated normal, mean 1, sd 0.25)", "0.7,1"),
+    "vb": GenOption("add the head's variational-bound term to the CLO loss (1/0)", "0; 1 under --profile reference",
+                    choices=("0", "1", "true", "false", "yes", "no")),
+    "noise": GenOption("CLO eps: fresh every iteration (CaO2-MAR) or the engine's fixed per-sample noise", "fresh",
+                       choices=("fresh", "fixed")),
+    "autocast": GenOption("autocast dtype of the model on GPUs", "fp16", choices=tuple(precision.AUTOCAST)),
+    "clip_x0": GenOption("clamp the head's predicted x0 to [-C, C] at every diffusion step", "none (the world: 6)"),
+    "compile": GenOption("torch.compile mode of the block stacks and the head", "none", choices=compiling.COMPILE_MODES),
+}
 
 
 @dataclass
@@ -128,8 +142,13 @@ def parse_mask_ratio(text) -> tuple[float, float]:
 
 
 @hookimpl
+def cao2_options() -> dict:
+    return GEN_OPTS
+
+
+@hookimpl
 def cao2_load(options: dict, device: torch.device) -> MARHandle:
-    unknown = sorted(set(options) - set(GENERIC_OPTIONS) - GEN_OPTS)
+    unknown = sorted(set(options) - set(GENERIC_OPTIONS) - set(GEN_OPTS))
     if unknown:
         raise UserError(f"unknown --gen-opt {unknown[0]} for mar; known: {', '.join(sorted(GEN_OPTS))}")
     if options.get("sampler"):
@@ -238,12 +257,13 @@ def cao2_describe(handle: MARHandle) -> dict:
 
 
 @hookimpl
-def cao2_sample(handle: MARHandle, labels: torch.Tensor, generators: list, snapshot_steps: list) -> SampleOutput:
+def cao2_sample(handle: MARHandle, labels: torch.Tensor, generators: list, snapshot_steps: list,
+                progress=None) -> SampleOutput:
     wanted = snapshot_steps_of(snapshot_steps, handle.steps)
     x, snapshots = sampling.sample(handle.model, labels, generators, steps=handle.steps, guidance=handle.guidance,
                                    cfg_schedule=handle.cfg_schedule, temperature=handle.temperature,
                                    diffusion=handle.sampler_diffusion, snapshot_steps=wanted,
-                                   autocast=handle.autocast, clip_x0=handle.clip_x0)
+                                   autocast=handle.autocast, clip_x0=handle.clip_x0, progress=progress)
     return SampleOutput(latents=x, snapshots=snapshots)
 
 

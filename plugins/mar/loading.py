@@ -163,10 +163,8 @@ def _torch_load(path: Path, what: str):
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        text = str(exc).strip().splitlines()
-        raise UserError(f"cannot read {what} {path}: truncated, not a torch file, or it holds objects other than "
-                        f"tensors and an argparse.Namespace ({type(exc).__name__}: {text[0][:160] if text else ''})"
-                        ) from None
+        raise UserError(f"cannot read {what} {path}: {weights.load_error(exc)} (an argparse.Namespace of training "
+                        "args is the one object admitted)") from None
 
 
 def read_safetensors(path: Path) -> dict:

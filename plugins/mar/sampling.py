@@ -26,10 +26,10 @@ def _randn(generators: list, shape: tuple, device) -> torch.Tensor:
 def sample(model: MAR, labels: torch.Tensor, generators: list, *, steps: int, guidance: float,
            cfg_schedule: str = "linear", temperature: float = 1.0, diffusion: GaussianDiffusion,
            snapshot_steps: dict | None = None, autocast: torch.dtype | None = None,
-           clip_x0: float | None = None) -> tuple[torch.Tensor, dict]:
+           clip_x0: float | None = None, progress=None) -> tuple[torch.Tensor, dict]:
     """Return (scaled image-shaped latents (B, C, H, W), {key: canvas after that step, zeros where unfilled}).
 
-    ``snapshot_steps`` maps a 0-based step to the key its canvas is returned under.
+    ``snapshot_steps`` maps a 0-based step to the key its canvas is returned under; ``progress()`` after each step.
     """
     snapshot_steps = snapshot_steps or {}
     cfg = model.cfg
@@ -69,4 +69,6 @@ def sample(model: MAR, labels: torch.Tensor, generators: list, *, steps: int, gu
         masked = left
         if step in snapshot_steps:
             snapshots[snapshot_steps[step]] = model.unpatchify(tokens.clone())
+        if progress is not None:
+            progress()
     return model.unpatchify(tokens), snapshots
