@@ -46,6 +46,7 @@ EVAL_FLAGS = (
     ("--repeat", int, "students per variant (sweep: per point), seeded alike across them (default: 3)"),
     ("--eval-every", int, "test every N epochs (default: eval's)"),
     ("--val", str, "real held-out images (ImageNet val layout); MNIST: built in"),
+    ("--mnist-split", str, "MNIST: the held-out split students are tested on, test or val (default: test)"),
     ("--teacher", str, "rded protocols: the soft-label teacher (default: eval's)"),
     ("--eval-seed", int, "seed of the students (default: 0)"),
 )
@@ -83,7 +84,11 @@ def known_space(cfg: RunConfig):
     if cfg.dataset is None:
         return None, None
     from .labels import label_space
-    full = label_space(cfg.dataset)
+    from .plugins import Host
+    try:
+        full = label_space(cfg.dataset)
+    except UserError:           # perhaps one of the generator plugin's own label spaces
+        full = label_space(cfg.dataset, Host().generator(cfg.generator).label_spaces())
     return full.select(cfg.classes), full
 
 

@@ -109,6 +109,14 @@ def run_flag_actions() -> dict[str, argparse.Action]:
     return {a.dest: a for a in p._actions}
 
 
+def merge_gen_opts(earlier: list[str], later: list[str]) -> list[str]:
+    """``--gen-opt KEY=VALUE`` lists of a preset, a config file and the flags, merged by key (the later wins), so
+    adding an option on the command line keeps the preset's others."""
+    merged = {item.partition("=")[0]: item for item in earlier}
+    merged.update({item.partition("=")[0]: item for item in later})
+    return list(merged.values())
+
+
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     preset = presets.get(args.preset) if getattr(args, "preset", None) else None
     toml = load_toml(args.config) if getattr(args, "config", None) else {}
@@ -116,8 +124,10 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
              if k not in ("command", "config", "preset", "debug") and not k.startswith("eval_")}
     profile = flags.get("profile", toml.get("profile", preset.options.get("profile") if preset else None))
     values = preset.options_for(profile) if preset else {}
-    values.update(toml)
-    values.update(flags)
+    for layer in (toml, flags):
+        if "gen_opt" in layer and "gen_opt" in values:      # --gen-opt pairs merge by key: a later one wins
+            layer = {**layer, "gen_opt": merge_gen_opts(values["gen_opt"], layer["gen_opt"])}
+        values.update(layer)
     try:
         return RunConfig(**values)
     except TypeError as exc:
@@ -227,9 +237,10 @@ def _plugins(verbose: bool = False) -> int:
         print(f"{name} [generator, BROKEN]")
         print(f"  {reason}")
     if verbose:
-        print("generic flags read by only some generators: --timestep-convention and --sampler (dit); "
+        print("generic flags read by only some generators: --timestep-convention (dit), --sampler (dit, sd); "
               "--profile reference changes what each generator's docs say")
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

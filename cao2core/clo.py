@@ -15,6 +15,7 @@ import torch
 from . import kernels
 from .contract import PluginError
 from .errors import UserError
+from .kernels import reference
 from .kernels.reference import clo_loss  # noqa: F401  (the semantics every kernel backend is tested against)
 
 
@@ -55,12 +56,13 @@ def optimize(gen, handle, latents: torch.Tensor, labels: torch.Tensor, kinds: li
 
 def optimize_rows(gen, handle, latents: torch.Tensor, labels: torch.Tensor, kinds: list[str],
                   noise_gens: list[torch.Generator], level_gens: list[torch.Generator], settings: CLOSettings,
-                  progress=None) -> tuple[torch.Tensor, dict[int, int]]:
+                  progress=None, curves: dict | None = None) -> tuple[torch.Tensor, dict[int, int]]:
     """``optimize`` for rows of different classes: (latents, {row: first iteration it was non-finite}).
 
     A row that turns NaN/Inf is put back to its start every iteration, so it cannot spread through the
     others' forward passes; the other rows' results are unchanged (rows are independent). The check stays on
-    the device (no synchronisation per iteration).
+    the device (no synchronisation per iteration). ``curves``, if given, receives each row's loss terms per
+    iteration: ``mean`` and ``max`` (rows, iters), float32 on the CPU.
     """
     z = latents.detach().float().clone(memory_format=torch.contiguous_format).requires_grad_(True)
     if settings.iters == 0:
@@ -70,6 +72,7 @@ def optimize_rows(gen, handle, latents: torch.Tensor, labels: torch.Tensor, kind
     noise = torch.stack([torch.randn(z.shape[1:], generator=g) for g in noise_gens]).to(z.device)
     condition = gen.condition(handle=handle, labels=labels, kinds=kinds)
     opt = kernels.LatentAdam([z], lr=settings.lr, backend=settings.kernels)
+    terms = []
     for it in range(settings.iters):
         levels = torch.cat([torch.randint(settings.level_min, settings.level_max + 1, (1,), generator=g)
                             for g in level_gens]).to(z.device)
@@ -83,6 +86,9 @@ def optimize_rows(gen, handle, latents: torch.Tensor, labels: torch.Tensor, kind
             raise PluginError(f"generator plugin {getattr(gen, 'label', gen)}: no gradient reaches the latents "
                               "through cao2_corrupt and cao2_predict (detached or computed under torch.no_grad); "
                               "the plugin breaks the cao2 contract (docs/plugins.md)")
+        if curves is not None:
+            with torch.no_grad():
+                terms.append(torch.stack(reference.clo_terms(p.pred, p.target, p.weight), 1))
         opt.zero_grad(set_to_none=True)
         loss.sum().backward()
         opt.step()
@@ -93,6 +99,9 @@ def optimize_rows(gen, handle, latents: torch.Tensor, labels: torch.Tensor, kind
         if progress is not None:
             progress(1)
     rows = first_bad.tolist()
+    if curves is not None:
+        stacked = torch.stack(terms, 2).float().cpu()          # (rows, 2, iters), moved once per chunk
+        curves["mean"], curves["max"] = stacked[:, 0], stacked[:, 1]
     return z.detach(), {r: i for r, i in enumerate(rows) if i >= 0}
 
 

@@ -62,9 +62,12 @@ class RunConfig:
     timestep_convention: str | None = _opt(None, "DiT CLO timesteps: default = model told the noise level's own "
                                                  "t; reference = as the official code (respaced noise, raw index); "
                                                  "default: the --profile's", ("default", "reference"))
-    sampler: str | None = _opt(None, "generator sampler (DiT: ddpm or ddim; MAR has one); default: the generator's")
-    sample_steps: int | None = _opt(None, "sampling steps; default: the generator's (DiT: 50; MAR: 32 AR steps)")
-    guidance: float | None = _opt(None, "classifier-free guidance scale; default: the generator's (DiT-XL/2: 2.7, MAR: 2.9)")
+    sampler: str | None = _opt(None, "generator sampler (DiT: ddpm or ddim; SD: a diffusers scheduler name such as "
+                                     "ddim, dpm, euler; MAR has one); default: the generator's")
+    sample_steps: int | None = _opt(None, "sampling steps; default: the generator's (DiT: 50; MAR: 32 AR steps; "
+                                          "SD: 50)")
+    guidance: float | None = _opt(None, "classifier-free guidance scale; default: the generator's (DiT-XL/2: 2.7, "
+                                        "MAR: 2.9, SD: 7.5)")
     gen_opt: list = _opt(list, "generator-specific option KEY=VALUE (repeatable)", nargs="append_kv")
     profile: str = _opt("default", "default = the corrected method; reference = everything the official CaO2 code "
                                    "does that the default corrects (timestep convention, guidance channels, "

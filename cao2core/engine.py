@@ -209,12 +209,12 @@ def distill_group(r: Run, store: Store, group: list[int], missing: list[int], ba
     latents_init = torch.cat([pool[keep.to(pool.device)] for (pool, _), (keep, _) in zip(pools, kept)])
     times["select"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    latents, bad = optimize_latents(r, cids, labels, kept, latents_init, bars)
+    latents, bad, curves = optimize_latents(r, cids, labels, kept, latents_init, bars)
     times["clo"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     pixels = in_chunks(lambda z: r.gen.decode(handle=r.handle, latents=z).cpu(), latents, r.cfg.batch_size)
     times["decode"] = time.perf_counter() - t0
-    store_classes(r, store, group, missing, kept, latents_init, latents, pixels, bad,
+    store_classes(r, store, group, missing, kept, latents_init, latents, curves, pixels, bad,
                   {k: round(v, 3) for k, v in times.items()})
 
 
@@ -253,7 +253,8 @@ def select_samples(r: Run, group: list[int], cids: list[str], labels: list[int],
 def optimize_latents(r: Run, cids: list[str], labels: list[int], kept, latents_init: torch.Tensor, bars: Bars
                      ) -> tuple[torch.Tensor, dict[str, str]]:
     """3. CLO on the group's selected latents in chunks, each row with its own condition, noise and level draws.
-    Returns the latents and {class: why it failed} for classes whose samples or latents are not finite."""
+    Returns the latents, {class: why it failed} for classes whose samples or latents are not finite, and each
+    row's loss terms per iteration ({"mean", "max"}: (rows, iters))."""
     cfg = r.cfg
     rows = [(cid, label, i) for cid, label, (keep, _) in zip(cids, labels, kept) for i in range(len(keep))]
     # a non-finite sample is the generator's fault, not CLO's: checked on the device, one sync per group
@@ -261,25 +262,29 @@ def optimize_latents(r: Run, cids: list[str], labels: list[int], kept, latents_i
     bad = {rows[k][0]: (f"non-finite samples from the generator ({r.gen.label}, cao2_sample): NaN or Inf in "
                         f"sample {rows[k][2]}") for k in range(len(rows)) if not finite[k]}
     first_bad: dict[str, dict[int, int]] = {}
-    latents = []
+    latents, curves = [], {"mean": [], "max": []}
     for idx in batches(range(len(rows)), cfg.batch_size):
         units = [rows[k] for k in idx]
+        chunk_curves = {"mean": torch.zeros(len(idx), 0), "max": torch.zeros(len(idx), 0)}
         z, chunk_bad = clo.optimize_rows(
             r.gen, r.handle, latents_init[idx], torch.tensor([l for _, l, _ in units], device=r.device),
             [r.conditions[c] for c, _, _ in units], [unit_generator(cfg.seed, l, i, "clo-noise") for _, l, i in units],
-            [unit_generator(cfg.seed, l, i, "clo-level") for _, l, i in units], r.clo, bars.clo_step)
+            [unit_generator(cfg.seed, l, i, "clo-level") for _, l, i in units], r.clo, bars.clo_step, chunk_curves)
         latents.append(z)
+        for k in curves:
+            curves[k].append(chunk_curves[k])
         for k, it in chunk_bad.items():
             c, _, i = units[k]
             first_bad.setdefault(c, {})[i] = it
     for c, rows_bad in first_bad.items():
         bad.setdefault(c, f"{clo.NonFiniteLatents.first_of(rows_bad)}; lower --clo-lr")
-    return torch.cat(latents), bad
+    return torch.cat(latents), bad, {k: torch.cat(v) for k, v in curves.items()}
 
 
-def store_classes(r: Run, store: Store, group, missing, kept, latents_init, latents, pixels, bad, seconds) -> None:
-    """4. Write each class of the group that was missing: PNGs, latents and its record (written last); a class
-    with non-finite values is recorded as failed instead."""
+def store_classes(r: Run, store: Store, group, missing, kept, latents_init, latents, curves, pixels, bad,
+                  seconds) -> None:
+    """4. Write each class of the group that was missing: PNGs, latents (with CLO's loss curves) and its record
+    (written last); a class with non-finite values is recorded as failed instead."""
     first = 0
     cids = [r.space.ids[p] for p in group]
     for pos, cid, (keep, scores) in zip(group, cids, kept):
@@ -292,7 +297,8 @@ def store_classes(r: Run, store: Store, group, missing, kept, latents_init, late
             store.set_status(cid, {"status": "failed", "reason": bad[cid], "label": pos, "generator_label": label})
             continue
         tensors = {"latents": latents[rows_of], "latents_init": latents_init[rows_of],
-                   "labels": torch.full((ipc,), label), "scores": scores.float(), "pool_index": keep.long()}
+                   "labels": torch.full((ipc,), label), "scores": scores.float(), "pool_index": keep.long(),
+                   "clo_loss_mean": curves["mean"][rows_of], "clo_loss_max": curves["max"][rows_of]}
         try:
             store.write_class(cid, pixels[rows_of], tensors, {
                 "name": r.space.names[pos], "label": pos, "generator_label": label, "condition": r.conditions[cid],

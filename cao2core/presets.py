@@ -19,6 +19,13 @@ from .errors import UserError
 _DIT_OFFICIAL = dict(generator="dit", sampler="ddpm", sample_steps=50, guidance=2.7, select="confidence",
                      clo_iters=100, clo_lr=6e-4, clo_lambda=10.0, condition="null")
 
+# Stable Diffusion (the sd generator, SD 1.5 unless --model says otherwise) on a label space of class names: sampled
+# at the model's own resolution with its shipped scheduler, stored at the dataset's (store_size); T-hat is the
+# generator's default (the SD schedule's timestep with DiT's T-hat noise level, 299). Confidence selection needs the
+# user's classifier of that label space (--classifier), or pass --select none.
+_SD_CLASS_NAMES = dict(generator="sd", select="confidence", pool_factor=4, order="easy", clo_iters=100, clo_lr=6e-4,
+                       clo_lambda=10.0, condition="null")
+
 
 @dataclass(frozen=True)
 class Preset:
@@ -55,6 +62,12 @@ PRESETS = {p.name: p for p in [
            dict(generator="mar", dataset="in1k", pool_factor=2, select="stability", sample_steps=32, guidance=2.9,
                 gen_opt=["cfg_schedule=linear"], condition="zero", clo_iters=100, clo_lr=6e-4, clo_lambda=10.0),
            {"IPC10 (ResNet-18)": 46.1}),
+    Preset("cifar10-sd", "CIFAR-10 with Stable Diffusion: prompt 'a photo of a {name}', sampled at the model's "
+                         "size (SD 1.5: 512 px) and stored at 32 px, pool x4 with your CIFAR-10 classifier "
+                         "(--classifier), null condition",
+           dict(_SD_CLASS_NAMES, dataset="cifar10", gen_opt=["prompt=a photo of a {name}", "store_size=32"])),
+    Preset("cifar100-sd", "CIFAR-100 with Stable Diffusion: as cifar10-sd on the 100 fine labels",
+           dict(_SD_CLASS_NAMES, dataset="cifar100", gen_opt=["prompt=a photo of a {name}", "store_size=32"])),
     Preset("mnist", "the embedded MNIST world (DiT): pool x4, easy order, default timestep convention",
            dict(generator="dit", dataset="mnist", ipc=10, pool_factor=4, select="confidence", order="easy",
                 clo_iters=100, condition="null")),

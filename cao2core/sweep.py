@@ -236,6 +236,7 @@ class Measurer:
             rows += 2 * len(t["latents"])
         groups.append(group)
         disp, before, after, top0, top1, change = [], [], [], [], [], []
+        curves = {k: [t[f"clo_loss_{k}"] for g in groups for _, t in g if f"clo_loss_{k}" in t] for k in ("mean", "max")}
         for group in groups:
             z = torch.cat([t["latents"] for _, t in group])
             z0 = torch.cat([t["latents_init"] for _, t in group])
@@ -260,6 +261,7 @@ class Measurer:
                                 "before and after CLO: mean (and least) over samples"},
             "classifier_top1": {"before": 100 * float(top0.mean()), "after": 100 * float(top1.mean()),
                                 "what": "% of samples the run's classifier assigns to their class"},
+            "loss": _loss_summary(curves),
             "pixel_change": {"mean": float(change.mean()),
                              "what": "mean absolute difference of the decoded images before and after CLO, "
                                      "on a 0-1 intensity scale"},
@@ -394,3 +396,19 @@ def chart(result: dict) -> bytes:
     fig.savefig(buf, format="png")
     plt.close(fig)
     return buf.getvalue()
+
+
+def _loss_summary(curves: dict) -> dict:
+    """CLO's loss terms over the iterations, averaged over the samples: the curves, and their first and last tenth
+    (each iteration draws its own levels, so single iterations are noisy)."""
+    import torch
+    if not curves["mean"] or curves["mean"][0].shape[1] == 0:
+        return {"iterations": 0}
+    out = {"iterations": curves["mean"][0].shape[1],
+           "what": "per-sample mean squared error and max |error| of the denoising prediction, averaged over samples"}
+    for k, parts in curves.items():
+        curve = torch.cat(parts).double().mean(0)
+        tenth = max(1, len(curve) // 10)
+        out[k] = {"first": float(curve[:tenth].mean()), "last": float(curve[-tenth:].mean()),
+                  "curve": [round(float(v), 6) for v in curve]}
+    return out

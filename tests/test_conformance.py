@@ -1,6 +1,7 @@
 """The conformance kit on cao2's own generators and the example plugin, and on a broken one."""
 from __future__ import annotations
 
+import importlib.util
 import sys
 import types
 from pathlib import Path
@@ -25,6 +26,15 @@ def worlds(tmp_path_factory):
     root = tmp_path_factory.mktemp("kit")
     TestDiTConformance.options = {"model": str(make_world(root / "dit")), "sample_steps": 3}
     TestMARConformance.options = {"model": str(make_mar_world(root / "mar")), "sample_steps": 3}
+    if HAS_TRANSFORMERS:
+        from sd_tiny import make_sd, shapes_file
+        shapes = str(shapes_file(root / "shapes.txt"))
+        TestSDConformance.options = {"model": str(make_sd(root / "sd")), "dataset": shapes, "sample_steps": 2,
+                                     "guidance": 2.0}
+        # v-prediction, an ancestral sampler (per-sample noise every step) and images stored smaller
+        TestSDAncestralConformance.options = {"model": str(make_sd(root / "sd-v", prediction_type="v_prediction")),
+                                              "dataset": shapes, "sample_steps": 2, "guidance": 2.0,
+                                              "sampler": "euler_a", "store_size": "8"}
 
 
 class TestDiTConformance(GeneratorConformance):
@@ -33,6 +43,20 @@ class TestDiTConformance(GeneratorConformance):
 
 class TestMARConformance(GeneratorConformance):
     generator = "mar"
+
+
+HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
+needs_transformers = pytest.mark.skipif(not HAS_TRANSFORMERS, reason="the sd generator needs transformers (cao2[sd])")
+
+
+@needs_transformers
+class TestSDConformance(GeneratorConformance):
+    generator = "sd"
+
+
+@needs_transformers
+class TestSDAncestralConformance(GeneratorConformance):
+    generator = "sd"
 
 
 def _broken(**hooks) -> types.ModuleType:

@@ -122,7 +122,7 @@ def test_not_a_dit_checkpoint_is_refused(tmp_path):
 def test_pickled_objects_are_not_loaded(tmp_path):
     path = tmp_path / "evil.pt"
     torch.save({"x": torch.zeros(1), "obj": argparse.Namespace(cmd="rm -rf /")}, path)
-    with pytest.raises(UserError, match="holds Python objects besides tensors \(a pickle\), which cao2 does not execute"):
+    with pytest.raises(UserError, match=r"holds Python objects besides tensors \(a pickle\), which cao2 does not execute"):
         loading.load_transformer(str(path))
 
 

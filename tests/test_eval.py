@@ -308,3 +308,13 @@ def test_random_real_mnist_cli(mnist_val, tmp_path):
     assert a["repeats"][0]["data"]["subset"] == b["repeats"][0]["data"]["subset"]
     assert len(a["repeats"][0]["data"]["subset"]) == 20
     assert a["data"]["kind"] == "random-real" and "random real IPC 2" in a["data"]["label"]
+
+
+def test_mnist_students_can_be_tested_on_the_validation_split(tmp_path):
+    """Settings are chosen on the 10k validation split held out from train, never on the test split."""
+    from cao2core.mnist import load_split
+    _, y_val = load_split("val")
+    run_eval(["--random-real", "1", "--dataset", "mnist", "--classes", "0,1", "--epochs", "1", "--device", "cpu",
+              "--quiet", "--mnist-split", "val", "--out", tmp_path / "v"])
+    report = json.loads((tmp_path / "v" / "eval.json").read_text())
+    assert "val split" in report["data"]["val"] and report["data"]["val_images"] == int((y_val < 2).sum())

@@ -59,3 +59,11 @@ def test_profile_in_a_config_file_chooses_the_presets_t_hat(tmp_path):
     (tmp_path / "run.toml").write_text('profile = "reference"\n')
     cfg = config_from_args(build_parser().parse_args(["run", "--preset", "woof", "--config", str(tmp_path / "run.toml")]))
     assert (cfg.clo_tmax, cfg.profile) == (11, "reference")
+
+
+def test_gen_opt_flags_merge_with_the_presets_by_key():
+    from cao2core.cli import build_parser, config_from_args
+    cfg = config_from_args(build_parser().parse_args(["run", "--preset", "in1k-mar", "--gen-opt", "temperature=0.9"]))
+    assert cfg.gen_opt == ["cfg_schedule=linear", "temperature=0.9"]
+    cfg = config_from_args(build_parser().parse_args(["run", "--preset", "in1k-mar", "--gen-opt", "cfg_schedule=constant"]))
+    assert cfg.gen_opt == ["cfg_schedule=constant"]

@@ -35,6 +35,9 @@ def test_run_writes_the_distilled_set(tiny_args, capsys):
         assert t["latents"].shape == t["latents_init"].shape == (2, 4, 8, 8)
         assert t["labels"].tolist() == [int(cid)] * 2 and t["scores"].shape == (2,)
         assert not torch.equal(t["latents"], t["latents_init"])      # CLO moved them
+        # the loss terms per latent and iteration: the max |error| is at least the root mean square error
+        assert t["clo_loss_mean"].shape == t["clo_loss_max"].shape == (2, 3)
+        assert (t["clo_loss_max"] >= t["clo_loss_mean"].sqrt() - 1e-6).all()
     m = json.loads((out / "manifest.json").read_text())
     assert m["class_ids"] == ["0", "3"] and m["dataset"] == "mnist"
     assert m["classes"]["3"]["status"] == "complete" and m["classes"]["3"]["condition"] == "null"

@@ -65,6 +65,11 @@ def test_sweep_shares_seeds_measures_scores_and_resumes(tiny_args, tmp_path, cap
     small, large = (pts[f"clo-lr-{lr}_clo-iters-3"]["measures"] for lr in ("1e-3", "5e-2"))
     assert 0 < small["displacement"]["mean"] < large["displacement"]["mean"]
     assert 0 < large["pixel_change"]["mean"]
+    # the loss curve: the samples' mean of each term per iteration, as the latents files hold it
+    curves = torch.cat([_latents(out / "clo-lr-5e-2_clo-iters-3", c)["clo_loss_mean"] for c in ("0", "3")])
+    assert large["loss"]["iterations"] == 3 and large["loss"]["mean"]["curve"] == pytest.approx(
+        curves.double().mean(0).tolist(), abs=1e-6)
+    assert still["loss"] == {"iterations": 0}
 
     # every point scored alike; the table shows what was measured
     for n in names:

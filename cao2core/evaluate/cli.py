@@ -39,6 +39,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                       "run's (cao2 output) or the one whose class ids are the folder names")
     data.add_argument("--val", metavar="DIR", help="real held-out images, DIR/<wnid>/*.JPEG (ImageNet val layout); "
                       "default for MNIST: the built-in 10k test split")
+    data.add_argument("--mnist-split", choices=("test", "val"), default="test",
+                      help="MNIST: the built-in held-out split students are tested on: test (report figures) or val "
+                           "(the 10k validation split held out from train: choose settings on it) (default: test)")
     data.add_argument("--train", metavar="DIR", help="real training images for --random-real / --full-real "
                       "(default for MNIST: the built-in 50k train split)")
     data.add_argument("--classes", help="--random-real / --full-real: only these classes of --dataset (ids or "
@@ -217,7 +220,7 @@ def main(args: argparse.Namespace) -> int:
         val = D.folder_set(files, space, f"{args.val} ({sum(map(len, files.values()))} images)", channels, size,
                            crop_pct=1.0 if mnist else D.VAL_CROP_PCT)
     elif mnist:
-        val = D.mnist_set("test", space)
+        val = D.mnist_set(args.mnist_split, space)
     else:
         raise UserError(f"dataset {space.name} has no built-in test data; pass --val DIR (ImageNet val layout, "
                         "DIR/<wnid>/*.JPEG)")

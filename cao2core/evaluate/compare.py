@@ -26,6 +26,7 @@ SETS = ("distilled", "random-real")
 PASSED = (
     ("--dataset", str, "label space, as `cao2 eval --dataset` (default: the run's)"),
     ("--val", str, "real held-out images (ImageNet val layout); MNIST: the built-in 10k test split"),
+    ("--mnist-split", str, "MNIST: the held-out split students are tested on, test or val (default: test)"),
     ("--train", str, "real training images the random subsets are drawn from; MNIST: the built-in train split"),
     ("--student", str, "student architecture (default: convnet3 for MNIST, resnet18 else)"),
     ("--teacher", str, "soft-label teacher (default: the embedded MNIST judge, resnet18.tv_in1k for ImageNet)"),

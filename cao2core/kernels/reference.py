@@ -16,15 +16,19 @@ def clo_loss(pred: torch.Tensor, target: torch.Tensor, lam: float, weight: torch
     With a weight (e.g. MAR's token mask), the mean is sum(w * e^2) / sum(w) and the max runs over elements
     with w > 0. The max's gradient follows ``torch.amax``: ties share the gradient equally.
     """
+    mse, linf = clo_terms(pred, target, weight)
+    return mse + lam * linf
+
+
+def clo_terms(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two terms of ``clo_loss`` per sample: the (weighted) mean squared error and the max |pred - target|."""
     diff = (pred.float() - target.float()).flatten(1)
     if weight is None:
-        mse = diff.square().mean(1)
-        linf = diff.abs().amax(1)
-    else:
-        w = torch.broadcast_to(weight.float(), pred.shape).flatten(1)
-        mse = (w * diff.square()).sum(1) / w.sum(1).clamp_min(1e-12)
-        linf = torch.where(w > 0, diff.abs(), torch.zeros_like(diff)).amax(1)
-    return mse + lam * linf
+        return diff.square().mean(1), diff.abs().amax(1)
+    w = torch.broadcast_to(weight.float(), pred.shape).flatten(1)
+    mse = (w * diff.square()).sum(1) / w.sum(1).clamp_min(1e-12)
+    return mse, torch.where(w > 0, diff.abs(), torch.zeros_like(diff)).amax(1)
 
 
 @torch.no_grad()
