@@ -19,10 +19,12 @@ class PluginError(UserError):
 
 
 def _desc(value) -> str:
+    """What a plugin returned, in a few words."""
     if isinstance(value, torch.Tensor):
         return f"a {str(value.dtype).removeprefix('torch.')} tensor of shape {tuple(value.shape)}"
-    return f"{type(value).__name__} {value!r}"[:120] if value is None or isinstance(value, (int, float, str)) \
-        else type(value).__name__
+    if value is None or isinstance(value, (int, float, str)):
+        return f"{type(value).__name__} {value!r}"[:120]
+    return type(value).__name__
 
 
 def _float_tensor(value, shape: tuple | None, what: str) -> str | None:

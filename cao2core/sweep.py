@@ -362,8 +362,10 @@ def chart(result: dict) -> bytes:
               ("p(class) after CLO", lambda r: r["measures"].get("p_class", {}).get("after")),
               ("pixel change (% of range)",
                lambda r: 100 * r["measures"]["pixel_change"]["mean"] if r["measures"].get("samples") else None)]
-    if any(r["summary"] is not None for r in result["points"]):
-        panels.append(("final test accuracy (%)",
+    scored_rows = [r for r in result["points"] if r["summary"] is not None]
+    if scored_rows:
+        held_out = "validation" if "val split" in str(scored_rows[0].get("val")) else "test"
+        panels.append((f"final {held_out} accuracy (%)",
                        lambda r: r["summary"]["final_acc"]["mean"] if r["summary"] else None))
     lines: dict[str, list] = {}
     for r in result["points"]:
