@@ -12,6 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
+try:
+    import fcntl
+except ImportError:         # Windows: no advisory locks, so a killed run's temporary files stay
+    fcntl = None
 import hashlib
 import json
 import os
@@ -54,6 +58,7 @@ TEMP_NAMES = {
     EVAL_FOLDER: re.compile(rf"\.({'|'.join(map(re.escape, EVAL_FILES))})\.{TOKEN}\.tmp"),
 }
 STAGING = re.compile(rf"\.[^.].*\.{TOKEN}(\.old\d+)?")     # images/.<class>.<token>: a class folder being written
+DEBRIS_AGE_S = 2.0        # a temporary name younger than this may not be locked by its writer yet
 
 
 def identity_change(old: dict, new: dict) -> str:
@@ -141,10 +146,18 @@ def _new_folder(folder: Path, prefix: str) -> Path:
             continue
 
 
+def _lock(fd: int) -> None:
+    """Mark a temporary file or folder as in use for as long as ``fd`` is open: ``sweep_debris`` leaves it."""
+    if fcntl is not None:
+        with contextlib.suppress(OSError):      # a file system without locks: the sweep then skips it too
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     fd, tmp = new_file(path.parent, f".{path.name}.", ".tmp")
     try:
-        with os.fdopen(fd, "wb") as fh:
+        _lock(fd)
+        with os.fdopen(fd, "wb", closefd=False) as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
@@ -152,6 +165,38 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _locked_folder(path: Path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        _lock(fd)
+        yield path
+    finally:
+        os.close(fd)
+
+
+def _abandoned(path: Path) -> bool:
+    """A temporary file or folder that no process is writing: a killed run's. Its writer holds a lock on it
+    (``_lock``); one too young to be locked yet, or one on a file system without locks, counts as in use."""
+    if fcntl is None:
+        return False
+    try:
+        if time.time() - path.lstat().st_mtime < DEBRIS_AGE_S:
+            return False
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def _remove(path: Path) -> None:
@@ -433,14 +478,15 @@ class Store:
         final = self.out / "images" / cid
         staging = _new_folder(final.parent, f".{cid}.")
         try:
-            for i, arr in enumerate(to_uint8(pixels)):
-                _image(arr).save(staging / f"{i}.png")
-            files = {"images": {p.name: _sha256(p) for p in sorted(staging.iterdir())},
-                     "latents": hashlib.sha256(latents).hexdigest()}
-            # listed before they appear: a kill in the next steps leaves only files a record lists
-            self._write_record(cid, dict(entry, status="writing", files=files))
-            atomic_write_bytes(self.out / "latents" / f"{cid}.safetensors", latents)
-            _swap_in(staging, final)
+            with _locked_folder(staging):
+                for i, arr in enumerate(to_uint8(pixels)):
+                    _image(arr).save(staging / f"{i}.png")
+                files = {"images": {p.name: _sha256(p) for p in sorted(staging.iterdir())},
+                         "latents": hashlib.sha256(latents).hexdigest()}
+                # listed before they appear: a kill in the next steps leaves only files a record lists
+                self._write_record(cid, dict(entry, status="writing", files=files))
+                atomic_write_bytes(self.out / "latents" / f"{cid}.safetensors", latents)
+                _swap_in(staging, final)
         except BaseException:
             _remove(staging)
             raise
@@ -481,6 +527,22 @@ class Store:
             raise UserError(f"rank {self.rank} cannot see {missing[0]}, which another rank wrote: under torchrun "
                             "on several nodes, --out must be a folder on a file system every node shares")
         self.save_manifest()
+        self.sweep_debris()
+
+    def sweep_debris(self) -> list[Path]:
+        """Remove the temporary files and class folders a killed run left (those no live process holds); what
+        was removed. The eval folder is left to the commands that write it."""
+        found = [p for p in self.out.iterdir() if TEMP_NAMES["."].fullmatch(p.name)]
+        for sub in ("latents", "records"):
+            folder = self.out / sub
+            found += [p for p in folder.iterdir() if TEMP_NAMES[sub].fullmatch(p.name)] if folder.is_dir() else []
+        images = self.out / "images"
+        found += [p for p in images.iterdir() if STAGING.fullmatch(p.name)] if images.is_dir() else []
+        removed = [p for p in found if _abandoned(p)]
+        for p in removed:
+            with contextlib.suppress(OSError):
+                _remove(p)
+        return removed
 
     def _write_manifest(self) -> None:
         atomic_write_bytes(self.out / MANIFEST, (json.dumps(self.manifest, indent=2) + "\n").encode())
@@ -514,13 +576,15 @@ class Store:
         path = self.out / PREVIEW
         try:
             fd, tmp = new_file(self.out, ".preview.", ".png")
-            os.close(fd)
             try:
+                _lock(fd)
                 _image(canvas).save(tmp)
                 os.replace(tmp, path)
             except BaseException:
                 tmp.unlink(missing_ok=True)
                 raise
+            finally:
+                os.close(fd)
         except OSError as exc:
             raise UserError(f"cannot write {path} ({_reason(exc)}); free disk space or fix permissions, then rerun "
                             "the same command") from None

@@ -225,11 +225,47 @@ def test_a_kill_while_a_class_is_written_leaves_only_files_its_record_lists(tmp_
         assert resumed.is_complete("0")                 # what was complete stays complete
         resumed.write_class("1", pixels(1), {"latents": torch.ones(2, 4)}, {"label": 1})
         assert resumed.is_complete("1")
+        monkeypatch.setattr(store_module, "DEBRIS_AGE_S", 0.0)
+        resumed.finish([resumed.this_run], wait_s=0)
+        assert not [p for p in out.rglob(".*")]         # what the kill left is swept when the run ends
         other = Store(spare, "B", {"class_ids": ["5"]})
         other.check(overwrite=True)                     # every file the kill left is listed: replaceable
         other.open()
         assert sorted(os.listdir(spare)) == ["images", "latents", "manifest.json", "records"]
         assert not [p for sub in ("images", "latents", "records") for p in (spare / sub).iterdir()]
+
+
+@pytest.mark.skipif(store_module.fcntl is None, reason="no advisory locks on this platform")
+def test_the_sweep_leaves_what_a_live_writer_holds(tmp_path, monkeypatch):
+    out = tmp_path / "o"
+    store = write_run(out, preview=False)
+    monkeypatch.setattr(store_module, "DEBRIS_AGE_S", 0.0)
+    dead = [out / "records" / ".0.json.abcd1234.tmp", out / "latents" / ".1.safetensors.abcd1234.tmp",
+            out / ".manifest.json.abcd1234.tmp"]
+    for p in dead:
+        p.write_bytes(b"x")
+    (out / "images" / ".1.abcd1234").mkdir()
+    live_file = out / "records" / ".1.json.live1234.tmp"
+    live_file.write_bytes(b"x")
+    live_folder = out / "images" / ".0.live1234"
+    live_folder.mkdir()
+    held = [os.open(live_file, os.O_RDONLY), os.open(live_folder, os.O_RDONLY)]
+    try:
+        for fd in held:
+            store_module._lock(fd)
+        removed = store.sweep_debris()
+    finally:
+        for fd in held:
+            os.close(fd)
+    assert sorted(removed) == sorted([*dead, out / "images" / ".1.abcd1234"])
+    assert live_file.exists() and live_folder.is_dir() and not any(p.exists() for p in dead)
+    (out / "notes.txt").write_bytes(b"mine")             # names that are not cao2's are never touched
+    assert sorted(store.sweep_debris()) == sorted([live_file, live_folder])     # released: its writer died
+    assert (out / "notes.txt").exists()
+    monkeypatch.setattr(store_module, "DEBRIS_AGE_S", 3600.0)
+    young = out / "records" / ".1.json.young123.tmp"
+    young.write_bytes(b"x")
+    assert store.sweep_debris() == [] and young.exists()    # too young to be sure its writer has locked it
 
 
 def test_full_disk_before_the_manifest_is_written(tmp_path, monkeypatch):
