@@ -21,6 +21,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+def save(fig, path: Path, title: str) -> None:
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def points(report: Path) -> list[dict]:
     data = json.loads(report.read_text())
     return [p for p in data["points"] if p.get("measures", {}).get("samples")]
@@ -49,11 +56,8 @@ def world_choice(study: Path, figures: Path) -> None:
         a.set_xlabel("guidance")
     ax[0].set_ylabel("validation accuracy (%)")
     ax[0].legend(fontsize=7)
-    fig.suptitle("OSS + CLO on the MNIST world: ConvNet-3 accuracy on the validation split (one student per point)",
-                 fontsize=9)
-    fig.tight_layout()
-    fig.savefig(figures / "world-choice.png")
-    plt.close(fig)
+    save(fig, figures / "world-choice.png",
+         "OSS + CLO on the MNIST world: ConvNet-3 accuracy on the validation split (one student per point)")
 
 
 def lr_iters(study: Path, figures: Path) -> None:
@@ -77,11 +81,8 @@ def lr_iters(study: Path, figures: Path) -> None:
         a.set_title(t, fontsize=8)
     ax[0].set_yscale("log")
     ax[0].legend(fontsize=7)
-    fig.suptitle("CLO on the MNIST world, IPC 10, 100 latents: lr x iterations (dashed: p(class) before CLO)",
-                 fontsize=9)
-    fig.tight_layout()
-    fig.savefig(figures / "clo-lr-iters.png")
-    plt.close(fig)
+    save(fig, figures / "clo-lr-iters.png",
+         "CLO on the MNIST world, IPC 10, 100 latents: lr x iterations (dashed: p(class) before CLO)")
 
     fig, ax = plt.subplots(1, 2, figsize=(9, 3.2), dpi=120)
     for p in sorted(pts, key=lambda p: (p["values"]["clo-iters"], p["values"]["clo-lr"])):
@@ -96,11 +97,8 @@ def lr_iters(study: Path, figures: Path) -> None:
         a.set_xlabel("CLO iteration")
         a.set_xscale("log")
         a.legend(fontsize=7)
-    fig.suptitle("CLO loss terms per iteration (1000 iterations; each iteration draws its own noise level)",
-                 fontsize=9)
-    fig.tight_layout()
-    fig.savefig(figures / "clo-loss.png")
-    plt.close(fig)
+    save(fig, figures / "clo-loss.png",
+         "CLO loss terms per iteration (1000 iterations; each iteration draws its own noise level)")
 
 
 def tmax_condition(study: Path, figures: Path) -> None:
@@ -122,11 +120,8 @@ def tmax_condition(study: Path, figures: Path) -> None:
         a.set_title(title, fontsize=8)
         a.set_xlabel("--clo-tmax (T-hat, of 999)")
     ax[0].legend(fontsize=6, title="--condition", title_fontsize=7)
-    fig.suptitle("CLO's T-hat x condition, at the default lr 6e-4 x 100 iterations (dotted) and at 2e-2 x 300 (solid)",
-                 fontsize=9)
-    fig.tight_layout()
-    fig.savefig(figures / "clo-tmax-condition.png")
-    plt.close(fig)
+    save(fig, figures / "clo-tmax-condition.png",
+         "CLO's T-hat x condition, at the default lr 6e-4 x 100 iterations (dotted) and at 2e-2 x 300 (solid)")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ try:
 except ImportError:         # Windows: no advisory locks, so a killed run's temporary files stay
     fcntl = None
 import hashlib
+import io
 import json
 import os
 import re
@@ -52,7 +53,8 @@ IMAGE_NAME = re.compile(r"\d+\.png")
 TOKEN = r"[a-z0-9_]{8}"    # the random part of a temporary name (cao2's own, and tempfile's in older runs)
 # cao2's temporary names, per folder of a run: what a kill may leave behind
 TEMP_NAMES = {
-    ".": re.compile(rf"\.(manifest\.json\.{TOKEN}\.tmp|preview\.{TOKEN}\.png)"),
+    # .preview.<token>.png: the preview's temporary name in earlier versions
+    ".": re.compile(rf"\.((manifest\.json|preview\.png)\.{TOKEN}\.tmp|preview\.{TOKEN}\.png)"),
     "latents": re.compile(rf"\..+\.safetensors\.{TOKEN}\.tmp"),
     "records": re.compile(rf"\..+\.json\.{TOKEN}\.tmp"),
     EVAL_FOLDER: re.compile(rf"\.({'|'.join(map(re.escape, EVAL_FILES))})\.{TOKEN}\.tmp"),
@@ -574,17 +576,10 @@ class Store:
                 x = pad + n * (w + pad) + w // 2 + j * (w + pad)
                 canvas[y:y + h, x:x + w] = img
         path = self.out / PREVIEW
+        png = io.BytesIO()
+        _image(canvas).save(png, format="PNG")
         try:
-            fd, tmp = new_file(self.out, ".preview.", ".png")
-            try:
-                _lock(fd)
-                _image(canvas).save(tmp)
-                os.replace(tmp, path)
-            except BaseException:
-                tmp.unlink(missing_ok=True)
-                raise
-            finally:
-                os.close(fd)
+            atomic_write_bytes(path, png.getvalue())
         except OSError as exc:
             raise UserError(f"cannot write {path} ({_reason(exc)}); free disk space or fix permissions, then rerun "
                             "the same command") from None

@@ -72,6 +72,7 @@ def test_overwrite_removes_every_file_of_the_other_run_and_its_debris(tmp_path):
                 "eval/sweep-measures.json", "eval/compare/compare.json", "eval/compare/compare.md",
                 "eval/compare/distilled-hard/eval.json",
                 "eval/compare/random-real-rded/compare.json", ".manifest.json.ab12cd34.tmp", ".preview.ab12cd34.png",
+                ".preview.png.ab12cd34.tmp",
                 "latents/.0.safetensors.ab12cd34.tmp", "records/.1.json.ab12cd34.tmp", "images/.1.ab12cd34/0.png",
                 "images/.0.ab12cd34.old0/1.png"):
         add(out, rel)
