@@ -60,7 +60,7 @@ TEMP_NAMES = {
     EVAL_FOLDER: re.compile(rf"\.({'|'.join(map(re.escape, EVAL_FILES))})\.{TOKEN}\.tmp"),
 }
 STAGING = re.compile(rf"\.[^.].*\.{TOKEN}(\.old\d+)?")     # images/.<class>.<token>: a class folder being written
-DEBRIS_AGE_S = 2.0        # a temporary name younger than this may not be locked by its writer yet
+DEBRIS_AGE_S = 0.5        # a temporary name younger than this may not be locked by its writer yet (microseconds)
 
 
 def identity_change(old: dict, new: dict) -> str:
