@@ -92,11 +92,17 @@ def known_space(cfg: RunConfig):
     return full.select(cfg.classes), full
 
 
-def check_before_running(configs: list[RunConfig], evals: list, out: Path) -> None:
-    """Every option of every run and evaluation, checked before the first run starts."""
+def check_before_running(configs: list[RunConfig], evals: list, out: Path, names: list[str] | None = None) -> None:
+    """Every option of every run and evaluation, checked before the first run starts; ``names`` (a sweep's
+    points) prefix a run's error with the point it belongs to."""
     from .evaluate.cli import _check_numbers, preflight
-    for cfg in configs:
-        cfg.validate()
+    for k, cfg in enumerate(configs):
+        try:
+            cfg.validate()
+        except UserError as exc:
+            if names is None:
+                raise
+            raise UserError(f"--grid point {names[k]}: {exc}") from None
         if cfg.dry_run:
             raise UserError("--dry-run is for `cao2 run`; this command runs and scores every configuration")
     for ev in evals:
@@ -151,6 +157,7 @@ def scored(out: Path, argv: list[str], evaluate) -> dict:
 
 def table(result: dict) -> str:
     """The paper-style ablation table (final-epoch accuracy, mean ± std; best epoch labelled as such)."""
+    from .evaluate.report import pm
     first = result["variants"][0]
     st = first["eval_settings"]
     lines = [f"Ablation on {first['dataset']}, IPC {result['config']['ipc']}: "
@@ -160,8 +167,7 @@ def table(result: dict) -> str:
     for r in result["variants"]:
         s = r["summary"]
         lines.append(f"| {'✓' if r['oss'] else '–'} | {'✓' if r['clo'] else '–'} | {r['variant']} | "
-                     f"{s['final_acc']['mean']:.2f} ± {s['final_acc']['std']:.2f} | "
-                     f"{s['best_epoch_acc']['mean']:.2f} ± {s['best_epoch_acc']['std']:.2f} |")
+                     f"{pm(s['final_acc'])} | {pm(s['best_epoch_acc'])} |")
     lines += ["", "Final acc: test accuracy after the last epoch. Best-epoch acc is picked on the test set "
                   "(optimistic)."]
     return "\n".join(lines)

@@ -3,7 +3,7 @@
 The MNIST judge is registered in timm's registry, so ``timm.create_model("mnist_cnn")`` builds it like any
 other timm architecture and the engine needs no special case for it.
 
-What the classifier sees of a decoded sample (``INPUTS``, ``--classifier-input``):
+What the classifier sees of a decoded sample (``CLASSIFIER_INPUTS``, ``--classifier-input``):
 
 * ``timm``: clamped to [-1, 1], mapped to [0, 1], then the classifier's own eval preprocessing (timm's data
   config: e.g. resize 256, centre crop 224, ImageNet mean/std for ResNet-18).
@@ -71,7 +71,6 @@ def mnist_cnn(pretrained: bool = False, **kwargs) -> MnistCNN:
 
 
 DEFAULT_IMAGENET_CLASSIFIER = "resnet18.tv_in1k"   # the weights of torchvision's resnet18, as the reference uses
-INPUTS = CLASSIFIER_INPUTS
 
 
 def embedded_mnist_classifier() -> Path:
@@ -87,7 +86,7 @@ class Classifier:
     source: str
     sha256: str | None = None
     class_accuracy: dict[str, float] = field(default_factory=dict)
-    input: str = "timm"         # what it sees of a decoded sample (INPUTS)
+    input: str = "timm"         # what it sees of a decoded sample (CLASSIFIER_INPUTS)
 
     def __post_init__(self):
         self.model.eval().requires_grad_(False)
@@ -146,7 +145,7 @@ class Classifier:
 def load_classifier(spec: str | None, space: LabelSpace, device: torch.device, arch: str | None = None,
                     classes_file: str | None = None, input: str = "timm") -> Classifier:
     """A timm model name (hub weights), a local .safetensors/.pt checkpoint, or None for the dataset's default;
-    ``input`` says what it sees of a decoded sample (``INPUTS``)."""
+    ``input`` says what it sees of a decoded sample (``CLASSIFIER_INPUTS``)."""
     if spec is None:
         if space.generator_space not in ("mnist", "in1k"):
             raise UserError(f"label space {space.name} has no default selection classifier: pass --classifier (a "

@@ -8,7 +8,7 @@ from pathlib import Path
 from dataclasses import MISSING, fields
 
 from . import __version__, ablate, distributed, presets
-from .config import RunConfig, load_toml
+from .config import WORDS, RunConfig, base_type, load_toml
 from .errors import UserError
 from .evaluate import compare
 from .evaluate.cli import add_parser as add_eval_parser
@@ -31,9 +31,6 @@ def count_or(word: str):
     return parse
 
 
-WORDS = {"ipc": "all", "batch_size": "auto"}
-
-
 def _add_run_flags(p: argparse.ArgumentParser, command: str = "run") -> None:
     p.add_argument("--config", metavar="FILE", help="TOML file whose keys are these flag names; flags override it")
     p.add_argument("--preset", metavar="NAME", help="settings of the official code for a dataset (`cao2 presets`); "
@@ -54,7 +51,7 @@ def _add_run_flags(p: argparse.ArgumentParser, command: str = "run") -> None:
             if meta.get("parse") == "dry_run":
                 p.add_argument(_flag(f.name), type=int, nargs="?", const=1, metavar="RANKS", **kw)
                 continue
-            base = str(f.type).split("|")[0].strip()
+            base = base_type(f)
             if base == "bool":
                 p.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, **kw)
                 continue

@@ -33,13 +33,14 @@ class RunConfig:
     classifier_arch: str | None = _opt(None, "timm architecture of a --classifier checkpoint that does not name it")
     classifier_classes: str | None = _opt(None, "file of the classifier's class ids in output order (one per line)")
     classifier_input: str | None = _opt(None, "what the selection classifier sees: timm = clamp to [0, 1] and the "
-                                              "classifier's own preprocessing; raw224 = the decoder output resized "
-                                              "to 224x224, nothing else (the official DiT scripts); jpeg224 = a "
-                                              "JPEG round trip, resize 224 and ImageNet normalization (the official "
-                                              "MAR script); default: timm, or the generator's official input under "
-                                              "--profile reference", CLASSIFIER_INPUTS)
-    dataset: str | None = _opt(None, "label space: mnist, nette, woof, in100, in1k or a file of wnids; "
-                                     "default: the generator's own")
+                                              "classifier's own preprocessing; raw = the decoder output resized "
+                                              "to the classifier's input size, nothing else (the official DiT "
+                                              "scripts); jpeg = a JPEG round trip, resize 224 and ImageNet "
+                                              "normalization (the official MAR script); default: timm, or the "
+                                              "generator's official input under --profile reference",
+                                        CLASSIFIER_INPUTS)
+    dataset: str | None = _opt(None, "label space: mnist, nette, woof, in100, in1k, a generator's own "
+                                     "(cifar10, ...) or a file of ID [NAME] lines; default: the generator's own")
     classes: str | None = _opt(None, "subset of classes: comma-separated ids or positions, A-B ranges; default: all")
     images: str | None = _opt(None, "folder of existing images to refine, one subfolder per class (class id or "
                                     "class name)", commands=("refine",))
@@ -152,10 +153,17 @@ def load_toml(path: str) -> dict:
     return out
 
 
+WORDS = {"ipc": "all", "batch_size": "auto"}      # the word a count flag takes besides a number
+
+
+def base_type(f) -> str:
+    """A RunConfig field's type without ``| None`` (and any other alternative): "int", "float", "bool", "str"."""
+    return str(f.type).split("|")[0].strip()
+
+
 def typed(f, value, where: str):
     """A --config value checked against its flag's type and choices (TOML's own types: no "false" for false)."""
-    kind = str(f.type).replace(" ", "")
-    words = {"ipc": "all", "batch_size": "auto"}
+    kind, words = base_type(f), WORDS
     if value is None:
         raise UserError(f"{where}: no value")
     if f.name == "gen_opt":         # KEY=VALUE strings; a single string or a table are accepted too

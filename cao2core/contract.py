@@ -11,7 +11,7 @@ import json
 import torch
 
 from .errors import UserError
-from .hookspecs import CLASSIFIER_INPUTS, Corrupted, LatentSpec, Prediction, SampleOutput
+from .hookspecs import CLASSIFIER_INPUTS, Corrupted, GenOption, LatentSpec, Prediction, SampleOutput
 
 
 class PluginError(UserError):
@@ -65,6 +65,15 @@ def check(hook: str, result, args: dict, spec: LatentSpec | None) -> str | None:
         return "returned None; it should return the loaded generator's handle" if result is None else None
     if hook == "cao2_latent_spec":
         return check_spec(result)
+    if hook == "cao2_options":
+        bad = [k for k, v in result.items() if not isinstance(v, GenOption)] if isinstance(result, dict) \
+            else ["(not a dict)"]
+        return f"should return {{key: GenOption}}, got {bad[0]!r}" if bad else None
+    if hook == "cao2_label_spaces":
+        ok = isinstance(result, dict) and all(
+            isinstance(v, (list, tuple)) and all(isinstance(p, (list, tuple)) and len(p) == 2 for p in v)
+            for v in result.values())
+        return None if ok else "should return {name: [(class id, class name), ...]}"
     if hook == "cao2_describe":
         if not isinstance(result, dict):
             return f"should return a dict for the manifest, got {_desc(result)}"

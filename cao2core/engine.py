@@ -23,7 +23,6 @@ from . import __version__, batchsize, clo, distributed, dryrun, kernels, select,
 from .classifiers import Classifier, load_classifier
 from .config import RunConfig
 from .errors import UserError
-from .hookspecs import CLASSIFIER_INPUTS
 from .labels import LabelSpace, label_space
 from .plugins import Generator, Host
 from .pools import ImagePool, SampledPool, batches, in_chunks
@@ -62,6 +61,7 @@ class Run:
     run_id: str
     conditions: dict[str, str]
     description: dict           # the generator's own record (cao2_describe)
+    source_id: dict | None      # the refined folder's fingerprint (hashes every image: computed once)
     identity: dict              # everything that determines the output; run_id is its hash
 
 
@@ -89,9 +89,10 @@ def prepare(cfg: RunConfig, host: Host, ranks) -> Run:
     device = resolve_device(distributed.rank_device(cfg.device, ranks))
     handle = gen.load(options=gen.parse_options(cfg.gen_options()), device=device)
     spec = gen.latent_spec(handle=handle)
-    space = resolve_classes(cfg, spec, gen.label_spaces())
+    declared = gen.label_spaces()
+    space = resolve_classes(cfg, spec, declared)
     if cfg.images:      # cao2 refine: the pool is the given images; the classes are their folders
-        source = ImagePool(cfg.images, label_space(space.name, gen.label_spaces()), cfg, gen, handle, spec, device)
+        source = ImagePool(cfg.images, label_space(space.name, declared), cfg, gen, handle, spec, device)
         space = source.space
     else:
         source = SampledPool(cfg, gen, handle, device)
@@ -109,7 +110,8 @@ def prepare(cfg: RunConfig, host: Host, ranks) -> Run:
                                      classifier_input(cfg, spec))
         targets = classifier.output_indices(space)
     description = gen.describe(handle=handle)
-    identity = run_identity(cfg, gen, description, classifier, source.identity(), host)
+    source_id = source.identity()
+    identity = run_identity(cfg, gen, description, classifier, source_id, host)
     rid = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
     work = dryrun.Workload(cfg, gen, handle, space, settings, device, classifier)
     if cfg.batch_size == "auto":
@@ -117,7 +119,7 @@ def prepare(cfg: RunConfig, host: Host, ranks) -> Run:
     if not cfg.dry_run and not cfg.images:
         preflight(work, cfg)
     return Run(cfg, ranks, gen, handle, spec, space, source, settings, classifier, targets, device, rid,
-               condition_per_class(cfg, space, classifier), description, identity)
+               condition_per_class(cfg, space, classifier), description, source_id, identity)
 
 
 def preflight(work: dryrun.Workload, cfg: RunConfig) -> None:
@@ -138,7 +140,7 @@ def preflight(work: dryrun.Workload, cfg: RunConfig) -> None:
 def open_store(r: Run) -> Store:
     """Check the output folder, then (rank 0) create it or take over this same run's; read its records."""
     header = manifest_header(r.cfg, r.gen, r.description, r.space, r.classifier, r.clo)
-    header["source"] = r.source.identity()
+    header["source"] = r.source_id
     header["identity"] = r.identity
     store = Store(Path(r.cfg.out), r.run_id, header, r.ranks.rank, r.ranks.world_size)
     store.check(r.cfg.overwrite)
@@ -251,7 +253,7 @@ def select_samples(r: Run, group: list[int], cids: list[str], labels: list[int],
 
 
 def optimize_latents(r: Run, cids: list[str], labels: list[int], kept, latents_init: torch.Tensor, bars: Bars
-                     ) -> tuple[torch.Tensor, dict[str, str]]:
+                     ) -> tuple[torch.Tensor, dict[str, str], dict[str, torch.Tensor]]:
     """3. CLO on the group's selected latents in chunks, each row with its own condition, noise and level draws.
     Returns the latents, {class: why it failed} for classes whose samples or latents are not finite, and each
     row's loss terms per iteration ({"mean", "max"}: (rows, iters))."""
@@ -299,13 +301,9 @@ def store_classes(r: Run, store: Store, group, missing, kept, latents_init, late
         tensors = {"latents": latents[rows_of], "latents_init": latents_init[rows_of],
                    "labels": torch.full((ipc,), label), "scores": scores.float(), "pool_index": keep.long(),
                    "clo_loss_mean": curves["mean"][rows_of], "clo_loss_max": curves["max"][rows_of]}
-        try:
-            store.write_class(cid, pixels[rows_of], tensors, {
-                "name": r.space.names[pos], "label": pos, "generator_label": label, "condition": r.conditions[cid],
-                "pool": r.source.size(cid), "kept": ipc, "group": cids, "seconds": seconds, "rank": r.ranks.rank})
-        except OSError as exc:
-            raise UserError(f"cannot write class {cid} into {r.cfg.out} ({exc.strerror or exc}); free disk space "
-                            "or fix permissions, then rerun the same command to continue") from None
+        store.write_class(cid, pixels[rows_of], tensors, {
+            "name": r.space.names[pos], "label": pos, "generator_label": label, "condition": r.conditions[cid],
+            "pool": r.source.size(cid), "kept": ipc, "group": cids, "seconds": seconds, "rank": r.ranks.rank})
 
 
 def finish(r: Run, store: Store) -> RunResult:
@@ -422,11 +420,8 @@ def classifier_input(cfg: RunConfig, spec) -> str:
     ``--profile reference``, else the classifier's own preprocessing."""
     if cfg.classifier_input:
         return cfg.classifier_input
-    chosen = spec.reference_classifier_input if cfg.profile == "reference" else "timm"
-    if chosen not in CLASSIFIER_INPUTS:
-        raise UserError(f"generator {cfg.generator} declares reference_classifier_input={chosen!r}, which is not "
-                        f"one of {', '.join(CLASSIFIER_INPUTS)}; pass --classifier-input or fix the plugin")
-    return chosen
+    # the plugin's value was checked against CLASSIFIER_INPUTS where latent_spec returned it (contract.check_spec)
+    return spec.reference_classifier_input if cfg.profile == "reference" else "timm"
 
 
 def condition_per_class(cfg: RunConfig, space: LabelSpace, classifier: Classifier | None) -> dict[str, str]:

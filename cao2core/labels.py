@@ -121,10 +121,10 @@ def label_space(dataset: str, declared: dict | None = None) -> LabelSpace:
             raise UserError(f"unknown dataset {dataset!r}; use one of {known} or a file with one class per line "
                             "(ID [NAME])")
         pairs = read_pairs(path)
-        all_wnids = set(imagenet1k()[0])
         if not pairs or not all(WNID.fullmatch(i) for i, _ in pairs):
             return from_pairs(dataset, pairs)               # a label space of its own
-        unknown = [i for i, _ in pairs if i not in all_wnids]
+        in1k = set(imagenet1k()[0])
+        unknown = [i for i, _ in pairs if i not in in1k]
         if unknown:         # wnids, but not ImageNet-1K's: a typo, not a label space of its own
             raise UserError(f"dataset {dataset}: {unknown[0]!r} is not an ImageNet-1K wnid; fix the class list")
         wnids = [i for i, _ in pairs]

@@ -48,7 +48,6 @@ class Host:
         self.generators: dict[str, Any] = {}            # imported and validated
         self.pending: dict[str, importlib.metadata.EntryPoint] = {}   # found, not imported yet
         self.dists: dict[str, tuple[str | None, str]] = {}           # name -> (distribution, version)
-        self.versions: dict[str, str] = {}
         self.broken: dict[str, str] = {}
         self._cross_cutting = list(importlib.metadata.entry_points(group=PLUGIN_GROUP)) if load_entry_points else []
         if load_entry_points:
@@ -94,7 +93,6 @@ class Host:
                 raise UserError(f"generator plugin {name!r} lacks required hooks: {', '.join(missing)}"
                                 f"{_missing_hint(plugin, missing)}")
             self.generators[name] = plugin
-        self.versions[name] = version
         self.dists.setdefault(name, (distribution, version))
 
     def generator(self, name: str) -> "Generator":
@@ -133,7 +131,7 @@ class Host:
 
     def active_plugins(self) -> dict[str, str]:
         """The cross-cutting plugins registered now: {name: "distribution version"}, for the manifest."""
-        return {n: " ".join(str(x) for x in self.dists.get(n, (None, self.versions.get(n))) if x)
+        return {n: " ".join(str(x) for x in self.dists[n] if x)
                 for n, _ in self.pm.list_name_plugin() if n not in self.generators}
 
     def describe(self) -> list[PluginInfo]:
@@ -143,7 +141,7 @@ class Host:
             hooks = sorted(c.name for c in self.pm.get_hookcallers(plugin) or [])
             kind = "generator" if name in self.generators else "plugin"
             options = Generator(self, name).declared_options() if kind == "generator" else {}
-            out.append(PluginInfo(name, kind, self.versions.get(name, "unknown"), hooks,
+            out.append(PluginInfo(name, kind, self.dists[name][1], hooks,
                                   self.dists.get(name, (None, ""))[0], options))
         return sorted(out, key=lambda p: (p.kind, p.name))
 
@@ -158,7 +156,7 @@ class Generator:
 
     def __init__(self, host: Host, name: str):
         self.name = name
-        self.distribution, self.version = host.dists.get(name, (None, host.versions.get(name, "unknown")))
+        self.distribution, self.version = host.dists[name]
         self.label = f"{name} ({self.distribution or 'not installed'} {self.version})"
         self.wrapped_by = [n for n, _ in host.pm.list_name_plugin() if n not in host.generators]
         others = [p for n, p in host.generators.items() if n != name]
@@ -173,28 +171,13 @@ class Generator:
 
     def declared_options(self) -> dict:
         """``{key: GenOption}`` from the optional ``cao2_options`` hook ({} without it)."""
-        if not self.implements("cao2_options"):
-            return {}
-        declared = self.options()
-        bad = [k for k, v in declared.items() if not isinstance(v, hookspecs.GenOption)] \
-            if isinstance(declared, dict) else ["(not a dict)"]
-        if bad:
-            raise PluginError(f"generator plugin {self.label}: cao2_options should return {{key: GenOption}}, got "
-                              f"{bad[0]!r}; the plugin breaks the cao2 contract (docs/plugins.md)")
-        return declared
+        return self.options() if self.implements("cao2_options") else {}
 
     def label_spaces(self) -> dict:
         """``{name: [(id, name), ...]}`` from the optional ``cao2_label_spaces`` hook ({} without it)."""
         if not self.implements("cao2_label_spaces"):
             return {}
-        spaces = self._callers["cao2_label_spaces"]()
-        ok = isinstance(spaces, dict) and all(
-            isinstance(v, (list, tuple)) and all(isinstance(p, (list, tuple)) and len(p) == 2 for p in v)
-            for v in spaces.values())
-        if not ok:
-            raise PluginError(f"generator plugin {self.label}: cao2_label_spaces should return {{name: [(class id, "
-                              "class name), ...]}}; the plugin breaks the cao2 contract (docs/plugins.md)")
-        return spaces
+        return self._call("cao2_label_spaces", self._callers["cao2_label_spaces"], {})
 
     def parse_options(self, options: dict) -> dict:
         """Load options with every ``--gen-opt`` value parsed through the generator's declared ``GenOption``;

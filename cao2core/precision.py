@@ -8,6 +8,15 @@ import torch
 from .errors import UserError
 
 AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16, "none": None}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}     # --dtype: the weights' dtype
+
+
+def weights_dtype(name: str | None) -> torch.dtype:
+    """The dtype of ``--dtype NAME`` (None: fp32)."""
+    dtype = DTYPES.get(name or "fp32")
+    if dtype is None:
+        raise UserError(f"unknown --dtype {name!r}; use one of {', '.join(DTYPES)}")
+    return dtype
 
 
 def autocast_dtype(name: str) -> torch.dtype | None:

@@ -13,6 +13,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .errors import UserError
+from .respacing import space_timesteps
+
+
+def _first_respaced(k: int) -> tuple[int, int]:
+    """T-hat "the first k of the 50 respaced steps": (default profile: the original timestep of step k,
+    reference profile: k itself)."""
+    return space_timesteps(1000, 50)[k], k
+
+
+_T11, _T11_REFERENCE = _first_respaced(11)      # 224, 11
+_T5, _T5_REFERENCE = _first_respaced(5)         # 102, 5
 
 # The DiT scripts: 50-step ancestral DDPM at CFG 2.7, confidence selection, 100 CLO iterations of Adam 6e-4,
 # lambda 10, null label.
@@ -41,22 +52,22 @@ class Preset:
 
 PRESETS = {p.name: p for p in [
     Preset("woof", "ImageWoof as sample_woof.py: pool x4, easy order, T-hat 11 of 50 respaced steps, null label",
-           dict(_DIT_OFFICIAL, dataset="woof", pool_factor=4, order="easy", clo_tmax=224),
-           {"IPC10 (ResNet-18)": 45.6, "IPC50 (ResNet-18)": 68.9}, reference=dict(clo_tmax=11)),
+           dict(_DIT_OFFICIAL, dataset="woof", pool_factor=4, order="easy", clo_tmax=_T11),
+           {"IPC10 (ResNet-18)": 45.6, "IPC50 (ResNet-18)": 68.9}, reference=dict(clo_tmax=_T11_REFERENCE)),
     Preset("nette", "ImageNette as sample_nette.py: pool x2, easy order; the official script runs 0 CLO "
                     "iterations (selection only) -- see nette-clo",
-           dict(_DIT_OFFICIAL, dataset="nette", pool_factor=2, order="easy", clo_iters=0, clo_tmax=224,
+           dict(_DIT_OFFICIAL, dataset="nette", pool_factor=2, order="easy", clo_iters=0, clo_tmax=_T11,
                 condition="class"),
-           {"IPC10 (ResNet-18)": 65.0, "IPC50 (ResNet-50)": 82.7}, reference=dict(clo_tmax=11)),
+           {"IPC10 (ResNet-18)": 65.0, "IPC50 (ResNet-50)": 82.7}, reference=dict(clo_tmax=_T11_REFERENCE)),
     Preset("nette-clo", "ImageNette with CLO as on the other subsets: pool x2, easy, T-hat 11 of 50, null label",
-           dict(_DIT_OFFICIAL, dataset="nette", pool_factor=2, order="easy", clo_tmax=224),
-           reference=dict(clo_tmax=11)),
+           dict(_DIT_OFFICIAL, dataset="nette", pool_factor=2, order="easy", clo_tmax=_T11),
+           reference=dict(clo_tmax=_T11_REFERENCE)),
     Preset("in100", "ImageNet-100 as sample_imagenet100.py: pool x2, hard order, T-hat 5 of 50, null label",
-           dict(_DIT_OFFICIAL, dataset="in100", pool_factor=2, order="hard", clo_tmax=102),
-           {"IPC50 (ResNet-18)": 68.0}, reference=dict(clo_tmax=5)),
+           dict(_DIT_OFFICIAL, dataset="in100", pool_factor=2, order="hard", clo_tmax=_T5),
+           {"IPC50 (ResNet-18)": 68.0}, reference=dict(clo_tmax=_T5_REFERENCE)),
     Preset("in1k-dit", "ImageNet-1K as sample_imagenet.py: pool x4, easy order, T-hat 11 of 50, null label",
-           dict(_DIT_OFFICIAL, dataset="in1k", pool_factor=4, order="easy", clo_tmax=224),
-           {"IPC10 (ResNet-18)": 46.1, "IPC10 (ResNet-50)": 53.0}, reference=dict(clo_tmax=11)),
+           dict(_DIT_OFFICIAL, dataset="in1k", pool_factor=4, order="easy", clo_tmax=_T11),
+           {"IPC10 (ResNet-18)": 46.1, "IPC10 (ResNet-50)": 53.0}, reference=dict(clo_tmax=_T11_REFERENCE)),
     Preset("in1k-mar", "ImageNet-1K with MAR-B as mar_imagenet1k.py: pool x2, stability selection, 32 AR steps, "
                        "CFG 2.9 (linear), zero label embedding",
            dict(generator="mar", dataset="in1k", pool_factor=2, select="stability", sample_steps=32, guidance=2.9,

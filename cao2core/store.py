@@ -35,6 +35,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
 from .errors import UserError
+from .weights import stream_sha256
 
 MANIFEST = "manifest.json"
 FORMAT = "cao2-run/1"
@@ -95,8 +96,11 @@ def to_uint8(pixels: torch.Tensor) -> np.ndarray:
     return x.permute(0, 2, 3, 1).cpu().numpy()
 
 
-def _image(arr: np.ndarray) -> Image.Image:
-    return Image.fromarray(arr[..., 0], "L") if arr.shape[-1] == 1 else Image.fromarray(arr, "RGB")
+def _png(arr: np.ndarray) -> bytes:
+    image = Image.fromarray(arr[..., 0], "L") if arr.shape[-1] == 1 else Image.fromarray(arr, "RGB")
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 @contextlib.contextmanager
@@ -114,13 +118,6 @@ def _interrupts_deferred():
     if caught:
         raise KeyboardInterrupt
 
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _reason(exc: BaseException) -> str:
@@ -459,7 +456,7 @@ class Store:
             return f"images/{cid} does not hold the files its record lists"
         for rel, sha in expected.items():
             path = self.out / rel
-            if not path.is_file() or _sha256(path) != sha:
+            if not path.is_file() or stream_sha256(path) != sha:
                 return f"{rel} is missing or differs from what this run wrote"
         return None
 
@@ -481,9 +478,12 @@ class Store:
         staging = _new_folder(final.parent, f".{cid}.")
         try:
             with _locked_folder(staging):
+                images = {}
                 for i, arr in enumerate(to_uint8(pixels)):
-                    _image(arr).save(staging / f"{i}.png")
-                files = {"images": {p.name: _sha256(p) for p in sorted(staging.iterdir())},
+                    png = _png(arr)
+                    (staging / f"{i}.png").write_bytes(png)
+                    images[f"{i}.png"] = hashlib.sha256(png).hexdigest()
+                files = {"images": dict(sorted(images.items())),     # name order, as the records always listed them
                          "latents": hashlib.sha256(latents).hexdigest()}
                 # listed before they appear: a kill in the next steps leaves only files a record lists
                 self._write_record(cid, dict(entry, status="writing", files=files))
@@ -576,10 +576,8 @@ class Store:
                 x = pad + n * (w + pad) + w // 2 + j * (w + pad)
                 canvas[y:y + h, x:x + w] = img
         path = self.out / PREVIEW
-        png = io.BytesIO()
-        _image(canvas).save(png, format="PNG")
         try:
-            atomic_write_bytes(path, png.getvalue())
+            atomic_write_bytes(path, _png(canvas))
         except OSError as exc:
             raise UserError(f"cannot write {path} ({_reason(exc)}); free disk space or fix permissions, then rerun "
                             "the same command") from None

@@ -136,16 +136,12 @@ def run(base: RunConfig, args: argparse.Namespace, parse_eval, actions: dict[str
         if extra:
             raise UserError(f"{extra[0]} sets how the points are scored, but --no-eval scores none; drop one of them")
         argvs, evals = [None] * len(configs), []
-    for (name, _, _), cfg in zip(points, configs):
-        try:
-            cfg.validate()
-        except UserError as exc:
-            raise UserError(f"--grid point {name}: {exc}") from None
-    check_before_running(configs, evals, out)
+    check_before_running(configs, evals, out, [name for name, _, _ in points])
 
     measure = Measurer()
     rows = []
-    for k, ((name, values, shown), cfg, argv) in enumerate(zip(points, configs, argvs)):
+    for k, ((name, values, shown), cfg, argv, ev) in enumerate(zip(points, configs, argvs,
+                                                                  evals or [None] * len(configs))):
         print(f"== point {k + 1}/{len(points)}: {shown} -> {cfg.out}", flush=True)
         try:
             result = engine.run(cfg)
@@ -158,7 +154,7 @@ def run(base: RunConfig, args: argparse.Namespace, parse_eval, actions: dict[str
             print(f"   {len(result.failed)} class(es) failed (class {cid}: {reason}); the point is not scored",
                   flush=True)
         elif argv is not None:
-            report = scored(Path(cfg.out), argv, lambda: eval_main(parse_as(parse_eval, argv)))
+            report = scored(Path(cfg.out), argv, lambda: eval_main(ev))
             row.update(summary=report["summary"], eval_settings=report["config"]["settings"],
                        val=report["data"]["val"])
         rows.append(row)
@@ -274,7 +270,7 @@ class Measurer:
         if self._gen[0] != key:
             self._gen = (None, None)          # release the previous point's generator first
             gen = Host().generator(cfg.generator)
-            self._gen = (key, (gen, gen.load(options=cfg.gen_options(), device=device)))
+            self._gen = (key, (gen, gen.load(options=gen.parse_options(cfg.gen_options()), device=device)))
         return self._gen[1]
 
     def _classifier(self, cfg: RunConfig, space, device):
@@ -296,6 +292,7 @@ def _fmt(value) -> str:
 
 def table(result: dict) -> str:
     """One row per point: its grid values, the measures and, when scored, the students' accuracy."""
+    from .evaluate.report import pm
     rows = result["points"]
     flags = list(result["grid"])
     scored_rows = [r for r in rows if r["summary"] is not None]
@@ -325,8 +322,7 @@ def table(result: dict) -> str:
             cells += ["–"] * 4
         if result["eval_command"] is not None:
             if r["summary"] is not None:
-                s = r["summary"]["final_acc"]
-                cells.append(f"{s['mean']:.2f} ± {s['std']:.2f}")
+                cells.append(pm(r["summary"]["final_acc"]))
             else:
                 cells.append(f"not scored: {len(r['failed'])} class(es) failed")
         if r["failed"]:

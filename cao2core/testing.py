@@ -17,7 +17,7 @@ import types
 import pytest
 import torch
 
-from .hookspecs import CONDITION_KINDS
+from .hookspecs import CONDITION_KINDS, GENERIC_OPTIONS
 from .plugins import Generator, Host
 from .seeding import unit_generators
 
@@ -33,10 +33,10 @@ class Loaded:
             host.register(generator, generator.__name__, kind="generator")
             generator = generator.__name__
         self.gen: Generator = host.generator(generator)
-        opts = {"model": None, "vae": None, "dataset": None, "sampler": None, "sample_steps": None, "guidance": None,
-                "timestep_convention": None, "dtype": None, "profile": None, **(options or {})}
+        opts = {**dict.fromkeys(GENERIC_OPTIONS), **(options or {})}
         self.device = device
-        self.handle = self.gen.load(options=opts, device=device)
+        # parsed as `cao2 run` parses them: the plugin receives typed --gen-opt values (hookspecs.cao2_load)
+        self.handle = self.gen.load(options=self.gen.parse_options(opts), device=device)
         self.spec = self.gen.latent_spec(handle=self.handle)
 
     def labels(self, n: int) -> torch.Tensor:

@@ -32,13 +32,18 @@ def file_sha256(path) -> str:
     cache = _read_cache()
     if key in cache:
         return cache[key]
+    cache[key] = stream_sha256(path)
+    _write_cache(cache)
+    return cache[key]
+
+
+def stream_sha256(path) -> str:
+    """sha256 of a file, read in blocks (uncached)."""
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 22), b""):
             digest.update(block)
-    cache[key] = digest.hexdigest()
-    _write_cache(cache)
-    return cache[key]
+    return digest.hexdigest()
 
 
 def source_sha256(source: str | None) -> str | None:

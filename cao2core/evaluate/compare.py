@@ -119,7 +119,7 @@ def run(args, parse_eval) -> dict:
     ``parse_eval(argv)`` turns an eval command line into the namespace ``cao2 eval`` takes.
     """
     from . import data as D
-    from .cli import parse_as, preflight
+    from .cli import _check_numbers, parse_as, preflight
     from .report import reuse_or_evaluate, write_files
 
     if not args.data:
@@ -143,9 +143,10 @@ def run(args, parse_eval) -> dict:
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a folder; choose another --out")
     argvs = {p: eval_argvs(args, ipc, full.name, classes, out, p) for p in protocols}
+    parsed = {(p, kind): parse_as(parse_eval, argv) for p in protocols for kind, argv in argvs[p].items()}
     for p in protocols:             # every option is checked before the first student trains
-        for argv in argvs[p].values():
-            preflight(parse_as(parse_eval, argv), space, full)
+        _check_numbers(parsed[p, "distilled"])      # the sets' command lines differ only in what they train on:
+        preflight(parsed[p, "random-real"], space, full)    # student, teacher and folders are checked once
 
     data_key = _data_key(distilled)
     rows = []
@@ -154,7 +155,7 @@ def run(args, parse_eval) -> dict:
         for kind in SETS:
             argv = argvs[p][kind]
             key = {"data": data_key if kind == "distilled" else None, "eval": argv[1:]}
-            reports[kind] = reuse_or_evaluate(Path(argv[-1]), key, lambda: _evaluate(parse_eval, argv), MARKER)
+            reports[kind] = reuse_or_evaluate(Path(argv[-1]), key, lambda: _evaluate(parsed[p, kind]), MARKER)
             h = reports[kind]["summary"]["headline"]
             print(f"   {kind}, {p}: {h['mean']:.2f} ± {h['std']:.2f} % ({Path(argv[-1]) / 'eval.json'})", flush=True)
         d, r = (reports[k]["summary"]["headline"] for k in SETS)
@@ -173,10 +174,10 @@ def run(args, parse_eval) -> dict:
     return result
 
 
-def _evaluate(parse_eval, argv: list[str]) -> None:
-    from .cli import main, parse_as
+def _evaluate(args) -> None:
+    from .cli import main
     with contextlib.redirect_stdout(io.StringIO()):     # each evaluation's own table stays in its eval.json
-        main(parse_as(parse_eval, argv))
+        main(args)
 
 
 def _figure(headline: dict) -> dict:
@@ -225,7 +226,8 @@ def sentence(result: dict) -> str:
 
 
 def _pm(f: dict) -> str:
-    return f"{f['mean']:.2f}" if len(f["values"]) == 1 else f"{f['mean']:.2f} ± {f['std']:.2f}"
+    from .report import pm
+    return f"{f['mean']:.2f}" if len(f["values"]) == 1 else pm(f)
 
 
 def table(result: dict) -> str:

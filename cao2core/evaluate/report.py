@@ -56,7 +56,8 @@ def build_report(config: dict, data: dict, results: list[RepeatResult]) -> dict:
             "summary": summarize(results, config["settings"]["protocol"])}
 
 
-def _pm(s: dict) -> str:
+def pm(s: dict) -> str:
+    """A summary's mean ± std, two decimals."""
     return f"{s['mean']:.2f} ± {s['std']:.2f}"
 
 
@@ -66,10 +67,10 @@ def markdown(report: dict) -> str:
     faithful = s["headline"]["metric"] != "final"
     head = ["data", "protocol", "student", "epochs", "repeats", "final acc (%)", "best-epoch acc (%)"]
     row = [report["data"]["label"], st["protocol"], st["student"], str(st["epochs"]), str(s["repeats"]),
-           _pm(s["final_acc"]), _pm(s["best_epoch_acc"])]
+           pm(s["final_acc"]), pm(s["best_epoch_acc"])]
     if faithful:
         head.append("RDED figure: best of last 20% (%)")
-        row.append(_pm(s["headline"]))
+        row.append(pm(s["headline"]))
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head), "| " + " | ".join(row) + " |", ""]
     lines.append("| repeat | final acc (%) | best-epoch acc (%) | best epoch | wall (s) | of which testing (s) |")
     lines.append("|---|---|---|---|---|---|")
@@ -114,9 +115,10 @@ def reuse_or_evaluate(folder: Path, key: dict, evaluate, marker: str) -> dict:
             recorded = json.loads(mark.read_text())
         except (OSError, ValueError):
             recorded = None
-        if recorded == {"key": key, "report_sha256": hashlib.sha256(report.read_bytes()).hexdigest()}:
+        data = report.read_bytes()
+        if recorded == {"key": key, "report_sha256": hashlib.sha256(data).hexdigest()}:
             print(f"   reusing {report} (same data, same evaluation)", flush=True)
-            return json.loads(report.read_text())
+            return json.loads(data)
     evaluate()
     data = report.read_bytes()
     write_files(folder, {marker: json.dumps({"key": key, "report_sha256": hashlib.sha256(data).hexdigest()}).encode()})

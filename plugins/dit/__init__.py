@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 from diffusers import AutoencoderKL, DiTTransformer2DModel
@@ -41,7 +42,6 @@ __version__ = "0.1.0"
 CONVENTIONS = ("default", "reference")
 PROFILES = ("default", "reference")
 REFERENCE_CFG_CHANNELS = 3    # DiT's forward_with_cfg guides eps channels 0..2 only
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 GEN_OPTS = {
     "num_heads": GenOption("attention heads of an original-layout checkpoint (weights do not say; inferred from the "
                            "width for DiT-S/B/L/XL)", "from the width", int),
@@ -74,6 +74,11 @@ class DiTHandle:
     autocast: torch.dtype | None = None     # autocast dtype of the transformer forward; None: plain --dtype
     compiled: torch.nn.Module | None = None  # torch.compile of the transformer (--gen-opt compile)
     compile_mode: str = "none"
+
+    @cached_property
+    def respaced_timesteps(self) -> torch.Tensor:
+        """The raw timestep of each respaced step k (CLO under the reference convention), built once."""
+        return torch.tensor(space_timesteps(sampling.TRAIN_STEPS, self.steps), device=self.alphas_cumprod.device)
 
     def forward_module(self, zero_rows: bool = False) -> torch.nn.Module:
         """The transformer to call: compiled, unless zero-label hooks must run (they would recompile it)."""
@@ -122,7 +127,7 @@ def cao2_load(options: dict, device: torch.device) -> DiTHandle:
     if vae.config.latent_channels != transformer.config.in_channels:
         raise UserError(f"VAE {v_src} has {vae.config.latent_channels} latent channels but the DiT expects "
                         f"{transformer.config.in_channels}; pass the VAE this DiT was trained with")
-    dtype = DTYPES[options.get("dtype") or "fp32"]
+    dtype = precision.weights_dtype(options.get("dtype"))
     for m in (transformer, vae):
         m.eval().requires_grad_(False).to(device)
     if dtype != torch.float32:
@@ -230,7 +235,7 @@ def cao2_condition(handle: DiTHandle, labels: torch.Tensor, kinds: list) -> DiTC
 def cao2_corrupt(handle: DiTHandle, latents: torch.Tensor, levels: torch.Tensor, noise: torch.Tensor,
                  generators: list) -> Corrupted:
     if handle.convention == "reference":     # noise of the respaced step k; predict tells the model k itself
-        noise_t = torch.tensor(space_timesteps(sampling.TRAIN_STEPS, handle.steps), device=levels.device)[levels]
+        noise_t = handle.respaced_timesteps.to(levels.device)[levels]
     else:
         noise_t = levels
     a = handle.alphas_cumprod[noise_t].view(-1, *([1] * (latents.ndim - 1)))

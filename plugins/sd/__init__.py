@@ -32,7 +32,6 @@ from cao2core.hookspecs import (GENERIC_OPTIONS, Corrupted, GenOption, LatentSpe
 from . import loading, prompts, sampling
 
 __version__ = "0.1.0"
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT_GUIDANCE, DEFAULT_STEPS = 7.5, 50      # StableDiffusionPipeline.__call__'s defaults
 # alpha-bar at DiT's default T-hat (224 on its 1000-step linear schedule): the default T-hat of a checkpoint is the
 # timestep of its own schedule with this much signal left (SD's scaled-linear schedule: 299)
@@ -117,17 +116,10 @@ def vae_scale_factor(vae) -> int:
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
-def _option(options: dict, key: str, parse, default=None):
-    """A --gen-opt value: parsed already by cao2, or text (the conformance kit and direct callers pass text)."""
+def _option(options: dict, key: str, default=None):
+    """A --gen-opt value, parsed by cao2 through GEN_OPTS (Generator.parse_options); ``default`` when not given."""
     value = options.get(key)
-    if value is None:
-        return default
-    if not isinstance(value, str):
-        return value
-    try:
-        return parse(value)
-    except (ValueError, TypeError) as exc:
-        raise UserError(f"--gen-opt {key}={value}: {exc}; {GEN_OPTS[key].help}") from None
+    return default if value is None else value
 
 
 @hookimpl
@@ -153,13 +145,11 @@ def cao2_load(options: dict, device: torch.device) -> SDHandle:
     if (options.get("timestep_convention") or "default") != "default":
         raise UserError("--timestep-convention is a DiT setting; sd tells the UNet the noise level's own timestep")
     names = prompts.ClassNames.of_dataset(options.get("dataset"))
-    template = _option(options, "prompt", prompts.parse_template, prompts.DEFAULT_TEMPLATE)
+    template = _option(options, "prompt", prompts.DEFAULT_TEMPLATE)
     variant = options.get("variant") or None
     autocast = precision.autocast_dtype(options.get("autocast") or "none")
     compile_mode = compiling.compile_mode(options)
-    dtype = DTYPES.get(options.get("dtype") or "fp32")
-    if dtype is None:
-        raise UserError(f"unknown --dtype {options.get('dtype')!r}; use one of {', '.join(DTYPES)}")
+    dtype = precision.weights_dtype(options.get("dtype"))
 
     folder = loading.resolve(options.get("model"), variant)
     index = loading.check_index(folder)
@@ -183,7 +173,7 @@ def cao2_load(options: dict, device: torch.device) -> SDHandle:
     f = vae_scale_factor(vae.module)
     native = unet.module.config.sample_size
     native = tuple(native) if isinstance(native, (tuple, list)) else (native, native)
-    size = _option(options, "size", parse_size, (native[0] * f, native[1] * f))
+    size = _option(options, "size", (native[0] * f, native[1] * f))
     if size[0] % f or size[1] % f:
         raise UserError(f"--gen-opt size={size[0]}x{size[1]}: both sides must be multiples of {f} (the VAE's "
                         "downsampling)")
@@ -199,10 +189,10 @@ def cao2_load(options: dict, device: torch.device) -> SDHandle:
         texts=prompts.TextConditions(tokenizer.module, text_encoder.module, names, template, device),
         scheduler_class=sampler_cls, scheduler_config=scheduler_config,
         train_scheduler=DDPMScheduler.from_config(scheduler_config), size=size,
-        store_size=_option(options, "store_size", parse_size),
+        store_size=_option(options, "store_size"),
         guidance=float(DEFAULT_GUIDANCE if guidance is None else guidance), steps=steps,
         loop_steps=sampling.loop_steps(sampler_cls, scheduler_config, steps),
-        eta=float(_option(options, "eta", float, 0.0)), dtype=dtype, records=records, autocast=autocast,
+        eta=float(_option(options, "eta", 0.0)), dtype=dtype, records=records, autocast=autocast,
         compiled=compiling.compiled(unet.module, compile_mode) if compile_mode != "none" else None,
         compile_mode=compile_mode)
 
