@@ -203,7 +203,7 @@ class Measurer:
         import torch
         from safetensors.torch import load_file
 
-        from .engine import resolve_device
+        from .engine import classifier_input, resolve_device
         from .labels import label_space
         from .pools import in_chunks
 
@@ -211,8 +211,9 @@ class Measurer:
             return {"samples": 0}
         device = resolve_device(cfg.device)
         gen, handle = self._generator(cfg, device)
-        space = label_space(manifest["dataset"]).select(",".join(manifest["class_ids"]))
-        clf = self._classifier(cfg, space, device)
+        # as the run resolved them: the generator's own label spaces, the classifier input the run selected with
+        space = label_space(manifest["dataset"], gen.label_spaces()).select(",".join(manifest["class_ids"]))
+        clf = self._classifier(cfg, space, device, classifier_input(cfg, gen.latent_spec(handle=handle)))
         targets = clf.output_indices(space)
         size = manifest["batch_size"]
 
@@ -273,12 +274,12 @@ class Measurer:
             self._gen = (key, (gen, gen.load(options=gen.parse_options(cfg.gen_options()), device=device)))
         return self._gen[1]
 
-    def _classifier(self, cfg: RunConfig, space, device):
+    def _classifier(self, cfg: RunConfig, space, device, input_: str):
         from .classifiers import load_classifier
-        key = (cfg.classifier, cfg.classifier_arch, cfg.classifier_classes, space.generator_space, str(device))
+        key = (cfg.classifier, cfg.classifier_arch, cfg.classifier_classes, space.generator_space, str(device), input_)
         if self._clf[0] != key:
             self._clf = (key, load_classifier(cfg.classifier, space, device, cfg.classifier_arch,
-                                              cfg.classifier_classes))
+                                              cfg.classifier_classes, input_))
         return self._clf[1]
 
 

@@ -103,3 +103,16 @@ def test_an_undeclared_label_space_is_one_line(install, tmp_path, capsys):
     rc, _ = run(tmp_path, "--select", "none")
     err = capsys.readouterr().err.strip()
     assert rc != 0 and len(err.splitlines()) == 1 and "label space 'cifar10', which neither cao2 nor the plugin" in err
+
+
+def test_a_sweep_measures_a_plugin_label_space(install, monkeypatch, tmp_path):
+    """cao2 sweep's measures resolve the label space as the run does: the generator's own spaces included."""
+    import cao2core.plugins
+    install(toy_variant("shapes", {"shapes": SHAPES}))
+    monkeypatch.setattr(cao2core.plugins, "Host", engine.Host)      # the measures load the generator again
+    out = tmp_path / "sweep"
+    assert main(["sweep", "--generator", "shapes", "--ipc", "2", "--pool-factor", "2", "--condition", "class",
+                 "--classifier", str(shapes_classifier(tmp_path / "clf.safetensors")), "--grid", "clo-iters=1,2",
+                 "--no-eval", "--out", str(out), "--no-progress", "--device", "cpu"]) == 0
+    report = json.loads((out / "sweep.json").read_text())
+    assert [p["measures"]["samples"] for p in report["points"]] == [6, 6]
