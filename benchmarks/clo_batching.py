@@ -18,10 +18,10 @@ import time
 
 import torch
 
-from cao2core import clo
-from cao2core.plugins import Host
-from cao2core.pools import batches
-from cao2core.seeding import unit_generator, unit_generators
+from cao2core.distill import clo
+from cao2core.generators.host import Host
+from cao2core.distill.pools import batches
+from cao2core.generators.seeding import unit_generator, unit_generators
 
 
 def official_style(gen, handle, z0, label, idx, settings, seed):

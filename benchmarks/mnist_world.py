@@ -22,11 +22,11 @@ from pathlib import Path
 
 import torch
 
-from cao2core.classifiers import embedded_mnist_classifier, load_classifier
-from cao2core.labels import label_space
-from cao2core.mnist import load_split
-from cao2core.plugins import Host
-from cao2core.seeding import unit_generators
+from cao2core.data.classifiers import embedded_mnist_classifier, load_classifier
+from cao2core.data.labels import label_space
+from cao2core.data.mnist import load_split
+from cao2core.generators.host import Host
+from cao2core.generators.seeding import unit_generators
 
 
 def features(clf, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

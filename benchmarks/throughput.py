@@ -32,10 +32,12 @@ from diffusers.utils import logging as diffusers_logging
 sys.path.insert(0, str(Path(__file__).parent))
 from clo_batching import official_style  # noqa: E402  (the one-image-at-a-time reference loop)
 
-from cao2core import clo, compiling, kernels  # noqa: E402
-from cao2core.dryrun import count_flops, timed  # noqa: E402
-from cao2core.plugins import Host  # noqa: E402
-from cao2core.seeding import unit_generators  # noqa: E402
+from cao2core.distill import clo
+from cao2core.generators import compiling
+from cao2core import kernels# noqa: E402
+from cao2core.distill.dryrun import count_flops, timed# noqa: E402
+from cao2core.generators.host import Host# noqa: E402
+from cao2core.generators.seeding import unit_generators# noqa: E402
 
 # dense bf16 tensor-core peak (FLOP/s, no sparsity) by device-name fragment
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "GH200": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,

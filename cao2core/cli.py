@@ -7,10 +7,12 @@ import sys
 from pathlib import Path
 from dataclasses import MISSING, fields
 
-from . import __version__, ablate, distributed, presets
+from . import __version__
+from .studies import ablate
+from .distill import distributed, presets
 from .config import WORDS, RunConfig, base_type, load_toml
 from .errors import UserError
-from .evaluate import compare
+from .studies import compare
 from .evaluate.cli import add_parser as add_eval_parser
 from .evaluate.cli import main as eval_main
 
@@ -164,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(cfg: RunConfig) -> int:
-    from .engine import run     # heavy imports only for the command that needs them
+    from .distill.engine import run# heavy imports only for the command that needs them
     try:
         result = run(cfg)
     finally:
@@ -200,7 +202,7 @@ def _ablate(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from . import sweep
+    from .studies import sweep
     if "out" not in vars(args):
         args.out = "out/sweep"
     run_args = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in ("grid", "evaluate")})
@@ -220,7 +222,7 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _plugins(verbose: bool = False) -> int:
-    from .plugins import Host
+    from .generators.host import Host
     host = Host()
     for info in host.describe():
         print(f"{info.name} {info.version} [{info.kind}]" + (f" from {info.distribution}" if info.distribution else ""))

@@ -7,9 +7,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from .errors import UserError
-from .hookspecs import CLASSIFIER_INPUTS, CONDITION_KINDS, GENERIC_OPTIONS
+from .generators.hookspecs import CLASSIFIER_INPUTS, CONDITION_KINDS, GENERIC_OPTIONS
 from .kernels import BACKENDS as KERNEL_BACKENDS
-from .select import ORDERS, STRATEGIES
+from .distill.oss import ORDERS, STRATEGIES
 
 CONDITIONS = CONDITION_KINDS + ("auto",)
 PROFILES = ("default", "reference")

@@ -44,9 +44,9 @@ from cao2_mar.masking import mask_from_orders, num_masked, random_orders, trunca
 from cao2_mar.model import MAR, PRESETS
 from cao2_mar.sampling import sample
 from cao2_mar.vae import MNIST_SMALL, AutoencoderKL
-from cao2core.classifiers import load_classifier
-from cao2core.labels import label_space
-from cao2core.mnist import load_split
+from cao2core.data.classifiers import load_classifier
+from cao2core.data.labels import label_space
+from cao2core.data.mnist import load_split
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIT_VAE = os.path.join("plugins", "dit", "worlds", "mnist", "vae")

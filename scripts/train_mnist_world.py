@@ -49,8 +49,8 @@ from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, DiTTransforme
 from diffusers.models.embeddings import LabelEmbedding
 from safetensors.torch import save_file
 
-import cao2core.classifiers  # noqa: F401  (registers mnist_cnn in timm)
-from cao2core.mnist import CLASS_NAMES, load_split
+import cao2core.data.classifiers  # noqa: F401  (registers mnist_cnn in timm)
+from cao2core.data.mnist import CLASS_NAMES, load_split
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 JUDGE_PATH = os.path.join("cao2core", "assets", "mnist_cnn.safetensors")

@@ -14,7 +14,7 @@ import torch
 from diffusers import AutoencoderKL, DiTTransformer2DModel
 from safetensors.torch import save_file
 
-import cao2core.classifiers  # noqa: F401  (registers mnist_cnn with timm)
+import cao2core.data.classifiers  # noqa: F401  (registers mnist_cnn with timm)
 import timm
 
 TINY_DIT = dict(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, num_layers=1,

@@ -12,7 +12,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNe
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-import cao2core.classifiers  # noqa: F401  (registers mnist_cnn with timm)
+import cao2core.data.classifiers  # noqa: F401  (registers mnist_cnn with timm)
 
 SHAPES = [("circle", "round circle"), ("square", "square"), ("triangle", "triangle")]
 WORDS = ["a", "photo", "of", "round", "circle", "square", "triangle", "cat", "dog", "red"]

@@ -139,8 +139,8 @@ def preflight(args, space=None, full=None) -> None:
     if args.plot and importlib.util.find_spec("matplotlib") is None:
         raise UserError("--plot needs matplotlib: pip install matplotlib")
     import timm
-    from ..classifiers import load_classifier
-    from ..engine import resolve_device
+    from ..data.classifiers import load_classifier
+    from ..distill.engine import resolve_device
     from . import data as D
     from .protocols import PROTOCOLS
     from .students import create_student
@@ -187,8 +187,8 @@ def main(args: argparse.Namespace) -> int:
     if args.plot and importlib.util.find_spec("matplotlib") is None:
         raise UserError("--plot needs matplotlib: pip install matplotlib")
     import torch
-    from ..engine import resolve_device
-    from ..labels import label_space
+    from ..distill.engine import resolve_device
+    from ..data.labels import label_space
     from . import data as D
     from .augment import AugmentSpec
     from .protocols import PROTOCOLS, Settings, Teacher, stderr_log, train_one
@@ -262,7 +262,7 @@ def main(args: argparse.Namespace) -> int:
     protocol = PROTOCOLS[args.protocol]
     teacher = None
     if protocol.soft:
-        from ..classifiers import load_classifier
+        from ..data.classifiers import load_classifier
         clf = load_classifier(args.teacher, space, device, args.teacher_arch, args.teacher_classes)
         teacher = Teacher(clf, space, device)
     opt_lr, opt_wd = OPTIMIZER_DEFAULTS[args.optimizer]

@@ -1,6 +1,6 @@
 """Label spaces, folder layouts and image sets for ``cao2 eval``.
 
-Every image set carries labels that are positions in one label space (``cao2core.labels``), found from class
+Every image set carries labels that are positions in one label space (``cao2core.data.labels``), found from class
 folder *names*, never from folder order. Layouts that would silently scramble labels are refused before any
 training: numeric folders as RDED writes them (``00000``..``00009``) without ``--class-map``, another subset's
 classes (fastai's imagenette2/imagewoof2 trees against a different run), folders named by human-readable class
@@ -19,9 +19,9 @@ import torch
 from torch.utils.data import default_collate
 
 from ..errors import UserError
-from ..imagefolder import IMAGE_EXTS, class_folders, human_names, image_files, load_image, norm_name
-from ..labels import IMAGENET_FILES, LabelSpace, from_pairs, label_space
-from ..seeding import unit_seed
+from ..data.imagefolder import IMAGE_EXTS, class_folders, human_names, image_files, load_image, norm_name
+from ..data.labels import IMAGENET_FILES, LabelSpace, from_pairs, label_space
+from ..generators.seeding import unit_seed
 from ..store import MANIFEST
 
 MNIST_SIZE = 32
@@ -261,7 +261,7 @@ def folder_set(files: dict[str, list[Path]], space: LabelSpace, description: str
 
 def mnist_set(split: str, space: LabelSpace) -> ImageSet:
     """The built-in MNIST split, restricted to the classes of ``space`` and relabelled to its positions."""
-    from ..mnist import load_split
+    from ..data.mnist import load_split
     x, y = load_split(split)
     digits = [int(c) for c in space.ids]
     keep = torch.isin(y, torch.tensor(digits))

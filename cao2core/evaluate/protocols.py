@@ -23,10 +23,10 @@ import timm.data
 import torch
 import torch.nn.functional as F
 
-from ..classifiers import Classifier
+from ..data.classifiers import Classifier
 from ..errors import UserError
-from ..labels import LabelSpace
-from ..seeding import unit_seed
+from ..data.labels import LabelSpace
+from ..generators.seeding import unit_seed
 from .augment import AugmentSpec, augment
 from .data import ImageSet
 from .students import create_student

@@ -10,13 +10,11 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
-import shutil
 import statistics
 from dataclasses import asdict
 from pathlib import Path
 
-from ..store import new_file
+from ..store.files import write_files
 from .protocols import PROTOCOLS, RepeatResult
 
 FORMAT = "cao2-eval/1"
@@ -129,30 +127,3 @@ def write_outputs(out: Path, report: dict, plot: bool) -> list[Path]:
     """Write eval.json (and eval.png) into ``out``."""
     return write_files(out, {REPORT: (json.dumps(report, indent=2) + "\n").encode(),
                              PLOT: plot_png(report) if plot else None})
-
-
-def write_files(out: Path, files: dict[str, bytes | None]) -> list[Path]:
-    """Write ``{name: bytes}`` into ``out`` (None = skip): everything is rendered before the call, then each file
-    is staged and renamed into place, so an error leaves no partial file behind."""
-    created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
-    staged: list[tuple[str, Path]] = []
-    try:
-        for name, data in files.items():
-            if data is None:
-                continue
-            fd, tmp = new_file(out, f".{name}.", ".tmp")       # the umask's mode: reports are made to be shared
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            staged.append((tmp, out / name))
-        for tmp, final in staged:
-            os.replace(tmp, final)
-    except BaseException:
-        for tmp, _ in staged:
-            Path(tmp).unlink(missing_ok=True)
-        if created:
-            shutil.rmtree(out, ignore_errors=True)
-        raise
-    return [final for _, final in staged]

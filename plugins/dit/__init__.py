@@ -30,11 +30,10 @@ from functools import cached_property
 import torch
 from diffusers import AutoencoderKL, DiTTransformer2DModel
 
-from cao2core import compiling, precision
+from cao2core.generators import compiling, precision
 from cao2core.errors import UserError
-from cao2core.hookspecs import (GENERIC_OPTIONS, Corrupted, GenOption, LatentSpec, Prediction, SampleOutput,
-                                 hookimpl, snapshot_steps_of)
-from cao2core.respacing import space_timesteps
+from cao2core.generators.hookspecs import GENERIC_OPTIONS, Corrupted, GenOption, LatentSpec, Prediction, SampleOutput, hookimpl, snapshot_steps_of
+from cao2core.generators.respacing import space_timesteps
 
 from . import loading, sampling
 

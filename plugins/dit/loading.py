@@ -18,7 +18,7 @@ import torch
 from diffusers import AutoencoderKL, DiTTransformer2DModel
 from diffusers.models.embeddings import Timesteps
 
-from cao2core import weights
+from cao2core.generators import weights
 from cao2core.errors import UserError
 
 from . import convert

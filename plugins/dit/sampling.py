@@ -1,7 +1,7 @@
 """DiT sampling with classifier-free guidance on diffusers schedulers, on DiT's own respaced timestep grid.
 
 DiT samples with ``create_diffusion("50")``: the 1000-step linear schedule respaced to 50 kept timesteps
-(999, 979, 958, ..., 20, 0; see ``cao2core.respacing``), betas recomputed between kept steps, and the model told
+(999, 979, 958, ..., 20, 0; see ``cao2core.generators.respacing``), betas recomputed between kept steps, and the model told
 the original timestep. diffusers' default 50-step grid (``leading``: 980, 960, ..., 0) is a different sampler, so
 the grid is passed to the schedulers as custom timesteps:
 
@@ -19,8 +19,8 @@ from __future__ import annotations
 import torch
 from diffusers import DDPMScheduler, EulerDiscreteScheduler
 
-from cao2core import precision
-from cao2core.respacing import space_timesteps
+from cao2core.generators import precision
+from cao2core.generators.respacing import space_timesteps
 
 SAMPLERS = ("ddpm", "ddim")
 TRAIN_STEPS = 1000

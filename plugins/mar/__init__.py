@@ -36,10 +36,9 @@ from pathlib import Path
 
 import torch
 
-from cao2core import compiling, precision
+from cao2core.generators import compiling, precision
 from cao2core.errors import UserError
-from cao2core.hookspecs import (GENERIC_OPTIONS, Corrupted, GenOption, LatentSpec, Prediction, SampleOutput,
-                                 hookimpl, snapshot_steps_of)
+from cao2core.generators.hookspecs import GENERIC_OPTIONS, Corrupted, GenOption, LatentSpec, Prediction, SampleOutput, hookimpl, snapshot_steps_of
 
 from . import loading, sampling
 from .diffusion import GaussianDiffusion

@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-from cao2core.respacing import space_timesteps
+from cao2core.generators.respacing import space_timesteps
 
 TRAIN_STEPS = 1000
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from cao2core import weights
+from cao2core.generators import weights
 from cao2core.errors import UserError
 
 from .model import MAR, PRESETS, MARConfig

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from cao2core import precision
+from cao2core.generators import precision
 
 from .diffusion import GaussianDiffusion
 from .masking import guidance_at, mask_from_orders, masked_after_steps, random_orders

@@ -24,10 +24,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from cao2core import compiling, precision
+from cao2core.generators import compiling, precision
 from cao2core.errors import UserError
-from cao2core.hookspecs import (GENERIC_OPTIONS, Corrupted, GenOption, LatentSpec, Prediction, SampleOutput,
-                                 hookimpl, snapshot_steps_of)
+from cao2core.generators.hookspecs import GENERIC_OPTIONS, Corrupted, GenOption, LatentSpec, Prediction, SampleOutput, hookimpl, snapshot_steps_of
 
 from . import loading, prompts, sampling
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from cao2core import weights
+from cao2core.generators import weights
 from cao2core.errors import UserError
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"

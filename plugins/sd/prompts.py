@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from cao2core.errors import UserError
-from cao2core.labels import LabelSpace, imagenet1k, label_space, read_pairs
+from cao2core.data.labels import LabelSpace, imagenet1k, label_space, read_pairs
 
 DEFAULT_TEMPLATE = "a photo of a {name}"
 FIELDS = ("name", "synonyms")    # {name}: the class name; {synonyms}: every ImageNet synonym (else the name)

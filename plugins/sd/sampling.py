@@ -17,7 +17,7 @@ import inspect
 import diffusers
 import torch
 
-from cao2core import precision
+from cao2core.generators import precision
 from cao2core.errors import UserError
 
 # --sampler names -> diffusers scheduler classes; "shipped" (the default) is the checkpoint's own

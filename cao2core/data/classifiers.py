@@ -1,0 +1,237 @@
+"""Selection classifiers: any timm model, a local checkpoint, or the embedded MNIST judge.
+
+The MNIST judge is registered in timm's registry, so ``timm.create_model("mnist_cnn")`` builds it like any
+other timm architecture and the engine needs no special case for it.
+
+What the classifier sees of a decoded sample (``CLASSIFIER_INPUTS``, ``--classifier-input``):
+
+* ``timm``: clamped to [-1, 1], mapped to [0, 1], then the classifier's own eval preprocessing (timm's data
+  config: e.g. resize 256, centre crop 224, ImageNet mean/std for ResNet-18).
+* ``raw``: the decoder output as it is (unclamped, in about [-1, 1]) resized to the classifier's input size with
+  no crop and no normalization, as the official CaO2 DiT scripts feed ``Resize((224, 224))(samples)`` to ResNet-18.
+* ``jpeg``: written as an 8-bit image, JPEG-encoded and read back (PIL's default quality 75), short side resized
+  to the input size, [0, 1] and the classifier's mean/std, as the official CaO2 MAR script classifies its buffer.
+"""
+from __future__ import annotations
+
+import importlib.resources
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import timm
+import timm.data
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file
+from timm.models import register_model
+from torch import nn
+
+from ..generators import weights
+from ..errors import UserError
+from ..generators.hookspecs import CLASSIFIER_INPUTS
+from .labels import LabelSpace
+
+
+class MnistCNN(nn.Module):
+    """3 x (conv3x3 + ReLU + maxpool) with 32/64/64 channels, then FC 1024 -> 128 -> classes; input 32x32 in [-1, 1]."""
+
+    def __init__(self, num_classes: int = 10, in_chans: int = 1, drop_rate: float = 0.2, **_):
+        super().__init__()
+        layers, c = [], in_chans
+        for width in (32, 64, 64):
+            layers += [nn.Conv2d(c, width, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+            c = width
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(64 * 4 * 4, 128), nn.ReLU(inplace=True),
+                                  nn.Dropout(drop_rate), nn.Linear(128, num_classes))
+        self.num_classes = num_classes
+        # timm-style metadata: how this model wants its input (images in [-1, 1], no resize).
+        self.pretrained_cfg = {"input_size": (in_chans, 32, 32), "mean": (0.5,), "std": (0.5,),
+                               "crop_pct": 1.0, "interpolation": "bilinear", "num_classes": num_classes}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+@register_model
+def mnist_cnn(pretrained: bool = False, **kwargs) -> MnistCNN:
+    if pretrained:
+        raise ValueError("mnist_cnn has no hub weights; load the embedded checkpoint through cao2core.data.classifiers")
+    kwargs.pop("pretrained_cfg", None)
+    kwargs.pop("pretrained_cfg_overlay", None)
+    return MnistCNN(**kwargs)
+
+
+# --- loading -------------------------------------------------------------------------------------------------
+
+
+DEFAULT_IMAGENET_CLASSIFIER = "resnet18.tv_in1k"   # the weights of torchvision's resnet18, as the reference uses
+
+
+def embedded_mnist_classifier() -> Path:
+    return Path(str(importlib.resources.files("cao2core") / "assets" / "mnist_cnn.safetensors"))
+
+
+@dataclass
+class Classifier:
+    """A frozen classifier with its own preprocessing and the class ids of its outputs, in order."""
+
+    model: nn.Module
+    classes: list[str] | None
+    source: str
+    sha256: str | None = None
+    class_accuracy: dict[str, float] = field(default_factory=dict)
+    input: str = "timm"         # what it sees of a decoded sample (CLASSIFIER_INPUTS)
+
+    def __post_init__(self):
+        self.model.eval().requires_grad_(False)
+        self.data_config = timm.data.resolve_data_config({}, model=self.model)
+        self.transform = timm.data.create_transform(**self.data_config)
+        self.in_chans, self.size = self.data_config["input_size"][0], self.data_config["input_size"][-1]
+
+    def output_indices(self, space: LabelSpace) -> list[int]:
+        """The output index of each class of ``space``; refuses a classifier whose class list does not cover it."""
+        if self.classes is None:
+            raise UserError(f"classifier {self.source} does not say which class each output is; "
+                            "give its class ids with --classifier-classes FILE (one per line, in output order)")
+        index = {c: i for i, c in enumerate(self.classes)}
+        missing = [c for c in space.ids if c not in index]
+        if missing:
+            raise UserError(f"classifier {self.source} has no output for class {missing[0]!r} of dataset "
+                            f"{space.name}; use a classifier trained on this label space")
+        return [index[c] for c in space.ids]
+
+    @torch.no_grad()
+    def probs(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Softmax over the classifier's outputs for decoded pixels in about [-1, 1], seen as ``input`` says."""
+        device = next(self.model.parameters()).device
+        return self.model(self.prepare(pixels).to(device)).float().softmax(-1)
+
+    def prepare(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The classifier's input batch for decoded pixels (B, C, H, W)."""
+        if self.input == "raw":
+            return F.interpolate(self._channels(pixels.float()), size=(self.size, self.size), mode="bilinear",
+                                 align_corners=False, antialias=True)
+        if self.input == "jpeg":
+            return torch.stack([self._jpeg(p) for p in pixels])
+        return self.transform(self._channels((pixels.clamp(-1, 1) + 1) / 2))
+
+    def _channels(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] == self.in_chans:
+            return x
+        return x.expand(-1, self.in_chans, -1, -1) if x.shape[1] == 1 else x.mean(1, keepdim=True)
+
+    def _jpeg(self, pixels: torch.Tensor) -> torch.Tensor:
+        # 8 bits as torchvision's save_image rounds them, then a JPEG file read back as the official buffer is
+        arr = ((pixels.float().clamp(-1, 1) + 1) / 2 * 255 + 0.5).clamp(0, 255).to(torch.uint8).cpu().numpy()
+        image = Image.fromarray(arr[0], "L") if arr.shape[0] == 1 else Image.fromarray(arr.transpose(1, 2, 0), "RGB")
+        buf = io.BytesIO()
+        image.save(buf, format="JPEG")
+        image = Image.open(io.BytesIO(buf.getvalue())).convert("L" if self.in_chans == 1 else "RGB")
+        w, h = image.size      # the short side to the input size, the long one truncated, as torchvision's Resize
+        image = image.resize((self.size, int(self.size * h / w)) if w <= h else (int(self.size * w / h), self.size),
+                             Image.BILINEAR)
+        x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).reshape(image.size[1], image.size[0], -1)
+        mean = torch.tensor(self.data_config["mean"]).view(-1, 1, 1)
+        std = torch.tensor(self.data_config["std"]).view(-1, 1, 1)
+        return (x.permute(2, 0, 1) - mean) / std
+
+
+def load_classifier(spec: str | None, space: LabelSpace, device: torch.device, arch: str | None = None,
+                    classes_file: str | None = None, input: str = "timm") -> Classifier:
+    """A timm model name (hub weights), a local .safetensors/.pt checkpoint, or None for the dataset's default;
+    ``input`` says what it sees of a decoded sample (``CLASSIFIER_INPUTS``)."""
+    if spec is None:
+        if space.generator_space not in ("mnist", "in1k"):
+            raise UserError(f"label space {space.name} has no default selection classifier: pass --classifier (a "
+                            "checkpoint whose metadata names its classes, or a timm model with --classifier-classes) "
+                            "or --select none|random")
+        spec = str(embedded_mnist_classifier()) if space.generator_space == "mnist" else DEFAULT_IMAGENET_CLASSIFIER
+    path = Path(spec)
+    if path.suffix in (".safetensors", ".pt", ".pth", ".bin") or path.exists():
+        clf = _load_local(path, arch)
+    else:
+        clf = _load_timm(spec)
+    if classes_file is not None:
+        clf.classes = read_class_list(classes_file, "--classifier-classes")
+    if clf.classes is not None and len(clf.classes) != _num_outputs(clf.model):
+        raise UserError(f"classifier {clf.source} has {_num_outputs(clf.model)} outputs but its class list has "
+                        f"{len(clf.classes)} entries; fix the class list")
+    clf.input = input
+    clf.model.to(device)
+    return clf
+
+
+def read_class_list(path: str, flag: str) -> list[str]:
+    """Class ids in output order, the first word of each non-empty line of ``path``."""
+    try:
+        lines = [ln.split()[0] for ln in Path(path).read_text().splitlines() if ln.strip()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{flag} {path}: cannot read it ({getattr(exc, 'strerror', None) or exc}); give a text file "
+                        "with one class id per line, in the classifier's output order") from None
+    if not lines:
+        raise UserError(f"{flag} {path} lists no class; give one class id per line, in the classifier's output order")
+    return lines
+
+
+def _num_outputs(model: nn.Module) -> int:
+    return int(getattr(model, "num_classes", 0) or model.pretrained_cfg.get("num_classes", 0))
+
+
+def _load_timm(name: str) -> Classifier:
+    if name.split(".")[0] not in timm.list_models():
+        raise UserError(f"classifier {name!r} is neither a file nor a timm model name; "
+                        "give a timm name (e.g. resnet18.tv_in1k) or a checkpoint path")
+    try:
+        model = timm.create_model(name, pretrained=True)
+    except Exception as exc:  # hub unreachable, unknown tag, ...
+        raise UserError(f"cannot load timm classifier {name!r} ({type(exc).__name__}: {exc}); "
+                        "check the name and network access, or pass a local checkpoint") from None
+    subset = timm.data.infer_imagenet_subset(model)
+    classes = timm.data.ImageNetInfo(subset).label_names() if subset == "imagenet-1k" else None
+    return Classifier(model, classes, name)
+
+
+def _load_local(path: Path, arch: str | None) -> Classifier:
+    if not path.is_file():
+        raise UserError(f"classifier checkpoint {path} not found; give an existing file or a timm model name")
+    meta: dict[str, str] = {}
+    try:
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata() or {}
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else state
+    except Exception as exc:
+        raise UserError(f"cannot read classifier checkpoint {path}: {weights.load_error(exc)}") from None
+    weights.require_floating(state, path)
+    arch = arch or meta.get("arch")
+    if not arch:
+        raise UserError(f"classifier checkpoint {path} does not name its architecture; pass --classifier-arch")
+    num_classes = int(meta["num_classes"]) if "num_classes" in meta else _infer_num_classes(state)
+    convs = [v for v in state.values() if v.ndim == 4]
+    in_chans = int(meta.get("in_chans", convs[0].shape[1] if convs else 3))
+    model = timm.create_model(arch, pretrained=False, num_classes=num_classes, in_chans=in_chans)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise UserError(f"classifier checkpoint {path} does not fit architecture {arch}: {first}") from None
+    classes = json.loads(meta["classes"]) if "classes" in meta else None
+    acc = json.loads(meta["class_accuracy"]) if "class_accuracy" in meta else None
+    class_accuracy = dict(zip(classes, acc)) if classes and acc else {}
+    return Classifier(model, classes, str(path), weights.file_sha256(path), class_accuracy)
+
+
+def _infer_num_classes(state: dict) -> int:
+    last = [v for k, v in state.items() if k.endswith("weight") and v.ndim == 2]
+    if not last:
+        raise UserError("cannot tell the classifier's number of classes; save it as safetensors with metadata")
+    return int(last[-1].shape[0])

@@ -1,0 +1,499 @@
+"""The distillation run: for each class, sample a pool, select (OSS), optimize (CLO), decode, store.
+
+Read top to bottom to follow one class from the command line to its PNG files: ``run`` calls ``prepare``
+(every input checked, nothing written), ``open_store``, ``plan_groups``, then ``distill_group`` for each group of
+classes, whose stages are ``sample_pools``, ``select_samples``, ``optimize_latents`` and ``store_classes``, and
+``finish``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import sys
+import time
+from dataclasses import dataclass, replace
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .. import __version__, kernels
+from . import batchsize, clo, distributed, dryrun, oss, workplan
+from ..generators import weights
+from ..data.classifiers import Classifier, load_classifier
+from ..config import RunConfig
+from ..errors import UserError
+from ..data.labels import LabelSpace, label_space
+from ..generators.host import Generator, Host
+from .pools import ImagePool, SampledPool, batches, in_chunks
+from ..generators.seeding import STREAMS, unit_generator
+from ..store import Store, to_uint8
+
+PREVIEW_CLASSES, PREVIEW_IMAGES = 16, 8
+
+
+@dataclass
+class RunResult:
+    out: Path
+    completed: list[str]
+    written: int                # classes this run wrote (all ranks); the other completed ones were already there
+    failed: dict[str, str]
+    rank: int = 0
+    plan: str | None = None     # --dry-run: what the run would do
+    preview: bool = False       # preview.png was written
+
+
+@dataclass
+class Run:
+    """Everything a run needs, resolved and checked before anything is written."""
+
+    cfg: RunConfig
+    ranks: distributed.Ranks
+    gen: Generator
+    handle: object
+    spec: object
+    space: LabelSpace
+    source: SampledPool | ImagePool
+    clo: clo.CLOSettings
+    classifier: Classifier | None
+    targets: list[int] | None
+    device: torch.device
+    run_id: str
+    conditions: dict[str, str]
+    description: dict           # the generator's own record (cao2_describe)
+    source_id: dict | None      # the refined folder's fingerprint (hashes every image: computed once)
+    identity: dict              # everything that determines the output; run_id is its hash
+
+
+def run(cfg: RunConfig, host: Host | None = None) -> RunResult:
+    """Distill: check every input, then for each group of classes sample the pool, select (OSS), optimize (CLO),
+    decode and store; each class appears on disk only when all its files are in place."""
+    cfg.validate()
+    ranks = distributed.init(cfg.device)         # torchrun: this process distills every world_size-th group
+    r = prepare(cfg, host or Host(), ranks)
+    if r.cfg.dry_run:
+        plan = dryrun.report(r.cfg, r.gen, r.handle, r.spec, r.space, r.clo, r.device, r.cfg.dry_run)
+        return RunResult(Path(r.cfg.out), [], 0, {}, ranks.rank, plan)
+    store = open_store(r)
+    groups, todo = plan_groups(r, store)
+    bars = Bars(r, groups, todo)
+    for g, missing in todo:
+        distill_group(r, store, groups[g], missing, bars)
+    bars.close()
+    return finish(r, store)
+
+
+def prepare(cfg: RunConfig, host: Host, ranks) -> Run:
+    """Load the generator and classifier and check every option and input; writes nothing."""
+    gen = host.generator(cfg.generator)
+    device = resolve_device(distributed.rank_device(cfg.device, ranks))
+    handle = gen.load(options=gen.parse_options(cfg.gen_options()), device=device)
+    spec = gen.latent_spec(handle=handle)
+    declared = gen.label_spaces()
+    space = resolve_classes(cfg, spec, declared)
+    if cfg.images:      # cao2 refine: the pool is the given images; the classes are their folders
+        source = ImagePool(cfg.images, label_space(space.name, declared), cfg, gen, handle, spec, device)
+        space = source.space
+    else:
+        source = SampledPool(cfg, gen, handle, device)
+    settings = clo.CLOSettings(cfg.clo_iters, cfg.clo_lr, cfg.clo_lambda, spec.level_range[0],
+                               cfg.clo_tmax if cfg.clo_tmax is not None else spec.default_level_max)
+    clo.check_levels(settings, spec.level_range)
+    settings.kernels = resolve_kernels(cfg.kernels, device)
+    if cfg.select == "stability" and (spec.sample_steps or 0) < 2:
+        raise UserError(f"--select stability compares the sample one step before the end with the final one, but "
+                        f"this sampler has {spec.sample_steps or 'no'} steps; use --sample-steps 2 or more, or "
+                        "another --select")
+    classifier = targets = None
+    if cfg.select in ("confidence", "stability") or cfg.condition == "auto":
+        classifier = load_classifier(cfg.classifier, space, device, cfg.classifier_arch, cfg.classifier_classes,
+                                     classifier_input(cfg, spec))
+        targets = classifier.output_indices(space)
+    description = gen.describe(handle=handle)
+    source_id = source.identity()
+    identity = run_identity(cfg, gen, description, classifier, source_id, host)
+    rid = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    work = dryrun.Workload(cfg, gen, handle, space, settings, device, classifier)
+    if cfg.batch_size == "auto":
+        cfg = resolve_batch_size(cfg, ranks, work, rid, device)
+    if not cfg.dry_run and not cfg.images:
+        preflight(work, cfg)
+    return Run(cfg, ranks, gen, handle, spec, space, source, settings, classifier, targets, device, rid,
+               condition_per_class(cfg, space, classifier), description, source_id, identity)
+
+
+def preflight(work: dryrun.Workload, cfg: RunConfig) -> None:
+    """Call every hook the run needs once, on two samples (within --batch-size), before anything is written: a
+    plugin that breaks the contract fails here with an empty output folder rather than halfway through."""
+    with torch.no_grad():
+        latents = work.sample(min(2, cfg.batch_size))
+    if cfg.select in ("confidence", "stability") and work.classifier is not None:
+        work.classify(latents)
+    if cfg.clo_iters:
+        try:
+            work.optimize(latents, 1)
+        except clo.NonFiniteLatents:
+            pass                # a class's own failure: the run records it for that class and goes on
+    work.decode(latents)
+
+
+def open_store(r: Run) -> Store:
+    """Check the output folder, then (rank 0) create it or take over this same run's; read its records."""
+    header = manifest_header(r.cfg, r.gen, r.description, r.space, r.classifier, r.clo)
+    header["source"] = r.source_id
+    header["identity"] = r.identity
+    store = Store(Path(r.cfg.out), r.run_id, header, r.ranks.rank, r.ranks.world_size)
+    store.check(r.cfg.overwrite)
+    r.ranks.barrier()
+    if r.ranks.is_main:
+        store.open()                    # nothing is written before every input has been checked
+    r.ranks.barrier()
+    store.load()
+    return store
+
+
+def plan_groups(r: Run, store: Store) -> tuple[list[list[int]], list[tuple[int, list[int]]]]:
+    """The class groups, and this rank's share of those with an incomplete class: [(group, its incomplete
+    positions)].
+
+    Classes share forward passes in groups fixed by the class list and batch size, not by the ranks. Each rank
+    checks the files of every N-th group against their records; the groups left to do are dealt out over the
+    ranks, so a resume stays balanced. A group with an incomplete class is computed again in full (at most one
+    chunk's work repeated), so its chunks hold the same samples."""
+    space, ranks = r.space, r.ranks
+    groups = workplan.class_groups([r.source.keep(cid) for cid in space.ids], r.cfg.batch_size)
+    checked = {g: [p for p in groups[g] if not store.is_complete(space.ids[p])]
+               for g in ranks.shard(range(len(groups)))}
+    todo = ranks.spread(sorted((g, missing) for part in ranks.gather(checked)
+                               for g, missing in part.items() if missing))
+    for cid, why in store.redone.items():
+        print(f"cao2: class {cid} will be redone: {why}", file=sys.stderr)
+    if ranks.is_main and ranks.world_size > len(groups):
+        print(f"cao2: {len(groups)} class group(s) for {ranks.world_size} ranks: {ranks.world_size - len(groups)} "
+              "rank(s) have nothing to do (a smaller --batch-size makes more groups)", file=sys.stderr)
+    return groups, todo
+
+
+class Bars:
+    """The pool and CLO progress bars; under torchrun only rank 0 draws them (the groups are dealt in turn, so
+    its share stands for every rank's)."""
+
+    def __init__(self, r: Run, groups, todo):
+        shown = r.cfg.progress and r.ranks.is_main
+        of_ranks = f" (rank 0 of {r.ranks.world_size})" if r.ranks.world_size > 1 else ""
+        ids, src, size = r.space.ids, r.source, r.cfg.batch_size
+        self.sample = tqdm(total=sum(src.size(ids[p]) for g, _ in todo for p in groups[g]),
+                           desc=("encode" if r.cfg.images else "sample pool") + of_ranks, unit="img",
+                           disable=not shown)
+        self.clo = tqdm(total=sum(workplan.chunks(sum(src.keep(ids[p]) for p in groups[g]), size)
+                                  for g, _ in todo) * r.cfg.clo_iters, desc="CLO" + of_ranks, unit="it",
+                        disable=not shown)
+
+    def clo_step(self, n: int) -> None:
+        if self.clo.n == 0 and n:
+            self.clo.reset(self.clo.total)      # its clock starts with the first CLO, not with the first pool
+        self.clo.update(n)
+
+    def close(self) -> None:
+        self.sample.close()
+        self.clo.close()
+
+
+def distill_group(r: Run, store: Store, group: list[int], missing: list[int], bars: Bars) -> None:
+    """One group of classes from pool to PNG files; only the classes in ``missing`` are written."""
+    cids, labels = [r.space.ids[p] for p in group], [r.space.generator_labels[p] for p in group]
+    times = {}
+    t0 = time.perf_counter()
+    pools = sample_pools(r, cids, labels, bars)
+    times["sample"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    kept = select_samples(r, group, cids, labels, pools)
+    latents_init = torch.cat([pool[keep.to(pool.device)] for (pool, _), (keep, _) in zip(pools, kept)])
+    times["select"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    latents, bad, curves = optimize_latents(r, cids, labels, kept, latents_init, bars)
+    times["clo"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    pixels = in_chunks(lambda z: r.gen.decode(handle=r.handle, latents=z).cpu(), latents, r.cfg.batch_size)
+    times["decode"] = time.perf_counter() - t0
+    store_classes(r, store, group, missing, kept, latents_init, latents, curves, pixels, bad,
+                  {k: round(v, 3) for k, v in times.items()})
+
+
+def sample_pools(r: Run, cids: list[str], labels: list[int], bars: Bars) -> list[tuple[torch.Tensor, object]]:
+    """1. Each class's pool (and its state one sampler step before the end, for ``stability``): sampled by the
+    generator, each sample from its own seed (refine: the given images, encoded)."""
+    return r.source.latents(list(zip(cids, labels)), r.cfg.batch_size, bars.sample)
+
+
+def select_samples(r: Run, group: list[int], cids: list[str], labels: list[int], pools
+                   ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """2. OSS: (kept pool indices in selection order, their scores) per class; the pool is classified after
+    decoding, as the classifier input says."""
+    cfg = r.cfg
+    if cfg.select in ("confidence", "stability"):
+        probs = classify(r.gen, r.handle, r.classifier, [p for p, _ in pools], cfg.batch_size)
+        if cfg.select == "stability":
+            probs_before = classify(r.gen, r.handle, r.classifier, [b for _, b in pools], cfg.batch_size)
+    kept = []
+    for k, (pos, cid, label) in enumerate(zip(group, cids, labels)):
+        ipc = r.source.keep(cid)
+        if cfg.select == "confidence":
+            keep = oss.select_confidence(probs[k], r.targets[pos], ipc, cfg.order)
+            scores = oss.scores_of(probs[k], r.targets[pos])[keep]
+        elif cfg.select == "stability":
+            keep = oss.select_stability(probs_before[k], probs[k], ipc)
+            scores = oss.stability_of(probs_before[k], probs[k])[keep]
+        else:
+            keep = (oss.select_random(r.source.size(cid), ipc, unit_generator(cfg.seed, label, 0, "select"))
+                    if cfg.select == "random" else torch.arange(ipc))
+            scores = torch.full((ipc,), float("nan"))
+        kept.append((keep, scores))
+    return kept
+
+
+def optimize_latents(r: Run, cids: list[str], labels: list[int], kept, latents_init: torch.Tensor, bars: Bars
+                     ) -> tuple[torch.Tensor, dict[str, str], dict[str, torch.Tensor]]:
+    """3. CLO on the group's selected latents in chunks, each row with its own condition, noise and level draws.
+    Returns the latents, {class: why it failed} for classes whose samples or latents are not finite, and each
+    row's loss terms per iteration ({"mean", "max"}: (rows, iters))."""
+    cfg = r.cfg
+    rows = [(cid, label, i) for cid, label, (keep, _) in zip(cids, labels, kept) for i in range(len(keep))]
+    # a non-finite sample is the generator's fault, not CLO's: checked on the device, one sync per group
+    finite = torch.isfinite(latents_init.flatten(1)).all(1).tolist()
+    bad = {rows[k][0]: (f"non-finite samples from the generator ({r.gen.label}, cao2_sample): NaN or Inf in "
+                        f"sample {rows[k][2]}") for k in range(len(rows)) if not finite[k]}
+    first_bad: dict[str, dict[int, int]] = {}
+    latents, curves = [], {"mean": [], "max": []}
+    for idx in batches(range(len(rows)), cfg.batch_size):
+        units = [rows[k] for k in idx]
+        chunk_curves = {"mean": torch.zeros(len(idx), 0), "max": torch.zeros(len(idx), 0)}
+        z, chunk_bad = clo.optimize_rows(
+            r.gen, r.handle, latents_init[idx], torch.tensor([l for _, l, _ in units], device=r.device),
+            [r.conditions[c] for c, _, _ in units], [unit_generator(cfg.seed, l, i, "clo-noise") for _, l, i in units],
+            [unit_generator(cfg.seed, l, i, "clo-level") for _, l, i in units], r.clo, bars.clo_step, chunk_curves)
+        latents.append(z)
+        for k in curves:
+            curves[k].append(chunk_curves[k])
+        for k, it in chunk_bad.items():
+            c, _, i = units[k]
+            first_bad.setdefault(c, {})[i] = it
+    for c, rows_bad in first_bad.items():
+        bad.setdefault(c, f"{clo.NonFiniteLatents.first_of(rows_bad)}; lower --clo-lr")
+    return torch.cat(latents), bad, {k: torch.cat(v) for k, v in curves.items()}
+
+
+def store_classes(r: Run, store: Store, group, missing, kept, latents_init, latents, curves, pixels, bad,
+                  seconds) -> None:
+    """4. Write each class of the group that was missing: PNGs, latents (with CLO's loss curves) and its record
+    (written last); a class with non-finite values is recorded as failed instead."""
+    first = 0
+    cids = [r.space.ids[p] for p in group]
+    for pos, cid, (keep, scores) in zip(group, cids, kept):
+        ipc, rows_of = len(keep), slice(first, first + len(keep))
+        first += ipc
+        label = r.space.generator_labels[pos]
+        if pos not in missing:
+            continue            # computed again only because its group had an incomplete class
+        if cid in bad:
+            store.set_status(cid, {"status": "failed", "reason": bad[cid], "label": pos, "generator_label": label})
+            continue
+        tensors = {"latents": latents[rows_of], "latents_init": latents_init[rows_of],
+                   "labels": torch.full((ipc,), label), "scores": scores.float(), "pool_index": keep.long(),
+                   "clo_loss_mean": curves["mean"][rows_of], "clo_loss_max": curves["max"][rows_of]}
+        store.write_class(cid, pixels[rows_of], tensors, {
+            "name": r.space.names[pos], "label": pos, "generator_label": label, "condition": r.conditions[cid],
+            "pool": r.source.size(cid), "kept": ipc, "group": cids, "seconds": seconds, "rank": r.ranks.rank})
+
+
+def finish(r: Run, store: Store) -> RunResult:
+    """Every rank's classes are written: the ranks send each other their new records, rank 0 writes the manifest
+    (listing them all) and the preview."""
+    ranks = r.ranks
+    sent = ranks.gather(store.this_run)
+    written = sum(e["status"] == "complete" for entries in sent for e in entries.values())
+    if ranks.is_main:
+        store.finish(sent)
+    else:
+        store.collect(sent)
+    failed = {c: e.get("reason", "") for c, e in store.manifest["classes"].items() if e.get("status") == "failed"}
+    completed = [c for c in r.space.ids if store.recorded_complete(c)]
+    preview = False
+    if ranks.is_main:
+        preview = write_preview(store, r.gen, r.handle, completed, r.device, r.cfg.batch_size)
+    ranks.barrier()
+    return RunResult(Path(r.cfg.out), completed, written, failed, ranks.rank, preview=preview)
+
+
+def classify(gen: Generator, handle, classifier: Classifier, pools: list[torch.Tensor], batch_size: int
+             ) -> list[torch.Tensor]:
+    """Classifier probabilities of each pool's decoded latents; the pools share chunks of --batch-size, so no
+    decode sees more."""
+    probs = in_chunks(lambda z: classifier.probs(gen.decode(handle=handle, latents=z)).cpu(), torch.cat(pools),
+                      batch_size)
+    return list(probs.split([len(p) for p in pools]))
+
+
+def write_preview(store: Store, gen: Generator, handle, class_ids: list[str], device, batch_size: int) -> bool:
+    """Selected latents before and after CLO, decoded side by side, for the first classes; False if none."""
+    rows = []
+    for cid in class_ids[:PREVIEW_CLASSES]:
+        t = store.load_latents(cid)
+        n = min(PREVIEW_IMAGES, len(t["latents"]))
+        both = torch.cat([t["latents_init"][:n], t["latents"][:n]]).to(device)
+        img = to_uint8(in_chunks(lambda z: gen.decode(handle=handle, latents=z), both, batch_size))
+        rows.append((img[:n], img[n:]))
+    if rows:
+        store.write_preview(rows)
+    return bool(rows)
+
+
+def resolve_batch_size(cfg: RunConfig, ranks, work: dryrun.Workload, rid: str, device: torch.device) -> RunConfig:
+    """``--batch-size auto`` made a number: the one an earlier run of this configuration in --out recorded
+    (so a resume fills the same chunks), else measured on this device (see ``batchsize``)."""
+    size = batchsize.recorded(Path(cfg.out), rid)
+    if size is not None:
+        how = f"as recorded by the run in {cfg.out}"
+    elif device.type != "cuda":
+        size, how = batchsize.CPU_BATCH, "the CPU default; memory is probed on GPUs only"
+    else:
+        size, fits = batchsize.probe(batchsize.workload_stages(work, cfg.clo_iters), batchsize.CudaMeter(device))
+        size = min(ranks.gather(size))
+        how = "largest that fits the free memory of every rank; by stage here: " + \
+              ", ".join(f"{k} {v}" for k, v in fits.items())
+    if ranks.is_main:
+        print(f"cao2: --batch-size auto = {size} ({how})", file=sys.stderr)
+    return replace(cfg, batch_size=size)
+
+
+def resolve_kernels(backend: str, device: torch.device) -> str:
+    """The kernel backend CLO will use (builds the native ops now, so a failure comes before any output)."""
+    try:
+        return kernels.resolve(backend, device)
+    except (kernels.KernelUnavailable, ValueError) as exc:
+        raise UserError(f"{exc}; choose another --kernels (auto, torch, ...)") from None
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown --device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"--device {name}: this torch has no usable MPS (Apple GPU) backend; use --device cpu")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"--device {name}: a run needs a device that computes (cpu, cuda, cuda:N), not {dev.type}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name} asked for CUDA but no GPU is visible; use --device cpu")
+    return dev
+
+
+def resolve_classes(cfg: RunConfig, spec, declared: dict) -> LabelSpace:
+    """The run's classes: ``--dataset`` (or the generator's own label space) narrowed by ``--classes``;
+    ``declared``: the generator plugin's own label spaces."""
+    dataset = cfg.dataset or spec.label_space
+    if dataset is None:
+        raise UserError("this generator takes any label space: pass --dataset (a shipped one or a file with one "
+                        "class per line, ID [NAME])")
+    try:
+        space = label_space(dataset, declared)
+    except UserError:
+        if cfg.dataset:
+            raise
+        raise UserError(f"generator {cfg.generator} says its labels follow label space {dataset!r}, which neither "
+                        "cao2 nor the plugin declares (cao2_label_spaces); pass --dataset with a file of its classes "
+                        "(ID [NAME] per line, in the generator's label order)") from None
+    space = space.select(cfg.classes)
+    if spec.label_space is not None and spec.label_space != space.generator_space:
+        raise UserError(f"dataset {dataset} uses {space.generator_space} labels but the generator was trained on "
+                        f"{spec.label_space}; pass a matching --dataset or --model")
+    bad = [l for l in space.generator_labels if not 0 <= l < spec.num_classes]
+    if bad:
+        raise UserError(f"class id {bad[0]} is out of range for this generator's {spec.num_classes} classes")
+    return space
+
+
+def classifier_input(cfg: RunConfig, spec) -> str:
+    """What the selection classifier sees: ``--classifier-input``, else the generator's official input under
+    ``--profile reference``, else the classifier's own preprocessing."""
+    if cfg.classifier_input:
+        return cfg.classifier_input
+    # the plugin's value was checked against CLASSIFIER_INPUTS where latent_spec returned it (contract.check_spec)
+    return spec.reference_classifier_input if cfg.profile == "reference" else "timm"
+
+
+def condition_per_class(cfg: RunConfig, space: LabelSpace, classifier: Classifier | None) -> dict[str, str]:
+    """The CLO condition of each class; ``auto`` = task-oriented: class label if the class is easy, else null."""
+    if cfg.condition != "auto":
+        return {cid: cfg.condition for cid in space.ids}
+    if cfg.class_accuracy:
+        try:
+            acc = {str(k): float(v) for k, v in json.loads(Path(cfg.class_accuracy).read_text()).items()}
+        except (OSError, ValueError, AttributeError):
+            raise UserError(f"--class-accuracy {cfg.class_accuracy} is not a readable JSON object "
+                            "{class id: accuracy}") from None
+    else:
+        acc = classifier.class_accuracy if classifier else {}
+    missing = [c for c in space.ids if c not in acc]
+    if missing:
+        raise UserError(f"--condition auto needs the classifier's validation accuracy of class {missing[0]!r}; "
+                        "pass --class-accuracy FILE or choose --condition class|null|zero")
+    return {c: "class" if acc[c] >= cfg.condition_threshold else "null" for c in space.ids}
+
+
+def run_identity(cfg: RunConfig, gen: Generator, description: dict, classifier: Classifier | None,
+                 source: dict | None, host: Host) -> dict:
+    """Everything that determines the output: the configuration, the sha256 of every file read (every sha256 the
+    generator's description reports, the classifier, the class list and accuracy files, the refined images), the
+    generator plugin's distribution and version, the cross-cutting plugins and cao2's version. A run resumes an
+    output only if this is unchanged."""
+    files = {}
+
+    def hashes(d: dict, prefix: str) -> None:
+        for k, v in d.items():
+            if isinstance(v, dict):
+                hashes(v, f"{prefix}{k}.")
+            elif k == "sha256":
+                files[prefix.rstrip(".")] = v
+    hashes(description, "generator.")
+    if classifier is not None:
+        files["classifier"] = classifier.sha256 or classifier.source
+    for flag in ("classifier_classes", "class_accuracy"):
+        path = getattr(cfg, flag)
+        if path and Path(path).is_file():
+            files[flag] = weights.file_sha256(path)
+    if source is not None:
+        files["images"] = source["sha256"]
+    return {"config": cfg.output_key(), "files": files,
+            "generator": {"name": gen.name, "distribution": gen.distribution, "version": gen.version},
+            "plugins": host.active_plugins(), "cao2": __version__}
+
+
+def manifest_header(cfg, gen: Generator, description: dict, space: LabelSpace, classifier, settings) -> dict:
+    def ver(pkg):
+        try:
+            return version(pkg)
+        except PackageNotFoundError:
+            return None
+    return {
+        "config": {**cfg.output_key(), "clo_tmax": settings.level_max},
+        "kernels": settings.kernels,
+        "batch_size": cfg.batch_size,       # fixes which samples share a chunk; a resumed --batch-size auto reuses it
+        "versions": {"cao2": __version__, "python": platform.python_version(), "torch": torch.__version__,
+                     **{p: ver(p) for p in ("diffusers", "timm", "safetensors", "pluggy")}},
+        "command": " ".join(sys.argv),
+        "generator": {"name": gen.name, "distribution": gen.distribution, "version": gen.version, **description},
+        "classifier": None if classifier is None else {"source": classifier.source, "sha256": classifier.sha256,
+                                                       "input": classifier.input},
+        "dataset": space.name,
+        "generator_space": space.generator_space,   # whose label order generator_labels index
+        "class_ids": list(space.ids),
+        "class_names": list(space.names),
+        "generator_labels": list(space.generator_labels),
+        "seeds": {"run_seed": cfg.seed, "unit_seed": "sha256('cao2/{seed}/{generator label}/{index}/{stream}')[:8]",
+                  "streams": list(STREAMS)},
+    }

@@ -1,0 +1,100 @@
+"""Per-dataset settings of the official CaO2 code, one flag away (``cao2 run --preset NAME``).
+
+Each preset holds ``cao2 run`` options (flag names with underscores) and the accuracy the paper reports for it
+(ResNet-18 student unless noted). Precedence: defaults < preset < ``--config`` file < command-line flags.
+
+A preset states the official settings in the default profile's terms; ``reference`` holds what changes under
+``--profile reference``. T-hat is the one such setting: the official "first 11 of the 50 respaced steps" is
+T-hat 11 on the respaced index in the reference convention and T-hat 224 (the original timestep of index 11) on
+the 1000-step scale of the default one.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..errors import UserError
+from ..generators.respacing import space_timesteps
+
+
+def _first_respaced(k: int) -> tuple[int, int]:
+    """T-hat "the first k of the 50 respaced steps": (default profile: the original timestep of step k,
+    reference profile: k itself)."""
+    return space_timesteps(1000, 50)[k], k
+
+
+_T11, _T11_REFERENCE = _first_respaced(11)      # 224, 11
+_T5, _T5_REFERENCE = _first_respaced(5)         # 102, 5
+
+# The DiT scripts: 50-step ancestral DDPM at CFG 2.7, confidence selection, 100 CLO iterations of Adam 6e-4,
+# lambda 10, null label.
+_DIT_OFFICIAL = dict(generator="dit", sampler="ddpm", sample_steps=50, guidance=2.7, select="confidence",
+                     clo_iters=100, clo_lr=6e-4, clo_lambda=10.0, condition="null")
+
+# Stable Diffusion (the sd generator, SD 1.5 unless --model says otherwise) on a label space of class names: sampled
+# at the model's own resolution with its shipped scheduler, stored at the dataset's (store_size); T-hat is the
+# generator's default (the SD schedule's timestep with DiT's T-hat noise level, 299). Confidence selection needs the
+# user's classifier of that label space (--classifier), or pass --select none.
+_SD_CLASS_NAMES = dict(generator="sd", select="confidence", pool_factor=4, order="easy", clo_iters=100, clo_lr=6e-4,
+                       clo_lambda=10.0, condition="null")
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    description: str
+    options: dict
+    paper: dict = field(default_factory=dict)    # "IPC10 (ResNet-18)" -> accuracy in %
+    reference: dict = field(default_factory=dict)  # options that replace these under --profile reference
+
+    def options_for(self, profile: str | None) -> dict:
+        return {**self.options, **(self.reference if profile == "reference" else {})}
+
+
+PRESETS = {p.name: p for p in [
+    Preset("woof", "ImageWoof as sample_woof.py: pool x4, easy order, T-hat 11 of 50 respaced steps, null label",
+           dict(_DIT_OFFICIAL, dataset="woof", pool_factor=4, order="easy", clo_tmax=_T11),
+           {"IPC10 (ResNet-18)": 45.6, "IPC50 (ResNet-18)": 68.9}, reference=dict(clo_tmax=_T11_REFERENCE)),
+    Preset("nette", "ImageNette as sample_nette.py: pool x2, easy order; the official script runs 0 CLO "
+                    "iterations (selection only) -- see nette-clo",
+           dict(_DIT_OFFICIAL, dataset="nette", pool_factor=2, order="easy", clo_iters=0, clo_tmax=_T11,
+                condition="class"),
+           {"IPC10 (ResNet-18)": 65.0, "IPC50 (ResNet-50)": 82.7}, reference=dict(clo_tmax=_T11_REFERENCE)),
+    Preset("nette-clo", "ImageNette with CLO as on the other subsets: pool x2, easy, T-hat 11 of 50, null label",
+           dict(_DIT_OFFICIAL, dataset="nette", pool_factor=2, order="easy", clo_tmax=_T11),
+           reference=dict(clo_tmax=_T11_REFERENCE)),
+    Preset("in100", "ImageNet-100 as sample_imagenet100.py: pool x2, hard order, T-hat 5 of 50, null label",
+           dict(_DIT_OFFICIAL, dataset="in100", pool_factor=2, order="hard", clo_tmax=_T5),
+           {"IPC50 (ResNet-18)": 68.0}, reference=dict(clo_tmax=_T5_REFERENCE)),
+    Preset("in1k-dit", "ImageNet-1K as sample_imagenet.py: pool x4, easy order, T-hat 11 of 50, null label",
+           dict(_DIT_OFFICIAL, dataset="in1k", pool_factor=4, order="easy", clo_tmax=_T11),
+           {"IPC10 (ResNet-18)": 46.1, "IPC10 (ResNet-50)": 53.0}, reference=dict(clo_tmax=_T11_REFERENCE)),
+    Preset("in1k-mar", "ImageNet-1K with MAR-B as mar_imagenet1k.py: pool x2, stability selection, 32 AR steps, "
+                       "CFG 2.9 (linear), zero label embedding",
+           dict(generator="mar", dataset="in1k", pool_factor=2, select="stability", sample_steps=32, guidance=2.9,
+                gen_opt=["cfg_schedule=linear"], condition="zero", clo_iters=100, clo_lr=6e-4, clo_lambda=10.0),
+           {"IPC10 (ResNet-18)": 46.1}),
+    Preset("cifar10-sd", "CIFAR-10 with Stable Diffusion: prompt 'a photo of a {name}', sampled at the model's "
+                         "size (SD 1.5: 512 px) and stored at 32 px, pool x4 with your CIFAR-10 classifier "
+                         "(--classifier), null condition",
+           dict(_SD_CLASS_NAMES, dataset="cifar10", gen_opt=["prompt=a photo of a {name}", "store_size=32"])),
+    Preset("cifar100-sd", "CIFAR-100 with Stable Diffusion: as cifar10-sd on the 100 fine labels",
+           dict(_SD_CLASS_NAMES, dataset="cifar100", gen_opt=["prompt=a photo of a {name}", "store_size=32"])),
+    Preset("mnist", "the embedded MNIST world (DiT): pool x4, easy order, default timestep convention",
+           dict(generator="dit", dataset="mnist", ipc=10, pool_factor=4, select="confidence", order="easy",
+                clo_iters=100, condition="null")),
+]}
+
+
+def get(name: str) -> Preset:
+    if name not in PRESETS:
+        raise UserError(f"unknown preset {name!r}; `cao2 presets` lists them: {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+def table() -> str:
+    lines = ["| preset | what | under --profile reference | paper |", "|---|---|---|---|"]
+    for p in PRESETS.values():
+        paper = ", ".join(f"{k} {v}" for k, v in p.paper.items()) or "-"
+        ref = ", ".join(f"{k.replace('_', '-')} {v}" for k, v in p.reference.items()) or "-"
+        lines.append(f"| {p.name} | {p.description} | {ref} | {paper} |")
+    return "\n".join(lines)

@@ -1,0 +1,214 @@
+"""The conformance kit: a third-party generator package checks its plugin against the cao2 contract in its own
+test suite, the way diffusers ships test mixins.
+
+    from .conformance import GeneratorConformance
+
+    class TestMyGenerator(GeneratorConformance):
+        generator = "mygen"                     # the entry-point name (or the plugin module itself)
+        options = {"model": "tests/tiny-model"} # the plugin's smallest configuration
+
+Every ``check_*`` function is also usable on its own; ``check_generator`` runs them all and returns the failures.
+Each failure says which hook broke which rule, in words a plugin author can act on.
+"""
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+from .hookspecs import CONDITION_KINDS, GENERIC_OPTIONS
+from .host import Generator, Host
+from .seeding import unit_generators
+
+CPU = torch.device("cpu")
+
+
+class Loaded:
+    """A generator loaded for the checks: its hooks (checked by the host), handle and latent spec."""
+
+    def __init__(self, generator, options: dict | None = None, device: torch.device = CPU):
+        host = Host(load_entry_points=not isinstance(generator, types.ModuleType))
+        if isinstance(generator, types.ModuleType):
+            host.register(generator, generator.__name__, kind="generator")
+            generator = generator.__name__
+        self.gen: Generator = host.generator(generator)
+        opts = {**dict.fromkeys(GENERIC_OPTIONS), **(options or {})}
+        self.device = device
+        # parsed as `cao2 run` parses them: the plugin receives typed --gen-opt values (hookspecs.cao2_load)
+        self.handle = self.gen.load(options=self.gen.parse_options(opts), device=device)
+        self.spec = self.gen.latent_spec(handle=self.handle)
+
+    def labels(self, n: int) -> torch.Tensor:
+        return torch.arange(n, device=self.device) % self.spec.num_classes
+
+    def sample(self, labels: torch.Tensor, seeds: list[int], snapshot_steps=()) -> torch.Tensor:
+        gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+        return self.gen.sample(handle=self.handle, labels=labels, generators=gens,
+                               snapshot_steps=list(snapshot_steps))
+
+    def corrupt_predict(self, z: torch.Tensor, labels: torch.Tensor, kinds: list[str], rows=None):
+        """Corrupt and predict; row r (``rows``, default 0..B-1) gets its own level, noise and generator."""
+        rows = list(range(len(z))) if rows is None else rows
+        lo, top = self.spec.level_range[0], self.spec.default_level_max
+        levels = torch.tensor([lo + (r * 7919) % (top - lo + 1) for r in rows], device=self.device)
+        noise = torch.stack([torch.randn(z.shape[1:], generator=g)
+                             for g in unit_generators(0, 0, rows, "kit-noise")]).to(self.device)
+        condition = self.gen.condition(handle=self.handle, labels=labels, kinds=kinds)
+        corrupted = self.gen.corrupt(handle=self.handle, latents=z, levels=levels, noise=noise,
+                                     generators=unit_generators(0, 1, rows, "kit"), level_max=top)
+        return self.gen.predict(handle=self.handle, corrupted=corrupted, condition=condition)
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, tol: float) -> bool:
+    return a.shape == b.shape and bool(((a - b).abs().max() <= tol * (1 + b.abs().max())).item())
+
+
+def check_sample_shapes(k: Loaded) -> None:
+    out = k.sample(k.labels(3), [0, 1, 2])         # the host checks type, shape and dtype
+    assert torch.isfinite(out.latents).all(), "cao2_sample returned NaN or Inf latents for plain labels"
+
+
+def check_sample_determinism(k: Loaded) -> None:
+    a = k.sample(k.labels(2), [5, 6]).latents
+    b = k.sample(k.labels(2), [5, 6]).latents
+    c = k.sample(k.labels(2), [7, 8]).latents
+    assert torch.equal(a, b), "cao2_sample gave different latents for the same per-sample generators"
+    assert not torch.equal(a, c), "cao2_sample ignores the per-sample generators: other seeds gave the same latents"
+
+
+def check_sample_uses_only_its_generators(k: Loaded) -> None:
+    state = torch.get_rng_state()
+    torch.manual_seed(123)
+    a = k.sample(k.labels(2), [1, 2]).latents
+    torch.manual_seed(456)
+    b = k.sample(k.labels(2), [1, 2]).latents
+    torch.set_rng_state(state)
+    assert torch.equal(a, b), ("cao2_sample draws from torch's global RNG: every draw must come from the sample's "
+                               "own generator (CPU torch.Generator objects; draw on CPU, then move)")
+
+
+def check_sample_batch_independence(k: Loaded, tol: float = 1e-4) -> None:
+    labels = k.labels(3)
+    batch = k.sample(labels, [10, 11, 12]).latents
+    alone = k.sample(labels[1:2], [11]).latents
+    assert _close(batch[1:2], alone, tol), ("cao2_sample: a sample depends on the others in its batch (row 1 of 3 "
+                                            "differs from the same label and generator alone)")
+
+
+def check_snapshots(k: Loaded) -> None:
+    if (k.spec.sample_steps or 0) < 2:
+        return
+    out = k.sample(k.labels(2), [3, 4], snapshot_steps=[-2])
+    assert not torch.equal(out.snapshots[-2], out.latents), "the snapshot one step before the end equals the final"
+
+
+def check_decode(k: Loaded) -> None:
+    z = k.sample(k.labels(2), [0, 1]).latents
+    pixels = k.gen.decode(handle=k.handle, latents=z)
+    assert torch.isfinite(pixels).all(), "cao2_decode returned NaN or Inf for sampled latents"
+    assert pixels.abs().max() < 10, (f"cao2_decode should return pixels in about [-1, 1], got values up to "
+                                     f"{float(pixels.abs().max()):.3g} (uint8 0..255 or [0, 1] by mistake?)")
+
+
+def check_encode(k: Loaded) -> None:
+    if not k.gen.implements("cao2_encode"):
+        return
+    z = k.sample(k.labels(2), [0, 1]).latents
+    pixels = k.gen.decode(handle=k.handle, latents=z)
+    gens = lambda: [torch.Generator("cpu").manual_seed(s) for s in (3, 4)]   # noqa: E731
+    a = k.gen.encode(handle=k.handle, pixels=pixels, generators=gens())
+    b = k.gen.encode(handle=k.handle, pixels=pixels, generators=gens())
+    assert torch.equal(a, b), "cao2_encode gave different latents for the same per-sample generators"
+    assert torch.isfinite(a).all(), "cao2_encode returned NaN or Inf"
+
+
+def check_conditions_and_gradient(k: Loaded) -> None:
+    z0 = k.sample(k.labels(2), [0, 1]).latents.detach()
+    preds = {}
+    for kind in CONDITION_KINDS:
+        z = z0.clone().requires_grad_(True)
+        p = k.corrupt_predict(z, k.labels(2), [kind, kind])
+        assert torch.isfinite(p.pred).all(), f"cao2_predict returned NaN or Inf under condition {kind!r}"
+        loss = ((p.pred.float() - p.target.float()) ** 2).sum()
+        if p.aux_loss is not None:
+            loss = loss + p.aux_loss.sum()
+        loss.backward()
+        assert z.grad is not None and torch.isfinite(z.grad).all() and z.grad.abs().sum() > 0, (
+            f"under condition {kind!r} no finite gradient reaches the latents through cao2_corrupt and cao2_predict")
+        preds[kind] = p.pred.detach()
+    assert not torch.equal(preds["class"], preds["null"]), "the class and null conditions give the same prediction"
+    frozen = [name for name, v in vars(k.handle).items() if isinstance(v, torch.nn.Module)
+              and any(p.requires_grad for p in v.parameters())]
+    assert not frozen, f"the generator is not frozen: {', '.join(frozen)} has parameters that require grad"
+
+
+def check_predict_batch_independence(k: Loaded, tol: float = 1e-4) -> None:
+    z = k.sample(k.labels(3), [0, 1, 2]).latents.detach()
+    labels, kinds = k.labels(3), ["class", "null", "zero"]
+    batch = k.corrupt_predict(z.clone().requires_grad_(True), labels, kinds).pred.detach()
+    for r in range(3):
+        alone = k.corrupt_predict(z[r:r + 1].clone().requires_grad_(True), labels[r:r + 1], kinds[r:r + 1], [r])
+        assert _close(batch[r:r + 1], alone.pred.detach(), tol), (
+            f"cao2_predict: row {r} of a batch differs from the same row alone (same level, noise and generator): "
+            "a row must not depend on the other rows")
+
+
+CHECKS = [check_sample_shapes, check_sample_determinism, check_sample_uses_only_its_generators,
+          check_sample_batch_independence, check_snapshots, check_decode, check_encode,
+          check_conditions_and_gradient, check_predict_batch_independence]
+
+
+def check_generator(generator, options: dict | None = None, device: torch.device = CPU) -> list[str]:
+    """Run every check; returns one line per failure (empty: the plugin conforms)."""
+    try:
+        loaded = Loaded(generator, options, device)
+    except Exception as exc:
+        return [f"loading: {exc}"]
+    failures = []
+    for check in CHECKS:
+        try:
+            check(loaded)
+        except Exception as exc:      # a contract violation (PluginError) or a failed assertion
+            failures.append(f"{check.__name__}: {exc}")
+    return failures
+
+
+class GeneratorConformance:
+    """A pytest mixin: subclass it with ``generator`` (entry-point name or module) and ``options``."""
+
+    generator = None
+    options: dict = {}
+    device = CPU
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def loaded(cls):
+        return Loaded(cls.generator, cls.options, cls.device)
+
+    def test_sample_shapes(self, loaded):
+        check_sample_shapes(loaded)
+
+    def test_sample_determinism(self, loaded):
+        check_sample_determinism(loaded)
+
+    def test_sample_uses_only_its_generators(self, loaded):
+        check_sample_uses_only_its_generators(loaded)
+
+    def test_sample_batch_independence(self, loaded):
+        check_sample_batch_independence(loaded)
+
+    def test_snapshots(self, loaded):
+        check_snapshots(loaded)
+
+    def test_decode(self, loaded):
+        check_decode(loaded)
+
+    def test_encode(self, loaded):
+        check_encode(loaded)
+
+    def test_conditions_and_gradient(self, loaded):
+        check_conditions_and_gradient(loaded)
+
+    def test_predict_batch_independence(self, loaded):
+        check_predict_batch_independence(loaded)

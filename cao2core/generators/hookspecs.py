@@ -1,0 +1,177 @@
+"""The generator contract: pluggy hookspecs (project ``cao2``) and the small types they exchange.
+
+A generator plugin implements these hooks in one module and registers it under the ``cao2.generators``
+entry-point group. The engine calls a generator's hooks only on that plugin (plus any cross-cutting plugins
+from the ``cao2.plugins`` group, which may wrap them), so several generators can be installed side by side.
+
+Latents are always the *scaled* latents the generator denoises, batched along dim 0. Pixels are in [-1, 1].
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import pluggy
+import torch
+
+from ..errors import UserError
+
+PROJECT = "cao2"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+CONDITION_KINDS = ("class", "null", "zero")
+# what the selection classifier sees of a decoded sample (see cao2core.data.classifiers)
+CLASSIFIER_INPUTS = ("timm", "raw", "jpeg")
+
+
+@dataclass(frozen=True)
+class LatentSpec:
+    """What the engine needs to know about a loaded generator."""
+
+    shape: tuple[int, ...]          # one sample's latent shape, e.g. (4, 32, 32)
+    num_classes: int                # labels are 0 .. num_classes-1
+    level_range: tuple[int, int]    # allowed CLO corruption levels (inclusive), e.g. (1, 999) timesteps
+    default_level_max: int          # T-hat used when the user gives none
+    label_space: str | None = None  # the label space whose order the generator's labels follow ("mnist", "in1k",
+    #                                 one of its cao2_label_spaces); None: any (text-conditioned), --dataset says
+    corruption: str = "noise"       # "noise" (q_sample) or "mask" (token masking)
+    sample_steps: int | None = None  # K, the sampler's step count (snapshot steps are 0 .. K-1)
+    # how the generator's reference code fed decoded samples to the selection classifier, used under
+    # --profile reference (one of CLASSIFIER_INPUTS; "timm" = the classifier's own preprocessing)
+    reference_classifier_input: str = "timm"
+
+
+@dataclass
+class SampleOutput:
+    latents: torch.Tensor                                   # (B, *shape)
+    snapshots: dict[int, torch.Tensor] = field(default_factory=dict)  # step -> latents at that step
+
+
+def snapshot_steps_of(asked: list, steps: int) -> dict[int, int]:
+    """Resolve ``cao2_sample``'s ``snapshot_steps`` for a ``steps``-step sampler: {0-based step: key as asked}."""
+    wanted = {}
+    for step in asked:
+        resolved = step + steps if step < 0 else step
+        if not 0 <= resolved < steps:
+            raise UserError(f"snapshot step {step} does not exist in a {steps}-step sampler")
+        wanted[resolved] = step
+    return wanted
+
+
+@dataclass
+class Corrupted:
+    """A corrupted batch as the generator's ``predict`` needs it; ``extras`` is the plugin's own business."""
+
+    inputs: torch.Tensor
+    levels: torch.Tensor
+    target: torch.Tensor
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Prediction:
+    pred: torch.Tensor                   # (B, ...) prediction
+    target: torch.Tensor                 # (B, ...) what it should equal
+    weight: torch.Tensor | None = None   # optional per-element weight (e.g. a token mask), broadcastable to pred
+    aux_loss: torch.Tensor | None = None  # optional (B,) extra per-sample loss added to the CLO loss
+
+
+@dataclass(frozen=True)
+class GenOption:
+    """One ``--gen-opt KEY=VALUE`` key a generator takes, as ``cao2_options`` declares it."""
+
+    help: str
+    default: Any = None                          # shown by `cao2 plugins --verbose`; the plugin applies it
+    parse: Callable[[str], Any] = str            # the value's text -> the value; raise ValueError for bad text
+    choices: tuple[str, ...] | None = None       # the allowed texts, if it is a choice
+
+
+# the keys of a generator's load options that come from the run's own flags; the rest are --gen-opt pairs
+GENERIC_OPTIONS = ("model", "vae", "dataset", "sampler", "sample_steps", "guidance", "timestep_convention",
+                   "dtype", "profile")
+
+
+@hookspec(firstresult=True)
+def cao2_load(options: dict, device: torch.device) -> Any:
+    """Load the generator (frozen, eval mode, on ``device``) and return an opaque handle.
+
+    ``options`` holds ``model``, ``vae``, ``dataset`` (may be None: use the plugin's default world) and the
+    generic sampling options (``GENERIC_OPTIONS``) plus any ``--gen-opt key=value`` pairs. ``profile`` is
+    ``default`` or ``reference`` (reproduce the generator's official CaO2 code where the default corrects it). Raise
+    ``cao2core.errors.UserError`` for bad checkpoints or unknown ``--gen-opt`` keys.
+    """
+
+
+@hookspec(firstresult=True)
+def cao2_options() -> dict:
+    """The ``--gen-opt`` keys this generator takes, ``{key: GenOption}`` (optional hook).
+
+    cao2 refuses unknown keys and parses every value through its ``GenOption`` before ``cao2_load``, so the plugin
+    receives typed values; ``cao2 plugins --verbose`` lists them. Without this hook the values arrive as text.
+    """
+
+
+@hookspec(firstresult=True)
+def cao2_label_spaces() -> dict:
+    """Label spaces this generator's labels can refer to (optional): ``{name: [(class id, class name), ...]}`` in
+    label order. ``--dataset NAME`` resolves through them, and a ``LatentSpec.label_space`` naming one needs no
+    ``--dataset``; the generator label of a class is its position in the list."""
+
+
+@hookspec(firstresult=True)
+def cao2_latent_spec(handle: Any) -> LatentSpec:
+    """Describe the latents, the label space and the CLO level range of a loaded generator."""
+
+
+@hookspec(firstresult=True)
+def cao2_describe(handle: Any) -> dict:
+    """Return what the manifest records about the loaded generator (checkpoints, sha256, resolved options)."""
+
+
+@hookspec(firstresult=True)
+def cao2_sample(handle: Any, labels: torch.Tensor, generators: list, snapshot_steps: list,
+                progress: Callable[[], None]) -> SampleOutput:
+    """Sample one latent per label; sample i draws all its randomness from ``generators[i]`` only.
+
+    ``progress()`` may be called after each of the ``LatentSpec.sample_steps`` sampler steps, so the pool bar moves
+    per step (a plugin that does not take the argument moves it per call).
+
+    ``snapshot_steps``: 0-based sampler steps (negative ones count from the end, -1 = the last) whose state
+    after that step is returned in ``SampleOutput.snapshots`` under the step as asked; the selection strategy
+    ``stability`` asks for ``[-2]``. Raise ``UserError`` for a step the sampler does not have.
+    """
+
+
+@hookspec(firstresult=True)
+def cao2_decode(handle: Any, latents: torch.Tensor) -> torch.Tensor:
+    """Scaled latents -> pixels in [-1, 1] (not clamped), shape (B, C, H, W)."""
+
+
+@hookspec(firstresult=True)
+def cao2_encode(handle: Any, pixels: torch.Tensor, generators: list) -> torch.Tensor:
+    """Pixels in [-1, 1] -> scaled latents (optional hook)."""
+
+
+@hookspec(firstresult=True)
+def cao2_condition(handle: Any, labels: torch.Tensor, kinds: list) -> Any:
+    """Build the condition for ``predict``: per sample, kind ``class``, ``null`` (CFG null) or ``zero``."""
+
+
+@hookspec(firstresult=True)
+def cao2_corrupt(handle: Any, latents: torch.Tensor, levels: torch.Tensor, noise: torch.Tensor,
+                 generators: list, level_max: int) -> Corrupted:
+    """Corrupt latents at per-sample ``levels`` with the fixed per-sample ``noise`` (noise or mask).
+
+    ``level_max`` is the run's T-hat (``--clo-tmax``), the top of the levels' range, for generators that draw
+    finer levels themselves from the samples' ``generators`` (MAR: one diffusion timestep per token)."""
+
+
+@hookspec(firstresult=True)
+def cao2_predict(handle: Any, corrupted: Corrupted, condition: Any) -> Prediction:
+    """Run the frozen generator on a corrupted batch; gradients flow to the latents only."""
+
+
+REQUIRED_HOOKS = ("cao2_load", "cao2_latent_spec", "cao2_describe", "cao2_sample", "cao2_decode",
+                  "cao2_condition", "cao2_corrupt", "cao2_predict")
+OPTIONAL_HOOKS = ("cao2_encode", "cao2_options", "cao2_label_spaces")

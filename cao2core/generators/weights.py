@@ -1,0 +1,121 @@
+"""Checkpoint files for generator plugins and the classifier loader: their sha256 (cached) and their dtypes.
+
+A run's identity holds the sha256 of every weight file it used, so a rerun hashes them again; the digest is
+cached by (path, size, modification time) under the user's cache folder, so gigabytes are read once.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from ..errors import UserError
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+
+
+def cache_file() -> Path:
+    """``CAO2_HASH_CACHE``, else ``$XDG_CACHE_HOME/cao2/sha256.json`` (default ``~/.cache``)."""
+    if os.environ.get("CAO2_HASH_CACHE"):
+        return Path(os.environ["CAO2_HASH_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "cao2" / "sha256.json"
+
+
+def file_sha256(path) -> str:
+    """sha256 of a file, from the cache when its path, size and modification time are unchanged."""
+    path = Path(path).resolve()
+    st = path.stat()
+    key = f"{path}|{st.st_size}|{st.st_mtime_ns}"
+    cache = _read_cache()
+    if key in cache:
+        return cache[key]
+    cache[key] = stream_sha256(path)
+    _write_cache(cache)
+    return cache[key]
+
+
+def stream_sha256(path) -> str:
+    """sha256 of a file, read in blocks (uncached)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def source_sha256(source: str | None) -> str | None:
+    """sha256 of a checkpoint file, or of a folder's weight files (names and contents, in name order); None for
+    a source that is not on this disk (a hub id that is not cached)."""
+    if source is None:
+        return None
+    path = Path(source)
+    if path.is_file():
+        return file_sha256(path)
+    if not path.is_dir():
+        return None
+    files = sorted(p for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES and p.is_file())
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f"{f.name}\0{file_sha256(f)}\n".encode())
+    return digest.hexdigest()
+
+
+def load_error(exc: Exception) -> str:
+    """Why ``torch.load(..., weights_only=True)`` or safetensors refused a file, in a few words."""
+    import pickle
+    if isinstance(exc, pickle.UnpicklingError) or "Weights only load failed" in str(exc):
+        return ("it holds Python objects besides tensors (a pickle), which cao2 does not execute: re-save it as a "
+                "plain state dict (torch.save(model.state_dict(), ...)) or as safetensors")
+    text = " ".join(str(exc).split())
+    return f"it is truncated or not a torch/safetensors file ({type(exc).__name__}: {text[:160]})"
+
+
+def require_floating(state: dict, source) -> None:
+    """Refuse a state dict with a non-floating weight: ``load_state_dict`` would cast int8 or bool weights into
+    the model's float parameters without a word, and the run would compute garbage."""
+    for name, value in state.items():
+        if isinstance(value, torch.Tensor) and not (value.is_floating_point() or value.is_complex()):
+            raise UserError(f"checkpoint {source}: weight {name!r} is {str(value.dtype).removeprefix('torch.')}, "
+                            "not floating point (a quantized or damaged file); give the float checkpoint")
+
+
+def require_floating_files(folder) -> None:
+    """``require_floating`` for the safetensors files of a diffusers folder, from their headers (no weights read)."""
+    from safetensors import safe_open
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        try:
+            with safe_open(str(path), "pt") as fh:
+                for name in fh.keys():
+                    dtype = fh.get_slice(name).get_dtype()
+                    if not dtype.startswith(("F", "BF", "C")):
+                        raise UserError(f"checkpoint {path}: weight {name!r} is {dtype}, not floating point "
+                                        "(a quantized or damaged file); give the float checkpoint")
+        except UserError:
+            raise
+        except Exception:   # unreadable: the loader that follows says why in its own words
+            return
+
+
+def _read_cache() -> dict:
+    try:
+        data = json.loads(cache_file().read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_cache(cache: dict) -> None:
+    """Best effort: a cache that cannot be written only costs the hashing again."""
+    path = cache_file()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(cache))
+        os.replace(tmp, path)
+    except OSError:
+        pass

@@ -1,0 +1,138 @@
+"""Every bad input: one line on stderr, non-zero exit, nothing written."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cao2core.distill import engine
+from cao2core.cli import main
+from cao2core.generators.hookspecs import hookimpl
+from cao2core.generators.host import Host
+
+
+def fails(args, capsys, match):
+    rc = main(["run", *args])
+    err = capsys.readouterr().err.strip()
+    assert rc != 0
+    assert len(err.splitlines()) == 1 and err.startswith("cao2: error: "), err
+    assert match in err, err
+    return err
+
+
+def replace(args, flag, value):
+    args = list(args)
+    if flag in args:
+        args[args.index(flag) + 1] = value
+    else:
+        args += [flag, value]
+    return args
+
+
+@pytest.mark.parametrize("flag,value,match", [
+    ("--ipc", "0", "--ipc must be at least 1"),
+    ("--pool-factor", "0", "--pool-factor must be at least 1"),
+    ("--clo-iters", "-1", "--clo-iters must be 0 or more"),
+    ("--clo-tmax", "5000", "outside this generator's range 1-999"),
+    ("--clo-lr", "nan", "--clo-lr must be a positive number"),
+    ("--classes", "12", "class position 12"),
+    ("--classes", "seven", "unknown class 'seven'"),
+    ("--dataset", "woof", "uses in1k labels but the generator was trained on mnist"),
+    ("--dataset", "imagenet-2k", "unknown dataset"),
+    ("--model", "/no/such/DiT-XL-2-256x256.pt", "not found"),
+    ("--classifier", "/no/such/judge.safetensors", "classifier checkpoint"),
+    ("--device", "cuda:3", "no GPU is visible"),
+    ("--kernels", "cuda", "kernel backend 'cuda' cannot run"),
+    ("--batch-size", "0", "--batch-size must be at least 1 or auto"),
+])
+def test_bad_flag(tiny_args, capsys, flag, value, match):
+    args = replace(tiny_args, flag, value)
+    if flag == "--device" and torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    fails(args, capsys, match)
+    assert not Path(args[args.index("--out") + 1]).exists()
+
+
+def test_truncated_checkpoint(tiny_args, tmp_path, capsys):
+    ckpt = tmp_path / "DiT-XL-2-256x256.pt"
+    torch.save({"x_embedder.proj.weight": torch.randn(64, 4, 2, 2)}, ckpt)
+    ckpt.write_bytes(ckpt.read_bytes()[:100])
+    fails(replace(tiny_args, "--model", str(ckpt)), capsys, "truncated")
+    assert not (tmp_path / "out").exists()
+
+
+def test_checkpoint_of_wrong_architecture(tiny_args, tiny_classifier, capsys, tmp_path):
+    fails(replace(tiny_args, "--model", str(tiny_classifier)), capsys, "not a DiT checkpoint")
+    assert not (tmp_path / "out").exists()
+
+
+def test_classifier_of_wrong_class_order(tiny_args, tmp_path, capsys):
+    from conftest import make_classifier
+    other = make_classifier(tmp_path / "letters.safetensors", classes=list("abcdefghij"))
+    fails(replace(tiny_args, "--classifier", str(other)), capsys, "has no output for class '0'")
+
+
+def test_output_of_a_different_run(tiny_args, tmp_path, capsys):
+    assert main(["run", *tiny_args]) == 0
+    manifest = (tmp_path / "out" / "manifest.json").read_text()
+    fails(replace(tiny_args, "--seed", "7"), capsys, "holds a run of other inputs (config.seed was 0, now 7)")
+    assert (tmp_path / "out" / "manifest.json").read_text() == manifest
+
+
+def test_output_folder_with_foreign_files(tiny_args, tmp_path, capsys):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "thesis.tex").write_text("precious")
+    fails(tiny_args, capsys, "not a cao2 output folder")
+    assert (tmp_path / "out" / "thesis.tex").read_text() == "precious"
+
+
+def test_bad_config_key(tiny_args, tmp_path, capsys):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("ipcs = 3\n")
+    fails(["--config", str(cfg)] + tiny_args, capsys, "unknown key 'ipcs'")
+
+
+class NaNForClass3:
+    """A cross-cutting plugin that makes the generator's prediction non-finite for the rows of class 3."""
+
+    active = True
+
+    @hookimpl(wrapper=True)
+    def cao2_predict(self, handle, corrupted, condition):
+        out = yield
+        if self.active:
+            rows = (condition.labels == 3).view(-1, *[1] * (out.pred.dim() - 1))
+            out.pred = out.pred * torch.where(rows, float("nan"), 1.0)
+        return out
+
+
+def test_non_finite_latents_fail_that_class_only(tiny_args, tmp_path, capsys, monkeypatch):
+    nan = NaNForClass3()
+
+    class HostWithNaN(Host):
+        def __init__(self):
+            super().__init__()
+            self.register(nan, "nan", kind="plugin")
+
+    monkeypatch.setattr(engine, "Host", HostWithNaN)
+    args = replace(replace(tiny_args, "--condition", "class"), "--classes", "0,3")
+    fails(args, capsys, "class 3: non-finite latents")
+    out = tmp_path / "out"
+    assert sorted(p.name for p in (out / "images").iterdir()) == ["0"]
+    assert not (out / "latents" / "3.safetensors").exists()
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["classes"]["0"]["status"] == "complete" and m["classes"]["3"]["status"] == "failed"
+    assert m["classes"]["0"]["group"] == ["0", "3"]         # both classes shared the CLO chunk
+    with_nan = load_file(str(out / "latents" / "0.safetensors"))["latents"]
+    # Rerunning after the cause is gone redoes only the failed class (the same plugins: the same run).
+    nan.active = False
+    assert main(["run", *args]) == 0
+    assert "1 classes (1 already complete)" in capsys.readouterr().out
+    # class 3's NaN rows did not touch class 0's: a clean run gives class 0 the same latents
+    clean = replace(args, "--out", str(tmp_path / "clean"))
+    assert main(["run", *clean]) == 0
+    torch.testing.assert_close(load_file(str(tmp_path / "clean" / "latents" / "0.safetensors"))["latents"],
+                               with_nan, rtol=0, atol=0)
