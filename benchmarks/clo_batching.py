@@ -18,9 +18,9 @@ import time
 
 import torch
 
-from cao2core.distill import clo
+from cao2core.method import clo
 from cao2core.generators.host import Host
-from cao2core.distill.pools import batches
+from cao2core.method.pools import batches
 from cao2core.generators.seeding import unit_generator, unit_generators
 
 

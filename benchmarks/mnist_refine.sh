@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from PIL import Image
 from cao2core import mnist
-from cao2core.evaluate.data import random_real_indices
+from cao2core.scoring.data import random_real_indices
 root = Path(sys.argv[1])
 x, y = mnist.load_split("train")
 for i in random_real_indices(y, 10, 10, seed=0, repeat=0).tolist():

@@ -32,10 +32,10 @@ from diffusers.utils import logging as diffusers_logging
 sys.path.insert(0, str(Path(__file__).parent))
 from clo_batching import official_style  # noqa: E402  (the one-image-at-a-time reference loop)
 
-from cao2core.distill import clo
+from cao2core.method import clo
 from cao2core.generators import compiling
 from cao2core import kernels# noqa: E402
-from cao2core.distill.dryrun import count_flops, timed# noqa: E402
+from cao2core.method.dryrun import count_flops, timed# noqa: E402
 from cao2core.generators.host import Host# noqa: E402
 from cao2core.generators.seeding import unit_generators# noqa: E402
 

@@ -9,10 +9,12 @@ Latents are always the *scaled* latents the generator denoises, batched along di
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import pluggy
-import torch
+
+if TYPE_CHECKING:      # the contract's types name torch's; importing it here would slow `cao2 --help`
+    import torch
 
 from ..errors import UserError
 

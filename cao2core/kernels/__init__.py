@@ -24,13 +24,14 @@ import warnings
 import torch
 from torch.autograd.function import once_differentiable
 
+from ..config import KERNEL_BACKENDS
 from . import reference
-from ._build import cache_dir# noqa: F401  (re-exported for docs and tools)
+from ._build import cache_dir  # noqa: F401  (re-exported for docs and tools)
 
 __all__ = ["BACKENDS", "ENV_VAR", "KernelUnavailable", "resolve", "clo_loss", "adam_step", "LatentAdam",
            "weight_pattern", "clo_forward", "clo_backward", "reference"]
 
-BACKENDS = ("auto", "triton", "cuda", "cpp", "torch")
+BACKENDS = KERNEL_BACKENDS      # the table of options lists them (no torch import for --help)
 ENV_VAR = "CAO2_KERNELS"
 _HALF_TYPES = (torch.float32, torch.bfloat16, torch.float16)
 _WARNED: set[str] = set()
@@ -80,7 +81,7 @@ def _usable(name: str, dev: torch.device) -> tuple[bool, str]:
             return False, (f"Triton runs on {dev.type} tensors only under its interpreter "
                            "(TRITON_INTERPRET=1 set before the kernels are first used)")
         try:
-            from . import _triton# noqa: F401
+            from . import _triton  # noqa: F401
         except Exception as exc:  # noqa: BLE001  (ImportError, or a broken triton install)
             return False, f"triton unavailable: {type(exc).__name__}: {exc}"
         return True, ""

@@ -1,6 +1,6 @@
 """Plain-torch reference kernels: they define the semantics every other backend is tested against.
 
-``clo_loss`` is the CLO loss of ``cao2core.distill.clo`` (same expression, same autograd graph), ``adam_step`` is one
+``clo_loss`` is the CLO loss of ``cao2core.method.clo`` (same expression, same autograd graph), ``adam_step`` is one
 step of ``torch.optim.Adam`` (single-tensor path, L2 weight decay, no amsgrad) on one tensor, and
 ``clo_stats`` is what the fused forward saves for its backward (max, tie count, first argmax, denominator).
 """

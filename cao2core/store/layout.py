@@ -32,7 +32,7 @@ def eval_files() -> tuple[str, ...]:
     """What cao2's evaluations write in OUT/eval/ by default: ``cao2 eval``'s report and plot, the markers of
     ``cao2 ablate`` and ``cao2 sweep``, and ``cao2 compare``'s reports; ``--overwrite`` removes these and refuses
     anything else there. The names are the owning modules' own (imported when needed: they load torch)."""
-    from ..evaluate import report
+    from ..scoring import report
     from ..studies import ablate, compare, sweep
     return (report.REPORT, report.PLOT, ablate.MARKER, sweep.MEASURES, compare.REPORT, compare.TABLE, compare.MARKER)
 

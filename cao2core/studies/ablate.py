@@ -10,14 +10,13 @@ and ``OUT/ablation.png`` summarise them. A rerun resumes: finished classes are n
 """
 from __future__ import annotations
 
-import argparse
-import io
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from ..config import RunConfig
+from ..config import EvalConfig, RunConfig
 from ..errors import UserError
+from ..store.layout import EVAL_FOLDER, MANIFEST
 
 REPORT, TABLE, CHART = "ablation.json", "ablation.md", "ablation.png"
 MARKER = "ablate.json"      # beside a variant's eval.json: the run and eval command it scored
@@ -38,44 +37,27 @@ class Variant:
 VARIANTS = (Variant("pool", False, False), Variant("oss", True, False), Variant("clo", False, True),
             Variant("oss+clo", True, True))
 
-# `cao2 eval` options that `cao2 ablate` passes on (flag, type, help); the rest keep eval's defaults
-EVAL_FLAGS = (
-    ("--protocol", str, "evaluation protocol: hard, rded or rded-faithful (default: hard)"),
-    ("--student", str, "student architecture (default: convnet3 for MNIST, resnet18 else)"),
-    ("--epochs", int, "student training epochs (default: eval's)"),
-    ("--repeat", int, "students per variant (sweep: per point), seeded alike across them (default: 3)"),
-    ("--eval-every", int, "test every N epochs (default: eval's)"),
-    ("--val", str, "real held-out images (ImageNet val layout); MNIST: built in"),
-    ("--mnist-split", str, "MNIST: the held-out split students are tested on, test or val (default: test)"),
-    ("--teacher", str, "rded protocols: the soft-label teacher (default: eval's)"),
-    ("--eval-seed", int, "seed of the students (default: 0)"),
-)
+
+@dataclass
+class AblationResult:
+    """The four variants' runs and scores: ``report`` is OUT/ablation.json; ``files`` what was written."""
+
+    report: dict
+    out: Path
+    files: list[Path]
+
+    def table(self) -> str:
+        return table(self.report)
+
+    @property
+    def accuracy(self) -> dict[str, float]:
+        """Each variant's final-epoch test accuracy (mean over the students)."""
+        return {row["variant"]: row["summary"]["final_acc"]["mean"] for row in self.report["variants"]}
 
 
-def _dest(flag: str) -> str:
-    """``--epochs`` -> ``eval_epochs``, ``--eval-seed`` -> ``eval_seed``: kept apart from the run's options."""
-    return "eval_" + flag.lstrip("-").removeprefix("eval-").replace("-", "_")
-
-
-def add_eval_flags(p: argparse.ArgumentParser) -> None:
-    group = p.add_argument_group("evaluation of each variant or point (as `cao2 eval`)")
-    for flag, typ, help_text in EVAL_FLAGS:
-        group.add_argument(flag, type=typ, default=None, help=help_text, dest=_dest(flag),
-                           metavar=flag.removeprefix("--").replace("-", "_").upper())
-
-
-def eval_argv(args: argparse.Namespace, data: str, device: str) -> list[str]:
-    """The ``cao2 eval`` command line that scores one variant."""
-    argv = ["eval", "--data", data, "--device", device, "--quiet",
-            "--repeat", str(3 if args.eval_repeat is None else args.eval_repeat),
-            "--seed", str(0 if args.eval_seed is None else args.eval_seed)]
-    for flag, _, _ in EVAL_FLAGS:
-        if flag in ("--repeat", "--eval-seed"):
-            continue
-        value = getattr(args, _dest(flag))
-        if value is not None:
-            argv += [flag, str(value)]
-    return argv
+def study_evaluation(template: EvalConfig, data: str) -> EvalConfig:
+    """The evaluation of one run of a study: the template's settings, on ``data``, its report in DATA/eval/."""
+    return replace(template, data=data, out=None, dataset=None)
 
 
 def known_space(cfg: RunConfig):
@@ -92,10 +74,11 @@ def known_space(cfg: RunConfig):
     return full.select(cfg.classes), full
 
 
-def check_before_running(configs: list[RunConfig], evals: list, out: Path, names: list[str] | None = None) -> None:
+def check_before_running(configs: list[RunConfig], evals: list[EvalConfig], out: Path,
+                         names: list[str] | None = None) -> None:
     """Every option of every run and evaluation, checked before the first run starts; ``names`` (a sweep's
     points) prefix a run's error with the point it belongs to."""
-    from ..evaluate.cli import _check_numbers, preflight
+    from ..scoring.evaluation import check
     for k, cfg in enumerate(configs):
         try:
             cfg.validate()
@@ -105,59 +88,56 @@ def check_before_running(configs: list[RunConfig], evals: list, out: Path, names
             raise UserError(f"--grid point {names[k]}: {exc}") from None
         if cfg.dry_run:
             raise UserError("--dry-run is for `cao2 run`; this command runs and scores every configuration")
-    for ev in evals:
-        _check_numbers(ev)
+    for evaluation in evals:
+        evaluation.validate()
     if evals:               # they differ only in --data: student, teacher and folders are checked once per space
         for dataset, classes in dict.fromkeys((c.dataset, c.classes) for c in configs):
-            preflight(evals[0], *known_space(replace(configs[0], dataset=dataset, classes=classes)))
+            check(evals[0], *known_space(replace(configs[0], dataset=dataset, classes=classes)))
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a folder; choose another --out")
 
 
-def run(base: RunConfig, args: argparse.Namespace, parse_eval) -> dict:
-    """Run and score the four variants; returns the ablation report (also written to OUT/ablation.json).
-
-    ``parse_eval(argv)`` turns an eval command line into the namespace ``cao2 eval`` takes.
-    """
-    from ..distill import engine
-    from ..evaluate.cli import main as eval_main
-    from ..evaluate.cli import parse_as
+def ablate(base: RunConfig, evaluation: EvalConfig) -> AblationResult:
+    """Run and score the four variants of ``base`` (its ``out`` holds them); ``evaluation``: the students'
+    settings (its ``data`` and ``out`` are set per variant). Writes OUT/ablation.json, .md and .png."""
+    from ..method import engine
+    from ..scoring.evaluation import evaluate
 
     if base.select == "none" or base.clo_iters == 0:
         raise UserError("cao2 ablate switches OSS and CLO off in turn, so the base configuration needs both: "
                         "a --select other than none and --clo-iters above 0")
     configs = [v.config(base) for v in VARIANTS]
-    argvs = [eval_argv(args, c.out, base.device) for c in configs]
-    evals = [parse_as(parse_eval, argv) for argv in argvs]
+    evals = [study_evaluation(evaluation, c.out) for c in configs]
     out = Path(base.out)
     check_before_running(configs, evals, out)
 
     rows = []
-    for variant, cfg, argv, ev in zip(VARIANTS, configs, argvs, evals):
+    for variant, cfg, ev in zip(VARIANTS, configs, evals):
         print(f"== {variant.name}: select={cfg.select}, clo-iters={cfg.clo_iters} -> {cfg.out}", flush=True)
         engine.run(cfg)
-        report = scored(Path(cfg.out), argv, lambda: eval_main(ev))
+        report = scored(Path(cfg.out), ev, evaluate)
         rows.append({"variant": variant.name, "oss": variant.oss, "clo": variant.clo, "out": cfg.out,
                      "select": cfg.select, "clo_iters": cfg.clo_iters, "summary": report["summary"],
                      "eval_settings": report["config"]["settings"], "dataset": report["data"]["dataset"]})
     result = {"format": FORMAT, "config": base.output_key(),
-              "eval_command": " ".join(["cao2", *eval_argv(args, "OUT/<variant>", base.device)]), "variants": rows}
+              "eval_command": " ".join(["cao2", *study_evaluation(evaluation, "OUT/<variant>").to_argv()]),
+              "variants": rows}
     from ..store.files import write_files
-    write_files(out, {REPORT: (json.dumps(result, indent=2) + "\n").encode(), TABLE: (table(result) + "\n").encode(),
-                      CHART: bar_chart(result)})
-    return result
+    files = write_files(out, {REPORT: (json.dumps(result, indent=2) + "\n").encode(),
+                              TABLE: (table(result) + "\n").encode(), CHART: bar_chart(result)})
+    return AblationResult(result, out, files)
 
 
-def scored(out: Path, argv: list[str], evaluate) -> dict:
-    """The eval report of the run in ``out``; a rerun reuses it when the run and the eval command are unchanged."""
-    from ..evaluate.report import reuse_or_evaluate
-    key = {"run_id": json.loads((out / "manifest.json").read_text())["run_id"], "eval": argv}
-    return reuse_or_evaluate(out / "eval", key, evaluate, MARKER)
+def scored(out: Path, evaluation: EvalConfig, evaluate) -> dict:
+    """The eval report of the run in ``out``; a rerun reuses it when the run and the evaluation are unchanged."""
+    from ..scoring.report import reuse_or_evaluate
+    key = {"run_id": json.loads((out / MANIFEST).read_text())["run_id"], "eval": evaluation.to_argv()}
+    return reuse_or_evaluate(out / EVAL_FOLDER, key, lambda: evaluate(evaluation), MARKER)
 
 
 def table(result: dict) -> str:
     """The paper-style ablation table (final-epoch accuracy, mean ± std; best epoch labelled as such)."""
-    from ..evaluate.report import pm
+    from ..scoring.report import pm
     first = result["variants"][0]
     st = first["eval_settings"]
     lines = [f"Ablation on {first['dataset']}, IPC {result['config']['ipc']}: "
@@ -174,9 +154,8 @@ def table(result: dict) -> str:
 
 
 def bar_chart(result: dict) -> bytes:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from ..scoring.figures import png_of, pyplot
+    plt = pyplot()
     names = [r["variant"] for r in result["variants"]]
     means = [r["summary"]["final_acc"]["mean"] for r in result["variants"]]
     stds = [r["summary"]["final_acc"]["std"] for r in result["variants"]]
@@ -190,8 +169,4 @@ def bar_chart(result: dict) -> bytes:
     ax.set_ylim(bottom, min(100.0, max(m + s for m, s in zip(means, stds)) + 5))
     ax.set_title(f"CaO2 ablation, IPC {result['config']['ipc']}", fontsize=9)
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return png_of(fig)

@@ -8,13 +8,12 @@ the measured numbers, says what they mean. Each evaluation is a complete ``cao2 
 """
 from __future__ import annotations
 
-import argparse
-import contextlib
 import hashlib
-import io
 import json
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+from ..config import PROTOCOLS, EvalConfig
 from ..errors import UserError
 from ..store.layout import EVAL_FOLDER
 
@@ -23,84 +22,62 @@ REPORT, TABLE = "compare.json", "compare.md"
 MARKER = "compare-key.json"  # beside each eval.json: the data and eval command it scored
 SETS = ("distilled", "random-real")
 FOLDER = "compare"          # its default place: OUT/eval/compare/ of a run
-
-# `cao2 eval` options passed to all four evaluations (flag, type, help); --train goes to the baseline only
-PASSED = (
-    ("--dataset", str, "label space, as `cao2 eval --dataset` (default: the run's)"),
-    ("--val", str, "real held-out images (ImageNet val layout); MNIST: the built-in 10k test split"),
-    ("--mnist-split", str, "MNIST: the held-out split students are tested on, test or val (default: test)"),
-    ("--train", str, "real training images the random subsets are drawn from; MNIST: the built-in train split"),
-    ("--student", str, "student architecture (default: convnet3 for MNIST, resnet18 else)"),
-    ("--teacher", str, "soft-label teacher (default: the embedded MNIST judge, resnet18.tv_in1k for ImageNet)"),
-    ("--teacher-arch", str, "timm architecture of a --teacher checkpoint that does not name it"),
-    ("--teacher-classes", str, "file of the teacher's class ids in output order"),
-    ("--epochs", int, "training epochs of every student (default: eval's: 50 for MNIST, 300 else)"),
-    ("--batch-size", int, "training batch size (default: 100)"),
-    ("--repeat", int, "students per set and protocol, seeded alike (default: 1)"),
-    ("--seed", int, "base seed of the students and of the random subsets (default: 0)"),
-    ("--eval-every", int, "test every N epochs and after the last (default: eval's)"),
-    ("--device", str, "auto, cpu, cuda, cuda:N (default: auto)"),
-    ("--workers", int, "data-loading processes for on-disk folders (default: 0)"),
-)
-TEACHER_FLAGS = ("--teacher", "--teacher-arch", "--teacher-classes")
+DEFAULT_PROTOCOLS = ("hard", "rded")
 
 
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
-        "compare", help="score a distilled set and a random real subset of the same IPC, under hard and soft "
-                        "labels, in one table",
-        description="Train students on a distilled set and on random real subsets with as many images per class, "
-                    "with the same budget under each protocol, and print one table: protocol, distilled, random "
-                    "real, difference, and a sentence saying what the numbers mean. Writes OUT/compare.json, "
-                    "OUT/compare.md and each evaluation's eval.json.")
-    p.add_argument("--data", metavar="DIR", help="the distilled set: a `cao2 run` output or an ImageFolder with the "
-                   "same number of images in every class")
-    p.add_argument("--protocols", default="hard,rded",
-                   help="comma-separated `cao2 eval` protocols: hard, rded, rded-faithful (default: hard,rded)")
-    for flag, kind, help_text in PASSED:
-        p.add_argument(flag, type=kind, help=help_text)
-    p.add_argument("--out", metavar="DIR", help="folder for the reports (default: DIR/eval/compare for a cao2 run "
-                   "output)")
-    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
-    return p
+
+@dataclass
+class CompareResult:
+    """Both sets' scores under each protocol: ``report`` is compare.json; ``difference`` the distilled set's
+    figure minus the random subset's, per protocol (percentage points)."""
+
+    report: dict
+    out: Path
+    files: list[Path]
+
+    @property
+    def difference(self) -> dict[str, float]:
+        return {row["protocol"]: row["difference"] for row in self.report["protocols"]}
+
+    @property
+    def sentence(self) -> str:
+        return self.report["sentence"]
+
+    def table(self) -> str:
+        return table(self.report)
 
 
-def _protocols(text: str) -> list[str]:
-    from ..evaluate.protocols import PROTOCOLS
-    names = [t.strip() for t in text.split(",") if t.strip()]
+def check_protocols(names: list[str], given: str | None = None) -> list[str]:
+    """The protocols to compare under, checked (known, each once); ``given``: how the user wrote them."""
+    shown = given if given is not None else ",".join(names)
     bad = [n for n in names if n not in PROTOCOLS]
     if bad or not names:
-        raise UserError(f"--protocols {text!r}: {'unknown protocol ' + repr(bad[0]) if bad else 'names none'}; "
+        raise UserError(f"--protocols {shown!r}: {'unknown protocol ' + repr(bad[0]) if bad else 'names none'}; "
                         f"give a comma-separated list of {', '.join(PROTOCOLS)}")
     if len(set(names)) != len(names):
-        raise UserError(f"--protocols {text!r} names a protocol twice; list each once")
-    return names
+        raise UserError(f"--protocols {shown!r} names a protocol twice; list each once")
+    return list(names)
 
 
-def _teacher_name(args, mnist: bool) -> str:
+def _teacher_name(settings: EvalConfig, mnist: bool) -> str:
     from ..data.classifiers import DEFAULT_IMAGENET_CLASSIFIER
-    if args.teacher:
-        return args.teacher
+    if settings.teacher:
+        return settings.teacher
     return "the embedded MNIST judge" if mnist else DEFAULT_IMAGENET_CLASSIFIER
 
 
-def eval_argvs(args, ipc: int, dataset: str, classes: str | None, out: Path, protocol: str) -> dict[str, list[str]]:
-    """The ``cao2 eval`` command lines of the distilled set and of the baseline under one protocol."""
-    from ..evaluate.protocols import PROTOCOLS
-    common = ["--protocol", protocol]
-    for flag, _, _ in PASSED:
-        value = getattr(args, flag.lstrip("-").replace("-", "_"))
-        if value is None or flag in ("--dataset", "--train") or (flag in TEACHER_FLAGS
-                                                                and not PROTOCOLS[protocol].soft):
-            continue
-        common += [flag, str(value)]
-    if args.quiet:
-        common.append("--quiet")
-    distilled = ["eval", "--data", str(args.data), *(["--dataset", args.dataset] if args.dataset else [])]
-    real = ["eval", "--random-real", str(ipc), "--dataset", dataset, *(["--classes", classes] if classes else []),
-            *(["--train", args.train] if args.train else [])]
-    return {"distilled": [*distilled, *common, "--out", str(out / f"distilled-{protocol}")],
-            "random-real": [*real, *common, "--out", str(out / f"random-real-{protocol}")]}
+def evaluations(settings: EvalConfig, data: str, ipc: int, dataset: str, classes: str | None, out: Path,
+                protocol: str) -> dict[str, EvalConfig]:
+    """The evaluations of the distilled set and of the random real baseline under one protocol: the same student,
+    budget and seeds; ``settings.train`` feeds only the baseline, a teacher only the soft protocols."""
+    from ..scoring.protocols import PROTOCOLS as PROTOCOL_TABLE
+    soft = PROTOCOL_TABLE[protocol].soft
+    common = replace(settings, protocol=protocol, data=None, random_real=None, full_real=False, out=None,
+                     classes=None, train=None, plot=False,
+                     **({} if soft else {"teacher": None, "teacher_arch": None, "teacher_classes": None}))
+    return {"distilled": replace(common, data=str(data), out=str(out / f"distilled-{protocol}")),
+            "random-real": replace(common, random_real=ipc, dataset=dataset, classes=classes, train=settings.train,
+                                   out=str(out / f"random-real-{protocol}"))}
 
 
 def _data_key(distilled) -> dict:
@@ -115,72 +92,71 @@ def _data_key(distilled) -> dict:
     return {"files": digest.hexdigest()}
 
 
-def run(args, parse_eval) -> dict:
-    """Score both sets under every protocol; returns the report (also written to OUT/compare.json).
-
-    ``parse_eval(argv)`` turns an eval command line into the namespace ``cao2 eval`` takes.
-    """
-    from ..evaluate import data as D
-    from ..evaluate.cli import _check_numbers, parse_as, preflight
-    from ..evaluate.report import reuse_or_evaluate
+def compare(data: str, protocols: list[str] = DEFAULT_PROTOCOLS, settings: EvalConfig | None = None,
+            out: str | None = None) -> CompareResult:
+    """Score the distilled set ``data`` and random real subsets of the same IPC under each protocol, with the
+    students of ``settings`` (its data, out and protocol are set per evaluation; default: ``EvalConfig()``'s);
+    writes OUT/compare.json and .md (``out``: default DATA/eval/compare for a cao2 run output)."""
+    from ..scoring import data as eval_data
+    from ..scoring.evaluation import check, evaluate
+    from ..scoring.report import reuse_or_evaluate
     from ..store.files import write_files
 
-    if not args.data:
+    if not data:
         raise UserError("cao2 compare needs --data DIR: the distilled set to compare with random real images")
-    protocols = _protocols(args.protocols)
-    distilled = D.open_distilled(args.data, args.dataset, None)
+    settings = settings if settings is not None else EvalConfig(quiet=True)
+    protocols = check_protocols(list(protocols))
+    distilled = eval_data.open_distilled(data, settings.dataset, None)
     counts = {cid: len(files) for cid, files in distilled.images.items()}
     if len(set(counts.values())) != 1:
         (a, n), (b, m) = min(counts.items(), key=lambda kv: kv[1]), max(counts.items(), key=lambda kv: kv[1])
-        raise UserError(f"--data {args.data} has {n} images in class {a} but {m} in class {b}; the random real "
+        raise UserError(f"--data {data} has {n} images in class {a} but {m} in class {b}; the random real "
                         "baseline needs one number of images per class")
     ipc = next(iter(counts.values()))
     space, full = distilled.space, distilled.full_space
     classes = ",".join(space.ids) if space.ids != full.ids else None
-    if args.out:
-        out = Path(args.out)
+    if out:
+        out = Path(out)
     elif distilled.is_run:
         out = distilled.root / EVAL_FOLDER / FOLDER
     else:
         raise UserError("pass --out DIR for the reports (only a cao2 run output has a default, DIR/eval/compare)")
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a folder; choose another --out")
-    argvs = {p: eval_argvs(args, ipc, full.name, classes, out, p) for p in protocols}
-    parsed = {(p, kind): parse_as(parse_eval, argv) for p in protocols for kind, argv in argvs[p].items()}
+    planned = {p: evaluations(settings, data, ipc, full.name, classes, out, p) for p in protocols}
     for p in protocols:             # every option is checked before the first student trains
-        _check_numbers(parsed[p, "distilled"])      # the sets' command lines differ only in what they train on:
-        preflight(parsed[p, "random-real"], space, full)    # student, teacher and folders are checked once
+        planned[p]["distilled"].validate()          # the sets differ only in what they train on:
+        check(planned[p]["random-real"], space, full)   # student, teacher and folders are checked once
 
     data_key = _data_key(distilled)
     rows = []
     for p in protocols:
         reports = {}
         for kind in SETS:
-            argv = argvs[p][kind]
-            key = {"data": data_key if kind == "distilled" else None, "eval": argv[1:]}
-            reports[kind] = reuse_or_evaluate(Path(argv[-1]), key, lambda: _evaluate(parsed[p, kind]), MARKER)
+            config = planned[p][kind]
+            key = {"data": data_key if kind == "distilled" else None, "eval": config.to_argv()[1:]}
+            reports[kind] = reuse_or_evaluate(Path(config.out), key, lambda: _evaluate(config), MARKER)
             h = reports[kind]["summary"]["headline"]
-            print(f"   {kind}, {p}: {h['mean']:.2f} ± {h['std']:.2f} % ({Path(argv[-1]) / 'eval.json'})", flush=True)
+            print(f"   {kind}, {p}: {h['mean']:.2f} ± {h['std']:.2f} % ({Path(config.out) / 'eval.json'})",
+                  flush=True)
         d, r = (reports[k]["summary"]["headline"] for k in SETS)
         rows.append({"protocol": p, "distilled": _figure(d), "random_real": _figure(r),
                      "difference": d["mean"] - r["mean"], "settings": reports["distilled"]["config"]["settings"],
-                     "reports": {k: str(Path(argvs[p][k][-1]) / "eval.json") for k in SETS}})
+                     "reports": {k: str(Path(planned[p][k].out) / "eval.json") for k in SETS}})
     first = reports["distilled"]
     result = {"format": FORMAT, "data": str(distilled.root), "dataset": full.name, "classes": list(space.ids),
-              "ipc": ipc, "teacher": _teacher_name(args, D.is_mnist(space)), "val": first["data"]["val"],
+              "ipc": ipc, "teacher": _teacher_name(settings, eval_data.is_mnist(space)), "val": first["data"]["val"],
               "val_images": first["data"]["val_images"],
               "protocols": rows}
     result["sentence"] = sentence(result)
-    write_files(out, {REPORT: (json.dumps(result, indent=2) + "\n").encode(),
-                      TABLE: (table(result) + "\n").encode()})
-    result["out"] = str(out)
-    return result
+    files = write_files(out, {REPORT: (json.dumps(result, indent=2) + "\n").encode(),
+                              TABLE: (table(result) + "\n").encode()})
+    return CompareResult(result, out, files)
 
 
-def _evaluate(args) -> None:
-    from ..evaluate.cli import main
-    with contextlib.redirect_stdout(io.StringIO()):     # each evaluation's own table stays in its eval.json
-        main(args)
+def _evaluate(config: EvalConfig) -> None:
+    from ..scoring.evaluation import evaluate
+    evaluate(config)        # each evaluation's own table stays in its eval.json
 
 
 def _figure(headline: dict) -> dict:
@@ -229,7 +205,7 @@ def sentence(result: dict) -> str:
 
 
 def _pm(f: dict) -> str:
-    from ..evaluate.report import pm
+    from ..scoring.report import pm
     return f"{f['mean']:.2f}" if len(f["values"]) == 1 else pm(f)
 
 

@@ -13,47 +13,67 @@ and evaluations are kept).
 """
 from __future__ import annotations
 
-import argparse
-import io
 import itertools
 import json
 import re
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
-from .ablate import EVAL_FLAGS, _dest, check_before_running, eval_argv, scored
-from ..config import RunConfig
+from ..config import EvalConfig, RunConfig
 from ..errors import UserError
+from ..store.layout import MANIFEST
+from .ablate import check_before_running, scored, study_evaluation
 
 REPORT, TABLE, CHART = "sweep.json", "sweep.md", "sweep.png"
 MEASURES = "sweep-measures.json"    # in OUT/<point>/eval/: the measures and the run state they describe
 FORMAT = "cao2-sweep/1"
 FIELDS = {f.name: f for f in fields(RunConfig)}
-TRUE, FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 
 
 @dataclass(frozen=True)
 class Axis:
+    """One varied option of a sweep: a RunConfig field and its values (``texts``: the values as written, which
+    name the points' folders)."""
+
     name: str                   # the RunConfig field
-    flag: str                   # its flag without dashes: clo-lr
-    texts: tuple[str, ...]      # the values as given (they name the points)
-    values: tuple               # the values as the flag parses them
+    values: tuple               # typed, as the field takes them
+    texts: tuple[str, ...] = ()  # as given on the command line; default: the values printed
+
+    def __post_init__(self):
+        if not self.texts:
+            object.__setattr__(self, "texts", tuple(_fmt(v) for v in self.values))
+
+    @property
+    def flag(self) -> str:
+        """The field as a flag without dashes: clo-lr."""
+        return self.name.replace("_", "-")
 
 
-def parse_grid(items: list[str], actions: dict[str, argparse.Action], given: set[str]) -> list[Axis]:
-    """``--grid KEY=V1,V2,...`` items -> axes; ``actions``: the ``cao2 run`` flag of each field (to parse the
-    values as that flag does); ``given``: the fields also set as plain flags (refused: which one would win?)."""
+@dataclass
+class SweepResult:
+    """Every point's run, measures and (when scored) students: ``report`` is OUT/sweep.json."""
+
+    report: dict
+    out: Path
+    files: list[Path]
+
+    def table(self) -> str:
+        return table(self.report)
+
+
+def axes_of(grid: dict | list, given: set[str] = frozenset()) -> list[Axis]:
+    """The sweep's axes from ``{field or flag name: [values]}`` (or Axis objects), checked: each a RunConfig
+    field that changes what a run writes, named once, with distinct values; ``given``: the fields also set as
+    plain flags (refused: which one would win?)."""
+    items = list(grid) if isinstance(grid, (list, tuple)) else [
+        Axis(key.strip().lstrip("-").replace("-", "_"), tuple(values)) for key, values in grid.items()]
     axes: list[Axis] = []
-    for item in items:
-        key, sep, rest = item.partition("=")
-        name = key.strip().lstrip("-").replace("-", "_")
-        flag = name.replace("_", "-")
-        if not sep or not name or not rest.strip():
-            raise UserError(f"--grid {item!r} is not KEY=V1,V2,...; e.g. --grid clo-lr=6e-4,1e-2,1e-1")
+    for axis in items:
+        name, flag = axis.name, axis.flag
         f = FIELDS.get(name)
-        if f is None or name not in actions:
-            raise UserError(f"--grid {item!r}: {key.strip()!r} is not a `cao2 run` flag; use a flag name such as "
-                            "clo-lr, clo-iters, clo-tmax or condition")
+        if f is None or "run" not in f.metadata["commands"]:
+            raise UserError(f"--grid {flag}: not a `cao2 run` flag; use a flag name such as clo-lr, clo-iters, "
+                            "clo-tmax or condition")
         if not f.metadata["affects_output"]:
             raise UserError(f"--grid {flag}: --{flag} does not change what a run writes, so every point would be "
                             "the same set; sweep flags that do (clo-lr, clo-iters, ...)")
@@ -63,40 +83,18 @@ def parse_grid(items: list[str], actions: dict[str, argparse.Action], given: set
             raise UserError(f"--grid {flag} is given twice; list all its values in one --grid {flag}=V1,V2,...")
         if name in given:
             raise UserError(f"--{flag} is given both as a flag and in --grid; drop one of them")
-        texts = tuple(t.strip() for t in rest.split(","))
-        if not all(texts):
-            raise UserError(f"--grid {item!r} has an empty value; separate the values with single commas")
-        values = tuple(_parse_value(actions[name], flag, t) for t in texts)
+        if not axis.values:
+            raise UserError(f"--grid {flag} has no values")
         seen: dict[str, str] = {}
-        for text, value in zip(texts, values):
+        for text, value in zip(axis.texts, axis.values):
             if json.dumps(value) in seen:
                 raise UserError(f"--grid {flag}: {seen[json.dumps(value)]!r} and {text!r} are the same value; "
                                 "list each value once")
             seen[json.dumps(value)] = text
-        axes.append(Axis(name, flag, texts, values))
+        axes.append(axis)
     if not axes:
         raise UserError("cao2 sweep needs at least one --grid KEY=V1,V2,... (e.g. --grid clo-lr=6e-4,1e-2,1e-1)")
     return axes
-
-
-def _parse_value(action: argparse.Action, flag: str, text: str):
-    if isinstance(action, argparse.BooleanOptionalAction):
-        if text.lower() in TRUE + FALSE:
-            return text.lower() in TRUE
-        raise UserError(f"--grid {flag}: {text!r} is not a switch value; use true or false")
-    if action.type is None:
-        value = text
-    else:
-        try:
-            value = action.type(text)
-        except argparse.ArgumentTypeError as exc:
-            raise UserError(f"--grid {flag}: {exc}") from None
-        except ValueError:
-            kind = {int: "an integer", float: "a number"}.get(action.type, "a valid value")
-            raise UserError(f"--grid {flag}: {text!r} is not {kind}") from None
-    if action.choices is not None and value not in action.choices:
-        raise UserError(f"--grid {flag}: {text!r} is not one of {', '.join(map(str, action.choices))}")
-    return value
 
 
 def point_names(axes: list[Axis]) -> list[tuple[str, dict, str]]:
@@ -113,35 +111,26 @@ def point_names(axes: list[Axis]) -> list[tuple[str, dict, str]]:
     return points
 
 
-def run(base: RunConfig, args: argparse.Namespace, parse_eval, actions: dict[str, argparse.Action]) -> dict:
-    """Run, measure and (unless ``--no-eval``) score every point; returns the report (also OUT/sweep.json).
-
-    ``parse_eval(argv)`` turns an eval command line into the namespace ``cao2 eval`` takes.
-    """
-    from ..distill import engine
-    from ..evaluate.cli import main as eval_main
-    from ..evaluate.cli import parse_as
+def sweep(base: RunConfig, grid: dict | list, evaluation: EvalConfig | None = None, given: set[str] = frozenset()
+          ) -> SweepResult:
+    """Run, measure and (with ``evaluation``: the students' settings) score every point of ``grid`` (``{field:
+    [values]}``, the first varying slowest) on ``base``'s seeds; each point is OUT/<point>/. Writes
+    OUT/sweep.json, .md and .png. ``given``: fields the caller set explicitly (a field both given and varied is
+    refused)."""
+    from ..method import engine
+    from ..scoring.evaluation import evaluate
     from ..store.files import write_files
 
-    given = {k for k in vars(args) if k in FIELDS}
-    axes = parse_grid(args.grid or [], actions, given)
+    axes = axes_of(grid, given)
     points = point_names(axes)
     out = Path(base.out)
     configs = [replace(base, **values, out=str(out / name)) for name, values, _ in points]
-    if args.evaluate:
-        argvs = [eval_argv(args, c.out, base.device) for c in configs]
-        evals = [parse_as(parse_eval, argv) for argv in argvs]
-    else:
-        extra = [flag for flag, _, _ in EVAL_FLAGS if getattr(args, _dest(flag)) is not None]
-        if extra:
-            raise UserError(f"{extra[0]} sets how the points are scored, but --no-eval scores none; drop one of them")
-        argvs, evals = [None] * len(configs), []
+    evals = [study_evaluation(evaluation, c.out) for c in configs] if evaluation is not None else []
     check_before_running(configs, evals, out, [name for name, _, _ in points])
 
     measure = Measurer()
     rows = []
-    for k, ((name, values, shown), cfg, argv, ev) in enumerate(zip(points, configs, argvs,
-                                                                  evals or [None] * len(configs))):
+    for k, ((name, values, shown), cfg) in enumerate(zip(points, configs)):
         print(f"== point {k + 1}/{len(points)}: {shown} -> {cfg.out}", flush=True)
         try:
             result = engine.run(cfg)
@@ -153,21 +142,21 @@ def run(base: RunConfig, args: argparse.Namespace, parse_eval, actions: dict[str
             cid, reason = next(iter(result.failed.items()))
             print(f"   {len(result.failed)} class(es) failed (class {cid}: {reason}); the point is not scored",
                   flush=True)
-        elif argv is not None:
-            report = scored(Path(cfg.out), argv, lambda: eval_main(ev))
+        elif evals:
+            report = scored(Path(cfg.out), evals[k], evaluate)
             row.update(summary=report["summary"], eval_settings=report["config"]["settings"],
                        val=report["data"]["val"])
         rows.append(row)
-    manifest = json.loads((Path(configs[0].out) / "manifest.json").read_text())
+    manifest = json.loads((Path(configs[0].out) / MANIFEST).read_text())
     varied = {a.name for a in axes}
     result = {"format": FORMAT, "config": {k: v for k, v in base.output_key().items() if k not in varied},
               "dataset": manifest["dataset"], "classes": manifest["class_ids"],
               "grid": {a.flag: list(a.values) for a in axes},
-              "eval_command": " ".join(["cao2", *eval_argv(args, "OUT/<point>", base.device)]) if args.evaluate
-              else None, "points": rows}
-    write_files(out, {REPORT: (json.dumps(result, indent=2) + "\n").encode(), TABLE: (table(result) + "\n").encode(),
-                      CHART: chart(result)})
-    return result
+              "eval_command": " ".join(["cao2", *study_evaluation(evaluation, "OUT/<point>").to_argv()])
+              if evaluation is not None else None, "points": rows}
+    files = write_files(out, {REPORT: (json.dumps(result, indent=2) + "\n").encode(),
+                              TABLE: (table(result) + "\n").encode(), CHART: chart(result)})
+    return SweepResult(result, out, files)
 
 
 class Measurer:
@@ -203,9 +192,10 @@ class Measurer:
         import torch
         from safetensors.torch import load_file
 
-        from ..distill.engine import classifier_input, resolve_device
+        from ..environment import resolve_device
+        from ..method.engine import classifier_input
         from ..data.labels import label_space
-        from ..distill.pools import in_chunks
+        from ..method.pools import in_chunks
 
         if not complete:
             return {"samples": 0}
@@ -293,7 +283,7 @@ def _fmt(value) -> str:
 
 def table(result: dict) -> str:
     """One row per point: its grid values, the measures and, when scored, the students' accuracy."""
-    from ..evaluate.report import pm
+    from ..scoring.report import pm
     rows = result["points"]
     flags = list(result["grid"])
     scored_rows = [r for r in rows if r["summary"] is not None]
@@ -347,9 +337,8 @@ def chart(result: dict) -> bytes:
     """Panels against the first grid key (log scale when its values span a decade or more), one line per
     combination of the other keys: displacement, the classifier's p(class) after CLO, pixel change and, when
     scored, accuracy."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from ..scoring.figures import png_of, pyplot
+    plt = pyplot()
 
     flags = list(result["grid"])
     xs = result["grid"][flags[0]]
@@ -390,11 +379,7 @@ def chart(result: dict) -> bytes:
         if title.startswith("p(class)"):      # one legend: the lines and where CLO started
             ax.legend(fontsize=7)
     fig.suptitle(f"cao2 sweep on {result['dataset']}", fontsize=9)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return png_of(fig)
 
 
 def _loss_summary(curves: dict) -> dict:

@@ -21,6 +21,7 @@ from diffusers import DDPMScheduler, EulerDiscreteScheduler
 
 from cao2core.generators import precision
 from cao2core.generators.respacing import space_timesteps
+from cao2core.generators.seeding import randn
 
 SAMPLERS = ("ddpm", "ddim")
 TRAIN_STEPS = 1000
@@ -78,7 +79,7 @@ def sample(transformer, labels: torch.Tensor, generators: list, *, null_label: i
     channels = latent_shape[0]
     learned_sigma = transformer.config.out_channels == 2 * channels
     scheduler = make_scheduler(sampler, learned_sigma, steps)
-    x = torch.stack([torch.randn(latent_shape, generator=g) for g in generators]).to(device)
+    x = randn(generators, latent_shape, device)
     guided = guidance != 1.0
     class_in = torch.cat([labels, torch.full_like(labels, null_label)]) if guided else labels
     snapshots = {}

@@ -10,16 +10,13 @@ from __future__ import annotations
 import torch
 
 from cao2core.generators import precision
+from cao2core.generators.seeding import randn
 
 from .diffusion import GaussianDiffusion
 from .masking import guidance_at, mask_from_orders, masked_after_steps, random_orders
 from .model import MAR
 
 CFG_SCHEDULES = ("linear", "constant")
-
-
-def _randn(generators: list, shape: tuple, device) -> torch.Tensor:
-    return torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)
 
 
 @torch.no_grad()
@@ -63,7 +60,7 @@ def sample(model: MAR, labels: torch.Tensor, generators: list, *, steps: int, gu
                 eps = null_out[:, :D] + scale * (cond_out[:, :D] - null_out[:, :D])
                 return torch.cat([eps, cond_out[:, D:]], dim=1)
 
-            draw = lambda: _randn(generators, (n, D), device).reshape(-1, D)  # noqa: E731
+            draw = lambda: randn(generators, (n, D), device).reshape(-1, D)  # noqa: E731
             new = diffusion.sample(net, draw(), draw, temperature, clip_x0).reshape(b, n, D)
             tokens = tokens.scatter(1, pos[..., None].expand(-1, -1, D), new.to(tokens.dtype))
         masked = left

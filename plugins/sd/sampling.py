@@ -19,6 +19,7 @@ import torch
 
 from cao2core.generators import precision
 from cao2core.errors import UserError
+from cao2core.generators.seeding import randn
 
 # --sampler names -> diffusers scheduler classes; "shipped" (the default) is the checkpoint's own
 SAMPLERS = {"ddim": "DDIMScheduler", "ddpm": "DDPMScheduler", "pndm": "PNDMScheduler",
@@ -83,7 +84,7 @@ def sample(unet, scheduler, cond: torch.Tensor, null: torch.Tensor, generators: 
     width). ``snapshot_steps`` maps a 0-based loop step to the key its state (after that step) is kept under."""
     snapshot_steps = snapshot_steps or {}
     device = cond.device
-    x = torch.stack([torch.randn(latent_shape, generator=g) for g in generators]).to(device)
+    x = randn(generators, latent_shape, device)
     x = x * scheduler.init_noise_sigma
     guided = guidance > 1.0         # the pipeline's do_classifier_free_guidance
     context = torch.cat([null.expand_as(cond), cond]) if guided else cond

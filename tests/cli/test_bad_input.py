@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cao2core.distill import engine
+from cao2core.method import engine
 from cao2core.cli import main
 from cao2core.generators.hookspecs import hookimpl
 from cao2core.generators.host import Host

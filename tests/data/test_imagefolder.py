@@ -15,7 +15,7 @@ from PIL import Image
 
 from cao2core.cli import main
 from cao2core.errors import UserError
-from cao2core.evaluate import data as D
+from cao2core.scoring import data as D
 from cao2core.data.imagefolder import check_image, load_image
 
 RAMP = (np.arange(16 * 16).reshape(16, 16) * 257).astype(np.uint16)       # 0..65535 in steps of 257
@@ -139,7 +139,7 @@ def test_refine_refuses_a_decompression_bomb(tiny_world, tiny_classifier, tmp_pa
 
 
 def test_refine_reads_16_bit_images_with_their_range(tiny_world, tiny_classifier, tmp_path, monkeypatch):
-    from cao2core.distill import pools
+    from cao2core.method import pools
     eight, sixteen = tmp_path / "eight", tmp_path / "sixteen"
     (eight / "1").mkdir(parents=True)
     (sixteen / "1").mkdir(parents=True)

@@ -11,7 +11,7 @@ import pytest
 import timm
 from safetensors.torch import save_file
 
-from cao2core.distill import engine
+from cao2core.method import engine
 from cao2core.cli import main
 from cao2core.generators.hookspecs import LatentSpec, hookimpl
 from cao2core.data.labels import label_space

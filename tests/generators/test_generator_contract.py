@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cao2core.distill import clo
+from cao2core.method import clo
 from cao2core.generators.hookspecs import CONDITION_KINDS
 from cao2core.generators.host import Host
 from cao2core.generators.seeding import unit_generators

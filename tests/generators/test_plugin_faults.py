@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cao2core.distill import engine
+from cao2core.method import engine
 from cao2core.cli import main
 from cao2core.generators.hookspecs import LatentSpec, SampleOutput, hookimpl
 from cao2core.generators.host import Host
@@ -198,7 +198,7 @@ def test_a_third_party_dit_does_not_replace_the_builtin(monkeypatch, tmp_path, c
 
 
 def test_the_pool_bar_moves_per_sampler_step():
-    from cao2core.distill.pools import StepProgress
+    from cao2core.method.pools import StepProgress
 
     class Bar:
         n = 0

@@ -130,7 +130,7 @@ def test_installed_third_party_plugin_is_discovered_and_runs(installed_toy, tmp_
     import torch
     from safetensors.torch import load_file
 
-    from cao2core.distill.clo import clo_loss
+    from cao2core.method.clo import clo_loss
     from cao2core.generators.seeding import unit_generator
     sys.path.insert(0, str(ROOT / "examples" / "toy_generator"))
     import cao2_toy

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cao2core.distill import clo
+from cao2core.method import clo
 from cao2core import kernels as K
 from cao2core.kernels import _build, reference
 

@@ -395,7 +395,7 @@ def test_a_wrong_shaped_manifest_is_one_line_in_the_cli(tiny_args, tmp_path, cap
     '{"dataset": "mnist", "class_ids": ["0"], "classes": []}', '{"dataset": 7, "class_ids": ["0"]}',
 ])
 def test_eval_refuses_a_wrong_shaped_manifest(tmp_path, manifest):
-    from cao2core.evaluate.data import open_distilled
+    from cao2core.scoring.data import open_distilled
     add(tmp_path / "run", "manifest.json", manifest.encode())
     with pytest.raises(UserError) as exc:
         open_distilled(str(tmp_path / "run"), None, None)
@@ -403,7 +403,7 @@ def test_eval_refuses_a_wrong_shaped_manifest(tmp_path, manifest):
 
 
 def test_eval_refuses_a_record_of_the_wrong_shape_as_unfinished(tmp_path):
-    from cao2core.evaluate.data import open_distilled
+    from cao2core.scoring.data import open_distilled
     add(tmp_path / "run", "manifest.json", json.dumps(
         {"dataset": "mnist", "class_ids": ["0", "1"], "classes": {"0": {"status": "complete"}, "1": None}}).encode())
     with pytest.raises(UserError) as exc:
@@ -485,7 +485,7 @@ def test_every_file_cao2s_evaluations_write_into_a_run_is_known_to_overwrite():
     """--overwrite refuses a run folder holding unknown files: each evaluation command's names must be listed."""
     from cao2core.studies import ablate, sweep
     from cao2core.studies import compare
-    from cao2core.evaluate import report
+    from cao2core.scoring import report
     written = {report.REPORT, report.PLOT, ablate.MARKER, sweep.MEASURES, compare.REPORT, compare.TABLE,
                compare.MARKER}
     assert written <= set(store_layout.eval_files())

@@ -10,8 +10,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from cao2core.studies.ablate import VARIANTS, eval_argv
-from cao2core.cli import build_parser, main
+from cao2core.cli import build_parser, main, study_eval_config
+from cao2core.config import RunConfig
+from cao2core.studies.ablate import VARIANTS, study_evaluation
 from digits import write_val
 
 
@@ -68,7 +69,7 @@ def test_bad_eval_option_fails_before_any_run(tiny_args, tmp_path, capsys, extra
 
 def test_eval_command_of_a_variant():
     args = build_parser().parse_args(["ablate", "--protocol", "rded", "--epochs", "5", "--eval-seed", "7"])
-    argv = eval_argv(args, "o/pool", "cpu")
+    argv = study_evaluation(study_eval_config(args, RunConfig(device="cpu")), "o/pool").to_argv()
     assert argv[:3] == ["eval", "--data", "o/pool"]
     assert argv[argv.index("--protocol") + 1] == "rded" and argv[argv.index("--epochs") + 1] == "5"
     assert argv[argv.index("--seed") + 1] == "7" and argv[argv.index("--repeat") + 1] == "3"

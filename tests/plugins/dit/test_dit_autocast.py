@@ -11,7 +11,7 @@ import json
 import pytest
 import torch
 
-from cao2core.distill import clo
+from cao2core.method import clo
 from cao2core.cli import main
 from cao2core.errors import UserError
 from cao2core.generators.host import Host

@@ -209,7 +209,7 @@ class _Spy(torch.nn.Module):
 @pytest.mark.parametrize("profile", ["reference", "default"])
 def test_reference_profile_classifier_sees_the_raw_decoder_output(tiny_world, tiny_classifier, tmp_path,
                                                                   monkeypatch, profile):
-    import cao2core.distill.engine as engine
+    import cao2core.method.engine as engine
     from cao2_dit import cao2_decode
     spies = []
     real = engine.load_classifier

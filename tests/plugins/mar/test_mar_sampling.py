@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from cao2_mar.masking import masked_after_steps
-from cao2core.distill import clo
+from cao2core.method import clo
 from cao2core.generators.host import Host
 from mar_tiny import make_mar_world
 

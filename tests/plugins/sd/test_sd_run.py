@@ -15,7 +15,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from cao2core.cli import build_parser, config_from_args, main
-from cao2core.distill.presets import PRESETS
+from cao2core.method.presets import PRESETS
 from cao2core.generators.seeding import unit_generator
 from cao2_sd import prompts
 from sd_tiny import SHAPES, load_pipeline, make_sd, shapes_classifier, shapes_file

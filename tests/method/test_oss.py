@@ -1,7 +1,7 @@
 """OSS rules: correct-only, easy/hard order, shortfall filled from the rest in the same order."""
 import torch
 
-from cao2core.distill.oss import select_confidence, select_random, select_stability
+from cao2core.method.oss import select_confidence, select_random, select_stability
 
 
 def probs_of(rows):

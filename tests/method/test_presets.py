@@ -4,7 +4,7 @@ import json
 import pytest
 
 from cao2core.cli import main
-from cao2core.distill.presets import PRESETS
+from cao2core.method.presets import PRESETS
 
 
 @pytest.mark.parametrize("name,pool,order,k,iters,cond", [

@@ -8,7 +8,6 @@ so it is optimistic and not a held-out figure.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import statistics
 from dataclasses import asdict
@@ -82,9 +81,8 @@ def markdown(report: dict) -> str:
 
 
 def plot_png(report: dict) -> bytes:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from .figures import png_of, pyplot
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     for r in report["repeats"]:
         pts = [(e["epoch"], e["test_acc"]) for e in r["curve"] if "test_acc" in e]
@@ -96,11 +94,7 @@ def plot_png(report: dict) -> bytes:
     ax.grid(alpha=0.3)
     if len(report["repeats"]) <= 10:
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return png_of(fig)
 
 
 def reuse_or_evaluate(folder: Path, key: dict, evaluate, marker: str) -> dict:

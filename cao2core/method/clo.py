@@ -15,8 +15,9 @@ import torch
 from .. import kernels
 from ..generators.contract import PluginError
 from ..errors import UserError
+from ..generators.seeding import randn
 from ..kernels import reference
-from ..kernels.reference import clo_loss# noqa: F401  (the semantics every kernel backend is tested against)
+from ..kernels.reference import clo_loss  # noqa: F401  (the semantics every kernel backend is tested against)
 
 
 class NonFiniteLatents(Exception):
@@ -69,7 +70,7 @@ def optimize_rows(gen, handle, latents: torch.Tensor, labels: torch.Tensor, kind
         return z.detach(), {}
     first_bad = torch.full((len(z),), -1, dtype=torch.long, device=z.device)
     start = z.detach().clone()
-    noise = torch.stack([torch.randn(z.shape[1:], generator=g) for g in noise_gens]).to(z.device)
+    noise = randn(noise_gens, z.shape[1:], z.device)
     condition = gen.condition(handle=handle, labels=labels, kinds=kinds)
     opt = kernels.LatentAdam([z], lr=settings.lr, backend=settings.kernels)
     terms = []

@@ -199,7 +199,7 @@ class BatchSpy:
 
 def test_every_call_stays_within_the_batch_size_and_clo_chunks_span_classes(tiny_world, tiny_classifier, tmp_path,
                                                                              monkeypatch):
-    from cao2core.distill import engine
+    from cao2core.method import engine
     from cao2core.generators.host import Host
     spy = BatchSpy()
 

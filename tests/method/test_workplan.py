@@ -1,5 +1,5 @@
 """Class groups: which classes share forward passes."""
-from cao2core.distill.workplan import chunks, class_groups
+from cao2core.method.workplan import chunks, class_groups
 
 
 def test_groups_pack_consecutive_classes_into_one_chunk():

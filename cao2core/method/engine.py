@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import platform
 import sys
 import time
 from dataclasses import dataclass, replace
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -24,29 +23,41 @@ from . import batchsize, clo, distributed, dryrun, oss, workplan
 from ..generators import weights
 from ..data.classifiers import Classifier, load_classifier
 from ..config import RunConfig
+from ..environment import resolve_device, versions
 from ..errors import UserError
 from ..data.labels import LabelSpace, label_space
 from ..generators.host import Generator, Host
 from .pools import ImagePool, SampledPool, batches, in_chunks
 from ..generators.seeding import STREAMS, unit_generator
-from ..store import Store, to_uint8
+from ..store import MANIFEST, Store, to_uint8
 
 PREVIEW_CLASSES, PREVIEW_IMAGES = 16, 8
 
 
 @dataclass
 class RunResult:
+    """What a run did. ``out`` holds ``images/`` (the distilled set, an ImageFolder), ``latents/``,
+    ``records/``, ``manifest.json`` and ``preview.png``."""
+
     out: Path
-    completed: list[str]
+    completed: list[str]        # the class ids complete in ``out`` (this run's and earlier ones')
     written: int                # classes this run wrote (all ranks); the other completed ones were already there
-    failed: dict[str, str]
+    failed: dict[str, str]      # class id -> why it failed (not written; rerun to redo it)
     rank: int = 0
     plan: str | None = None     # --dry-run: what the run would do
     preview: bool = False       # preview.png was written
 
+    @property
+    def images(self) -> Path:
+        return self.out / "images"
+
+    @property
+    def manifest(self) -> Path:
+        return self.out / MANIFEST
+
 
 @dataclass
-class Run:
+class Job:
     """Everything a run needs, resolved and checked before anything is written."""
 
     cfg: RunConfig
@@ -67,25 +78,26 @@ class Run:
     identity: dict              # everything that determines the output; run_id is its hash
 
 
-def run(cfg: RunConfig, host: Host | None = None) -> RunResult:
+def run(cfg: RunConfig, host: Host | None = None, progress: Progress | None = None) -> RunResult:
     """Distill: check every input, then for each group of classes sample the pool, select (OSS), optimize (CLO),
-    decode and store; each class appears on disk only when all its files are in place."""
+    decode and store; each class appears on disk only when all its files are in place. ``progress`` receives the
+    pool and CLO progress instead of the bars."""
     cfg.validate()
     ranks = distributed.init(cfg.device)         # torchrun: this process distills every world_size-th group
-    r = prepare(cfg, host or Host(), ranks)
-    if r.cfg.dry_run:
-        plan = dryrun.report(r.cfg, r.gen, r.handle, r.spec, r.space, r.clo, r.device, r.cfg.dry_run)
-        return RunResult(Path(r.cfg.out), [], 0, {}, ranks.rank, plan)
-    store = open_store(r)
-    groups, todo = plan_groups(r, store)
-    bars = Bars(r, groups, todo)
+    job = prepare(cfg, host or Host(), ranks)
+    if job.cfg.dry_run:
+        plan = dryrun.report(job.cfg, job.gen, job.handle, job.spec, job.space, job.clo, job.device, job.cfg.dry_run)
+        return RunResult(Path(job.cfg.out), [], 0, {}, ranks.rank, plan)
+    store = open_store(job)
+    groups, todo = plan_groups(job, store)
+    bars = ProgressBars(job, groups, todo, progress)
     for g, missing in todo:
-        distill_group(r, store, groups[g], missing, bars)
+        distill_group(job, store, groups[g], missing, bars)
     bars.close()
-    return finish(r, store)
+    return finish(job, store)
 
 
-def prepare(cfg: RunConfig, host: Host, ranks) -> Run:
+def prepare(cfg: RunConfig, host: Host, ranks) -> Job:
     """Load the generator and classifier and check every option and input; writes nothing."""
     gen = host.generator(cfg.generator)
     device = resolve_device(distributed.rank_device(cfg.device, ranks))
@@ -120,7 +132,7 @@ def prepare(cfg: RunConfig, host: Host, ranks) -> Run:
         cfg = resolve_batch_size(cfg, ranks, work, rid, device)
     if not cfg.dry_run and not cfg.images:
         preflight(work, cfg)
-    return Run(cfg, ranks, gen, handle, spec, space, source, settings, classifier, targets, device, rid,
+    return Job(cfg, ranks, gen, handle, spec, space, source, settings, classifier, targets, device, rid,
                condition_per_class(cfg, space, classifier), description, source_id, identity)
 
 
@@ -139,22 +151,22 @@ def preflight(work: dryrun.Workload, cfg: RunConfig) -> None:
     work.decode(latents)
 
 
-def open_store(r: Run) -> Store:
+def open_store(job: Job) -> Store:
     """Check the output folder, then (rank 0) create it or take over this same run's; read its records."""
-    header = manifest_header(r.cfg, r.gen, r.description, r.space, r.classifier, r.clo)
-    header["source"] = r.source_id
-    header["identity"] = r.identity
-    store = Store(Path(r.cfg.out), r.run_id, header, r.ranks.rank, r.ranks.world_size)
-    store.check(r.cfg.overwrite)
-    r.ranks.barrier()
-    if r.ranks.is_main:
+    header = manifest_header(job.cfg, job.gen, job.description, job.space, job.classifier, job.clo)
+    header["source"] = job.source_id
+    header["identity"] = job.identity
+    store = Store(Path(job.cfg.out), job.run_id, header, job.ranks.rank, job.ranks.world_size)
+    store.check(job.cfg.overwrite)
+    job.ranks.barrier()
+    if job.ranks.is_main:
         store.open()                    # nothing is written before every input has been checked
-    r.ranks.barrier()
+    job.ranks.barrier()
     store.load()
     return store
 
 
-def plan_groups(r: Run, store: Store) -> tuple[list[list[int]], list[tuple[int, list[int]]]]:
+def plan_groups(job: Job, store: Store) -> tuple[list[list[int]], list[tuple[int, list[int]]]]:
     """The class groups, and this rank's share of those with an incomplete class: [(group, its incomplete
     positions)].
 
@@ -162,8 +174,8 @@ def plan_groups(r: Run, store: Store) -> tuple[list[list[int]], list[tuple[int, 
     checks the files of every N-th group against their records; the groups left to do are dealt out over the
     ranks, so a resume stays balanced. A group with an incomplete class is computed again in full (at most one
     chunk's work repeated), so its chunks hold the same samples."""
-    space, ranks = r.space, r.ranks
-    groups = workplan.class_groups([r.source.keep(cid) for cid in space.ids], r.cfg.batch_size)
+    space, ranks = job.space, job.ranks
+    groups = workplan.class_groups([job.source.keep(cid) for cid in space.ids], job.cfg.batch_size)
     checked = {g: [p for p in groups[g] if not store.is_complete(space.ids[p])]
                for g in ranks.shard(range(len(groups)))}
     todo = ranks.spread(sorted((g, missing) for part in ranks.gather(checked)
@@ -176,24 +188,45 @@ def plan_groups(r: Run, store: Store) -> tuple[list[list[int]], list[tuple[int, 
     return groups, todo
 
 
-class Bars:
-    """The pool and CLO progress bars; under torchrun only rank 0 draws them (the groups are dealt in turn, so
-    its share stands for every rank's)."""
+Progress = Callable[[str, int, int], None]
+"""A progress receiver: called with (stage, units done, units in all) as a run moves; the stages are "sample pool"
+(or "encode" for refine) counted in images and "CLO" counted in iterations."""
 
-    def __init__(self, r: Run, groups, todo):
-        shown = r.cfg.progress and r.ranks.is_main
-        of_ranks = f" (rank 0 of {r.ranks.world_size})" if r.ranks.world_size > 1 else ""
-        ids, src, size = r.space.ids, r.source, r.cfg.batch_size
-        self.sample = tqdm(total=sum(src.size(ids[p]) for g, _ in todo for p in groups[g]),
-                           desc=("encode" if r.cfg.images else "sample pool") + of_ranks, unit="img",
-                           disable=not shown)
-        self.clo = tqdm(total=sum(workplan.chunks(sum(src.keep(ids[p]) for p in groups[g]), size)
-                                  for g, _ in todo) * r.cfg.clo_iters, desc="CLO" + of_ranks, unit="it",
-                        disable=not shown)
+
+class StageBar:
+    """One stage's progress: a tqdm bar (drawn when the run shows bars) that also tells a Progress receiver."""
+
+    def __init__(self, stage: str, total: int, unit: str, shown: bool, suffix: str, receiver: Progress | None):
+        self.stage, self.total, self.done, self.receiver = stage, total, 0, receiver
+        self.bar = tqdm(total=total, desc=stage + suffix, unit=unit, disable=not shown)
+
+    def update(self, n: int) -> None:
+        self.done += n
+        self.bar.update(n)
+        if self.receiver is not None:
+            self.receiver(self.stage, self.done, self.total)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+class ProgressBars:
+    """The pool and CLO progress of a run: bars on stderr when ``--progress`` (under torchrun only rank 0 draws
+    them: the groups are dealt in turn, so its share stands for every rank's), and a Progress receiver if given."""
+
+    def __init__(self, job: Job, groups, todo, receiver: Progress | None = None):
+        shown = job.cfg.progress and job.ranks.is_main and receiver is None
+        of_ranks = f" (rank 0 of {job.ranks.world_size})" if job.ranks.world_size > 1 else ""
+        ids, src, size = job.space.ids, job.source, job.cfg.batch_size
+        self.sample = StageBar("encode" if job.cfg.images else "sample pool",
+                               sum(src.size(ids[p]) for g, _ in todo for p in groups[g]), "img", shown, of_ranks,
+                               receiver)
+        self.clo = StageBar("CLO", sum(workplan.chunks(sum(src.keep(ids[p]) for p in groups[g]), size)
+                                       for g, _ in todo) * job.cfg.clo_iters, "it", shown, of_ranks, receiver)
 
     def clo_step(self, n: int) -> None:
-        if self.clo.n == 0 and n:
-            self.clo.reset(self.clo.total)      # its clock starts with the first CLO, not with the first pool
+        if self.clo.done == 0 and n:
+            self.clo.bar.reset(self.clo.total)      # its clock starts with the first CLO, not with the first pool
         self.clo.update(n)
 
     def close(self) -> None:
@@ -201,69 +234,69 @@ class Bars:
         self.clo.close()
 
 
-def distill_group(r: Run, store: Store, group: list[int], missing: list[int], bars: Bars) -> None:
+def distill_group(job: Job, store: Store, group: list[int], missing: list[int], bars: ProgressBars) -> None:
     """One group of classes from pool to PNG files; only the classes in ``missing`` are written."""
-    cids, labels = [r.space.ids[p] for p in group], [r.space.generator_labels[p] for p in group]
+    cids, labels = [job.space.ids[p] for p in group], [job.space.generator_labels[p] for p in group]
     times = {}
     t0 = time.perf_counter()
-    pools = sample_pools(r, cids, labels, bars)
+    pools = sample_pools(job, cids, labels, bars)
     times["sample"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    kept = select_samples(r, group, cids, labels, pools)
+    kept = select_samples(job, group, cids, labels, pools)
     latents_init = torch.cat([pool[keep.to(pool.device)] for (pool, _), (keep, _) in zip(pools, kept)])
     times["select"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    latents, bad, curves = optimize_latents(r, cids, labels, kept, latents_init, bars)
+    latents, bad, curves = optimize_latents(job, cids, labels, kept, latents_init, bars)
     times["clo"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    pixels = in_chunks(lambda z: r.gen.decode(handle=r.handle, latents=z).cpu(), latents, r.cfg.batch_size)
+    pixels = in_chunks(lambda z: job.gen.decode(handle=job.handle, latents=z).cpu(), latents, job.cfg.batch_size)
     times["decode"] = time.perf_counter() - t0
-    store_classes(r, store, group, missing, kept, latents_init, latents, curves, pixels, bad,
+    store_classes(job, store, group, missing, kept, latents_init, latents, curves, pixels, bad,
                   {k: round(v, 3) for k, v in times.items()})
 
 
-def sample_pools(r: Run, cids: list[str], labels: list[int], bars: Bars) -> list[tuple[torch.Tensor, object]]:
+def sample_pools(job: Job, cids: list[str], labels: list[int], bars: ProgressBars) -> list[tuple[torch.Tensor, object]]:
     """1. Each class's pool (and its state one sampler step before the end, for ``stability``): sampled by the
     generator, each sample from its own seed (refine: the given images, encoded)."""
-    return r.source.latents(list(zip(cids, labels)), r.cfg.batch_size, bars.sample)
+    return job.source.latents(list(zip(cids, labels)), job.cfg.batch_size, bars.sample)
 
 
-def select_samples(r: Run, group: list[int], cids: list[str], labels: list[int], pools
+def select_samples(job: Job, group: list[int], cids: list[str], labels: list[int], pools
                    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """2. OSS: (kept pool indices in selection order, their scores) per class; the pool is classified after
     decoding, as the classifier input says."""
-    cfg = r.cfg
+    cfg = job.cfg
     if cfg.select in ("confidence", "stability"):
-        probs = classify(r.gen, r.handle, r.classifier, [p for p, _ in pools], cfg.batch_size)
+        probs = classify(job.gen, job.handle, job.classifier, [p for p, _ in pools], cfg.batch_size)
         if cfg.select == "stability":
-            probs_before = classify(r.gen, r.handle, r.classifier, [b for _, b in pools], cfg.batch_size)
+            probs_before = classify(job.gen, job.handle, job.classifier, [b for _, b in pools], cfg.batch_size)
     kept = []
     for k, (pos, cid, label) in enumerate(zip(group, cids, labels)):
-        ipc = r.source.keep(cid)
+        ipc = job.source.keep(cid)
         if cfg.select == "confidence":
-            keep = oss.select_confidence(probs[k], r.targets[pos], ipc, cfg.order)
-            scores = oss.scores_of(probs[k], r.targets[pos])[keep]
+            keep = oss.select_confidence(probs[k], job.targets[pos], ipc, cfg.order)
+            scores = oss.scores_of(probs[k], job.targets[pos])[keep]
         elif cfg.select == "stability":
             keep = oss.select_stability(probs_before[k], probs[k], ipc)
             scores = oss.stability_of(probs_before[k], probs[k])[keep]
         else:
-            keep = (oss.select_random(r.source.size(cid), ipc, unit_generator(cfg.seed, label, 0, "select"))
+            keep = (oss.select_random(job.source.size(cid), ipc, unit_generator(cfg.seed, label, 0, "select"))
                     if cfg.select == "random" else torch.arange(ipc))
             scores = torch.full((ipc,), float("nan"))
         kept.append((keep, scores))
     return kept
 
 
-def optimize_latents(r: Run, cids: list[str], labels: list[int], kept, latents_init: torch.Tensor, bars: Bars
+def optimize_latents(job: Job, cids: list[str], labels: list[int], kept, latents_init: torch.Tensor, bars: ProgressBars
                      ) -> tuple[torch.Tensor, dict[str, str], dict[str, torch.Tensor]]:
     """3. CLO on the group's selected latents in chunks, each row with its own condition, noise and level draws.
     Returns the latents, {class: why it failed} for classes whose samples or latents are not finite, and each
     row's loss terms per iteration ({"mean", "max"}: (rows, iters))."""
-    cfg = r.cfg
+    cfg = job.cfg
     rows = [(cid, label, i) for cid, label, (keep, _) in zip(cids, labels, kept) for i in range(len(keep))]
     # a non-finite sample is the generator's fault, not CLO's: checked on the device, one sync per group
     finite = torch.isfinite(latents_init.flatten(1)).all(1).tolist()
-    bad = {rows[k][0]: (f"non-finite samples from the generator ({r.gen.label}, cao2_sample): NaN or Inf in "
+    bad = {rows[k][0]: (f"non-finite samples from the generator ({job.gen.label}, cao2_sample): NaN or Inf in "
                         f"sample {rows[k][2]}") for k in range(len(rows)) if not finite[k]}
     first_bad: dict[str, dict[int, int]] = {}
     latents, curves = [], {"mean": [], "max": []}
@@ -271,9 +304,9 @@ def optimize_latents(r: Run, cids: list[str], labels: list[int], kept, latents_i
         units = [rows[k] for k in idx]
         chunk_curves = {"mean": torch.zeros(len(idx), 0), "max": torch.zeros(len(idx), 0)}
         z, chunk_bad = clo.optimize_rows(
-            r.gen, r.handle, latents_init[idx], torch.tensor([l for _, l, _ in units], device=r.device),
-            [r.conditions[c] for c, _, _ in units], [unit_generator(cfg.seed, l, i, "clo-noise") for _, l, i in units],
-            [unit_generator(cfg.seed, l, i, "clo-level") for _, l, i in units], r.clo, bars.clo_step, chunk_curves)
+            job.gen, job.handle, latents_init[idx], torch.tensor([l for _, l, _ in units], device=job.device),
+            [job.conditions[c] for c, _, _ in units], [unit_generator(cfg.seed, l, i, "clo-noise") for _, l, i in units],
+            [unit_generator(cfg.seed, l, i, "clo-level") for _, l, i in units], job.clo, bars.clo_step, chunk_curves)
         latents.append(z)
         for k in curves:
             curves[k].append(chunk_curves[k])
@@ -285,16 +318,16 @@ def optimize_latents(r: Run, cids: list[str], labels: list[int], kept, latents_i
     return torch.cat(latents), bad, {k: torch.cat(v) for k, v in curves.items()}
 
 
-def store_classes(r: Run, store: Store, group, missing, kept, latents_init, latents, curves, pixels, bad,
+def store_classes(job: Job, store: Store, group, missing, kept, latents_init, latents, curves, pixels, bad,
                   seconds) -> None:
     """4. Write each class of the group that was missing: PNGs, latents (with CLO's loss curves) and its record
     (written last); a class with non-finite values is recorded as failed instead."""
     first = 0
-    cids = [r.space.ids[p] for p in group]
+    cids = [job.space.ids[p] for p in group]
     for pos, cid, (keep, scores) in zip(group, cids, kept):
         ipc, rows_of = len(keep), slice(first, first + len(keep))
         first += ipc
-        label = r.space.generator_labels[pos]
+        label = job.space.generator_labels[pos]
         if pos not in missing:
             continue            # computed again only because its group had an incomplete class
         if cid in bad:
@@ -304,14 +337,14 @@ def store_classes(r: Run, store: Store, group, missing, kept, latents_init, late
                    "labels": torch.full((ipc,), label), "scores": scores.float(), "pool_index": keep.long(),
                    "clo_loss_mean": curves["mean"][rows_of], "clo_loss_max": curves["max"][rows_of]}
         store.write_class(cid, pixels[rows_of], tensors, {
-            "name": r.space.names[pos], "label": pos, "generator_label": label, "condition": r.conditions[cid],
-            "pool": r.source.size(cid), "kept": ipc, "group": cids, "seconds": seconds, "rank": r.ranks.rank})
+            "name": job.space.names[pos], "label": pos, "generator_label": label, "condition": job.conditions[cid],
+            "pool": job.source.size(cid), "kept": ipc, "group": cids, "seconds": seconds, "rank": job.ranks.rank})
 
 
-def finish(r: Run, store: Store) -> RunResult:
+def finish(job: Job, store: Store) -> RunResult:
     """Every rank's classes are written: the ranks send each other their new records, rank 0 writes the manifest
     (listing them all) and the preview."""
-    ranks = r.ranks
+    ranks = job.ranks
     sent = ranks.gather(store.this_run)
     written = sum(e["status"] == "complete" for entries in sent for e in entries.values())
     if ranks.is_main:
@@ -319,12 +352,12 @@ def finish(r: Run, store: Store) -> RunResult:
     else:
         store.collect(sent)
     failed = {c: e.get("reason", "") for c, e in store.manifest["classes"].items() if e.get("status") == "failed"}
-    completed = [c for c in r.space.ids if store.recorded_complete(c)]
+    completed = [c for c in job.space.ids if store.recorded_complete(c)]
     preview = False
     if ranks.is_main:
-        preview = write_preview(store, r.gen, r.handle, completed, r.device, r.cfg.batch_size)
+        preview = write_preview(store, job.gen, job.handle, completed, job.device, job.cfg.batch_size)
     ranks.barrier()
-    return RunResult(Path(r.cfg.out), completed, written, failed, ranks.rank, preview=preview)
+    return RunResult(Path(job.cfg.out), completed, written, failed, ranks.rank, preview=preview)
 
 
 def classify(gen: Generator, handle, classifier: Classifier, pools: list[torch.Tensor], batch_size: int
@@ -374,22 +407,6 @@ def resolve_kernels(backend: str, device: torch.device) -> str:
         return kernels.resolve(backend, device)
     except (kernels.KernelUnavailable, ValueError) as exc:
         raise UserError(f"{exc}; choose another --kernels (auto, torch, ...)") from None
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"unknown --device {name!r}; use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise UserError(f"--device {name}: this torch has no usable MPS (Apple GPU) backend; use --device cpu")
-    if dev.type not in ("cpu", "cuda", "mps"):
-        raise UserError(f"--device {name}: a run needs a device that computes (cpu, cuda, cuda:N), not {dev.type}")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name} asked for CUDA but no GPU is visible; use --device cpu")
-    return dev
 
 
 def resolve_classes(cfg: RunConfig, spec, declared: dict) -> LabelSpace:
@@ -474,17 +491,11 @@ def run_identity(cfg: RunConfig, gen: Generator, description: dict, classifier: 
 
 
 def manifest_header(cfg, gen: Generator, description: dict, space: LabelSpace, classifier, settings) -> dict:
-    def ver(pkg):
-        try:
-            return version(pkg)
-        except PackageNotFoundError:
-            return None
     return {
         "config": {**cfg.output_key(), "clo_tmax": settings.level_max},
         "kernels": settings.kernels,
         "batch_size": cfg.batch_size,       # fixes which samples share a chunk; a resumed --batch-size auto reuses it
-        "versions": {"cao2": __version__, "python": platform.python_version(), "torch": torch.__version__,
-                     **{p: ver(p) for p in ("diffusers", "timm", "safetensors", "pluggy")}},
+        "versions": {"cao2": __version__, **versions("diffusers", "timm", "safetensors", "pluggy")},
         "command": " ".join(sys.argv),
         "generator": {"name": gen.name, "distribution": gen.distribution, "version": gen.version, **description},
         "classifier": None if classifier is None else {"source": classifier.source, "sha256": classifier.sha256,

@@ -11,13 +11,13 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from cao2core.distill import engine
+from cao2core.method import engine
 from cao2core.data import mnist
 from cao2core.cli import config_from_args, build_parser, main
 from cao2core.errors import UserError
 from cao2core.data.labels import label_space
 from cao2core.generators.host import Host
-from cao2core.distill.pools import class_files
+from cao2core.method.pools import class_files
 from digits import write_digits
 
 

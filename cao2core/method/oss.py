@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import torch
 
-STRATEGIES = ("confidence", "stability", "random", "none")
-ORDERS = ("easy", "hard")
+from ..config import ORDERS, STRATEGIES  # noqa: F401  (the selection strategies and orders the options offer)
 
 
 def select_confidence(probs: torch.Tensor, target: int, ipc: int, order: str = "easy") -> torch.Tensor:

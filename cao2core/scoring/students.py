@@ -2,7 +2,7 @@
 
 ConvNet-3 is the dataset-distillation standard on small images: three blocks of conv3x3 (128 channels),
 instance norm (GroupNorm with one group per channel, affine), ReLU and 2x2 average pooling, then one linear
-layer. After ``import cao2core.evaluate.students``, ``timm.create_model("convnet3", num_classes=10, in_chans=1)``
+layer. After ``import cao2core.scoring.students``, ``timm.create_model("convnet3", num_classes=10, in_chans=1)``
 builds it like any timm model; ``img_size`` sizes the linear layer (default 32).
 """
 from __future__ import annotations

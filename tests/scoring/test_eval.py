@@ -4,7 +4,6 @@ Everything runs on the CPU on a few dozen 32x32 digits (real MNIST images writte
 """
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -16,10 +15,10 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from cao2core.errors import UserError
-from cao2core.evaluate import data as D
-from cao2core.evaluate.cli import add_parser, main
-from cao2core.evaluate.protocols import PROTOCOLS, eval_epochs, lr_factor
-from cao2core.evaluate.students import ConvNet
+from cao2core.scoring import data as D
+from cao2core.cli import build_parser, dispatch
+from cao2core.scoring.protocols import PROTOCOLS, eval_epochs, lr_factor
+from cao2core.scoring.students import ConvNet
 from cao2core.data.labels import label_space
 
 NETTE = label_space("nette")
@@ -30,13 +29,11 @@ WOOF = label_space("woof")
 
 
 def parse(argv):
-    parser = argparse.ArgumentParser(prog="cao2")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    return parser.parse_args(["eval", *map(str, argv)])
+    return build_parser().parse_args(["eval", *map(str, argv)])
 
 
 def run_eval(argv):
-    return main(parse(argv))
+    return dispatch(parse(argv))
 
 
 def fails(argv, match, out=None):
@@ -104,7 +101,7 @@ QUICK = ["--epochs", "8", "--batch-size", "50", "--eval-every", "4", "--device",
 
 
 def test_convnet3_via_timm():
-    import cao2core.evaluate.students  # noqa: F401  (registers convnet3 with timm)
+    import cao2core.scoring.students  # noqa: F401  (registers convnet3 with timm)
     model = timm.create_model("convnet3", num_classes=10, in_chans=1)
     assert isinstance(model, ConvNet)
     assert model(torch.zeros(2, 1, 32, 32)).shape == (2, 10)
@@ -207,7 +204,7 @@ def test_teacher_class_mismatch_is_an_error(mnist_run, mnist_val, tmp_path):
 
 def test_teacher_outputs_follow_the_label_space(tmp_path):
     from cao2core.data.classifiers import load_classifier
-    from cao2core.evaluate.protocols import Teacher
+    from cao2core.scoring.protocols import Teacher
     order = [str(d) for d in (3, 1, 4, 0, 5, 9, 2, 6, 8, 7)]
     space = label_space("mnist")
     teacher = Teacher(load_classifier(str(_teacher(tmp_path / "p.safetensors", order)), space, torch.device("cpu")),

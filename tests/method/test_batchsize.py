@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from cao2core.distill import batchsize
+from cao2core.method import batchsize
 from cao2core.cli import main
 
 GiB = 1 << 30
@@ -75,10 +75,10 @@ def test_auto_probes_the_gpu(tiny_args, tmp_path, capsys):
 
 
 def test_the_probed_stages_are_the_runs_own(tiny_world, tiny_classifier):
-    from cao2core.distill import clo
+    from cao2core.method import clo
     from cao2core.data.classifiers import load_classifier
     from cao2core.config import RunConfig
-    from cao2core.distill.dryrun import Workload
+    from cao2core.method.dryrun import Workload
     from cao2core.data.labels import label_space
     from cao2core.generators.host import Host
     cpu = torch.device("cpu")
