@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib.resources
 import io
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -90,6 +91,7 @@ class Classifier:
 
     def __post_init__(self):
         self.model.eval().requires_grad_(False)
+        _match_input_channels(self.model)
         self.data_config = timm.data.resolve_data_config({}, model=self.model)
         self.transform = timm.data.create_transform(**self.data_config)
         self.in_chans, self.size = self.data_config["input_size"][0], self.data_config["input_size"][-1]
@@ -142,6 +144,39 @@ class Classifier:
         return (x.permute(2, 0, 1) - mean) / std
 
 
+def _match_input_channels(model: nn.Module) -> None:
+    """Make the model's ``pretrained_cfg`` describe the channels its first convolution takes. timm keeps the RGB
+    config of an architecture built with another ``in_chans`` (resnet18 for grayscale digits), so its data config
+    would feed 3 channels to a 1-channel stem; the means and stds are averaged over the channels."""
+    cfg = getattr(model, "pretrained_cfg", None)
+    chans = _first_conv_channels(model)
+    if not isinstance(cfg, dict) or chans is None:
+        return
+    size = tuple(cfg.get("input_size") or (3, 224, 224))
+    if size[0] == chans:
+        return
+    mean, std = (cfg.get(key) or default for key, default in (("mean", timm.data.IMAGENET_DEFAULT_MEAN),
+                                                              ("std", timm.data.IMAGENET_DEFAULT_STD)))
+    # a new dict: timm may share the config object with its registry and other models of the architecture
+    model.pretrained_cfg = {**cfg, "input_size": (chans, *size[1:]),
+                            "mean": (sum(mean) / len(mean),) * chans, "std": (sum(std) / len(std),) * chans}
+
+
+def _first_conv_channels(model: nn.Module) -> int | None:
+    """The input channels of the model's stem: the layer its config names ``first_conv``, else its first Conv2d."""
+    cfg = getattr(model, "pretrained_cfg", None)
+    first = cfg.get("first_conv") if isinstance(cfg, dict) else None
+    stem = None
+    if isinstance(first, str):
+        try:
+            stem = model.get_submodule(first)
+        except AttributeError:
+            stem = None
+    if not isinstance(stem, nn.Conv2d):
+        stem = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    return stem.in_channels if stem is not None else None
+
+
 def load_classifier(spec: str | None, space: LabelSpace, device: torch.device, arch: str | None = None,
                     classes_file: str | None = None, input: str = "timm") -> Classifier:
     """A timm model name (hub weights), a local .safetensors/.pt checkpoint, or None for the dataset's default;
@@ -176,7 +211,17 @@ def read_class_list(path: str, flag: str) -> list[str]:
                         "with one class id per line, in the classifier's output order") from None
     if not lines:
         raise UserError(f"{flag} {path} lists no class; give one class id per line, in the classifier's output order")
+    refuse_duplicates(lines, f"{flag} {path}", "give each class id once, in the classifier's output order")
     return lines
+
+
+def refuse_duplicates(classes: list[str], where: str, fix: str) -> None:
+    """Refuse a class list naming an id twice: the first output would score both entries' class."""
+    seen = set()
+    for cid in classes:
+        if cid in seen:
+            raise UserError(f"{where} lists class {cid!r} twice; {fix}")
+        seen.add(cid)
 
 
 def _num_outputs(model: nn.Module) -> int:
@@ -211,27 +256,118 @@ def _load_local(path: Path, arch: str | None) -> Classifier:
             state = state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else state
     except Exception as exc:
         raise UserError(f"cannot read classifier checkpoint {path}: {weights.load_error(exc)}") from None
-    weights.require_floating(state, path)
+    if not isinstance(state, dict) or not state or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise UserError(f"classifier checkpoint {path} is not a state dict of tensors (it holds "
+                        f"{_what(state)}); save it with torch.save(model.state_dict(), ...) or as safetensors")
     arch = arch or meta.get("arch")
     if not arch:
         raise UserError(f"classifier checkpoint {path} does not name its architecture; pass --classifier-arch")
-    num_classes = int(meta["num_classes"]) if "num_classes" in meta else _infer_num_classes(state)
+    num_classes = _meta_count(meta, "num_classes", path) or _infer_num_classes(state, path)
     convs = [v for v in state.values() if v.ndim == 4]
-    in_chans = int(meta.get("in_chans", convs[0].shape[1] if convs else 3))
-    model = timm.create_model(arch, pretrained=False, num_classes=num_classes, in_chans=in_chans)
+    in_chans = _meta_count(meta, "in_chans", path) or (convs[0].shape[1] if convs else 3)
+    model = _create(arch, path, num_classes=num_classes, in_chans=in_chans)
+    # after the model exists: what it declares as integer buffers (BatchNorm's counters) is no quantized weight
+    weights.require_floating(state, path, model)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[0]
         raise UserError(f"classifier checkpoint {path} does not fit architecture {arch}: {first}") from None
-    classes = json.loads(meta["classes"]) if "classes" in meta else None
-    acc = json.loads(meta["class_accuracy"]) if "class_accuracy" in meta else None
-    class_accuracy = dict(zip(classes, acc)) if classes and acc else {}
+    classes = _meta_classes(meta, path)
+    class_accuracy = _meta_accuracy(meta, classes, path)
     return Classifier(model, classes, str(path), weights.file_sha256(path), class_accuracy)
 
 
-def _infer_num_classes(state: dict) -> int:
+def _what(value) -> str:
+    """What a checkpoint holds instead of a state dict, in a few words."""
+    def kind(obj) -> str:
+        name = type(obj).__name__
+        return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
+    if not isinstance(value, dict):
+        return kind(value)
+    if not value:
+        return "no tensor"
+    odd = next((v for v in value.values() if not isinstance(v, torch.Tensor)), None)
+    return "keys that are not names" if odd is None else f"{kind(odd)} among its entries"
+
+
+def _create(arch: str, path: Path, **kwargs) -> nn.Module:
+    """timm's ``arch`` with random weights; an unknown name or one that cannot be built is one UserError."""
+    if ":" not in arch and not timm.is_model(arch):     # hf-hub:... names are resolved by create_model itself
+        raise UserError(f"classifier checkpoint {path}: architecture {arch!r} is not a timm model; give a timm name "
+                        "(e.g. resnet18) with --classifier-arch, or fix the checkpoint's 'arch' metadata")
+    try:
+        return timm.create_model(arch, pretrained=False, **kwargs)
+    except Exception as exc:
+        raise UserError(f"classifier checkpoint {path}: cannot build architecture {arch} with {kwargs} "
+                        f"({type(exc).__name__}: {' '.join(str(exc).split())[:160]}); fix --classifier-arch or "
+                        "the checkpoint's metadata") from None
+
+
+def _meta_count(meta: dict[str, str], key: str, path: Path) -> int | None:
+    """A positive whole number from the checkpoint's metadata (None: not there)."""
+    if key not in meta:
+        return None
+    try:
+        value = int(meta[key])
+    except (TypeError, ValueError):
+        value = 0
+    if value < 1:
+        raise UserError(f"classifier checkpoint {path}: metadata {key}={meta[key]!r} is not a positive whole "
+                        f"number; fix or drop the {key!r} entry of its metadata")
+    return value
+
+
+def _meta_json(meta: dict[str, str], key: str, path: Path, expected: str):
+    try:
+        return json.loads(meta[key])
+    except (TypeError, ValueError):
+        raise UserError(f"classifier checkpoint {path}: metadata {key!r} is not valid JSON; it must be {expected}"
+                        ) from None
+
+
+def _meta_classes(meta: dict[str, str], path: Path) -> list[str] | None:
+    """The class ids of the outputs, in order, from the metadata's ``classes`` (None: not there)."""
+    if "classes" not in meta:
+        return None
+    expected = 'a JSON list of class id strings in output order (e.g. ["0", "1"])'
+    classes = _meta_json(meta, "classes", path, expected)
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
+        raise UserError(f"classifier checkpoint {path}: metadata 'classes' must be {expected}")
+    refuse_duplicates(classes, f"classifier checkpoint {path}: metadata 'classes'",
+                      "fix the checkpoint's metadata or give --classifier-classes FILE")
+    return classes
+
+
+def _meta_accuracy(meta: dict[str, str], classes: list[str] | None, path: Path) -> dict[str, float]:
+    """Validation accuracy per class id from the metadata's ``class_accuracy``: a list in the order of ``classes``
+    or an object {class id: accuracy}; every accuracy a finite number ({}: not there)."""
+    if "class_accuracy" not in meta:
+        return {}
+    expected = ("a JSON list of accuracies in the order of 'classes', or an object {class id: accuracy}, "
+                "of finite numbers")
+    acc = _meta_json(meta, "class_accuracy", path, expected)
+    if isinstance(acc, list):
+        if classes is None:
+            return {}       # nothing says which class each entry is; --condition auto asks for --class-accuracy
+        if len(acc) != len(classes):
+            raise UserError(f"classifier checkpoint {path}: metadata 'class_accuracy' has {len(acc)} entries for "
+                            f"{len(classes)} classes; it must be {expected}")
+        acc = dict(zip(classes, acc))
+    if not isinstance(acc, dict):
+        raise UserError(f"classifier checkpoint {path}: metadata 'class_accuracy' must be {expected}")
+    for cid, value in acc.items():
+        # bool is an int to Python, and NaN compares false with every threshold: neither is an accuracy
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise UserError(f"classifier checkpoint {path}: metadata 'class_accuracy' of class {cid!r} is "
+                            f"{json.dumps(value)}; it must be {expected}")
+    return {cid: float(value) for cid, value in acc.items()}
+
+
+def _infer_num_classes(state: dict, path: Path) -> int:
     last = [v for k, v in state.items() if k.endswith("weight") and v.ndim == 2]
     if not last:
-        raise UserError("cannot tell the classifier's number of classes; save it as safetensors with metadata")
+        raise UserError(f"cannot tell the number of classes of classifier checkpoint {path}; save it as "
+                        "safetensors with metadata num_classes")
     return int(last[-1].shape[0])

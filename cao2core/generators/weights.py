@@ -5,6 +5,7 @@ cached by (path, size, modification time) under the user's cache folder, so giga
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -18,10 +19,18 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 
 
 def cache_file() -> Path:
-    """``CAO2_HASH_CACHE``, else ``$XDG_CACHE_HOME/cao2/sha256.json`` (default ``~/.cache``)."""
+    """``CAO2_HASH_CACHE``, else ``$XDG_CACHE_HOME/cao2/sha256.json`` (default ``~/.cache``). Refuses a path that
+    is a folder: the cache is one file, and writing it would leave its temporary copy beside the folder."""
     if os.environ.get("CAO2_HASH_CACHE"):
-        return Path(os.environ["CAO2_HASH_CACHE"]).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "cao2" / "sha256.json"
+        path = Path(os.environ["CAO2_HASH_CACHE"]).expanduser()
+        if path.is_dir():
+            raise UserError(f"CAO2_HASH_CACHE={os.environ['CAO2_HASH_CACHE']} is a folder; set it to a file path "
+                            f"(e.g. {path / 'sha256.json'}) or unset it")
+        return path
+    path = Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "cao2" / "sha256.json"
+    if path.is_dir():
+        raise UserError(f"the sha256 cache {path} is a folder; move it away, or set CAO2_HASH_CACHE to a file path")
+    return path
 
 
 def file_sha256(path) -> str:
@@ -75,11 +84,17 @@ def load_error(exc: Exception) -> str:
     return f"it is truncated or not a torch/safetensors file ({type(exc).__name__}: {text[:160]})"
 
 
-def require_floating(state: dict, source) -> None:
+def require_floating(state: dict, source, model: torch.nn.Module | None = None) -> None:
     """Refuse a state dict with a non-floating weight: ``load_state_dict`` would cast int8 or bool weights into
-    the model's float parameters without a word, and the run would compute garbage."""
+    the model's float parameters without a word, and the run would compute garbage. With ``model`` (the one the
+    state is for), an integer tensor is accepted where that model itself holds an integer buffer: a float model
+    saves those (BatchNorm's ``num_batches_tracked`` counts batches); where it holds a parameter or a float
+    buffer, an integer tensor is a quantized weight and refused."""
+    integer_buffers = set() if model is None else {
+        name for name, buffer in model.named_buffers() if not (buffer.is_floating_point() or buffer.is_complex())}
     for name, value in state.items():
-        if isinstance(value, torch.Tensor) and not (value.is_floating_point() or value.is_complex()):
+        if (isinstance(value, torch.Tensor) and not (value.is_floating_point() or value.is_complex())
+                and name not in integer_buffers):
             raise UserError(f"checkpoint {source}: weight {name!r} is {str(value.dtype).removeprefix('torch.')}, "
                             "not floating point (a quantized or damaged file); give the float checkpoint")
 
@@ -112,10 +127,11 @@ def _read_cache() -> dict:
 def _write_cache(cache: dict) -> None:
     """Best effort: a cache that cannot be written only costs the hashing again."""
     path = cache_file()
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(cache))
         os.replace(tmp, path)
     except OSError:
-        pass
+        with contextlib.suppress(OSError):      # a failed write leaves nothing behind
+            tmp.unlink(missing_ok=True)

@@ -1,7 +1,8 @@
 """The run folder's layout: what ``cao2 run`` writes where, and the names of the temporary files a kill may leave.
 
     OUT/manifest.json            the run's header and every class's record (written first, rewritten as it goes)
-    OUT/images/<class>/<i>.png   the distilled set (an ImageFolder)
+    OUT/images/<class>/<i>.png   the distilled set (an ImageFolder); what else a class folder holds is a
+                                 person's (foreign): kept, never a reason to redo the class
     OUT/latents/<class>.safetensors   the kept latents before and after CLO, labels, scores, CLO's loss curves
     OUT/records/<class>.json     each class's record: status and the sha256 of every file
     OUT/preview.png              the first classes before and after CLO
@@ -24,6 +25,8 @@ TEMP_NAMES = {
     ".": re.compile(rf"\.((manifest\.json|preview\.png)\.{TOKEN}\.tmp|preview\.{TOKEN}\.png)"),
     "latents": re.compile(rf"\..+\.safetensors\.{TOKEN}\.tmp"),
     "records": re.compile(rf"\..+\.json\.{TOKEN}\.tmp"),
+    # images/<class>/: an image written beside files cao2 did not write (a class folder holding a person's files)
+    "class": re.compile(rf"\.\d+\.png\.{TOKEN}\.tmp"),
 }
 STAGING = re.compile(rf"\.[^.].*\.{TOKEN}(\.old\d+)?")     # images/.<class>.<token>: a class folder being written
 

@@ -5,8 +5,12 @@ file on, whatever kill or full disk stops its creation. A class becomes visible 
 written under temporary names, listed in its record (``writing``), renamed into place, and the record is marked
 ``complete`` last. An output folder of another run is refused, or replaced with ``--overwrite``, which removes
 only the files that run's manifest and records list (and cao2's temporary names), and refuses when there is
-anything else. A complete class whose files no longer match its record is redone. Files and folders get the
-mode the umask gives, as a distilled set is made to be shared.
+anything else. A complete class whose files no longer match its record is redone. Files a class folder holds
+that its record does not list are foreign (a person's, a file browser's ``.DS_Store``): kept, never a reason to
+redo the class; a class written again into a folder that holds them is written beside them, its images replaced
+one by one under a record that says ``writing``. cao2 writes only inside the run folder: a sub-folder of its
+layout that is a symbolic link is refused. Files and folders get the mode the umask gives, as
+a distilled set is made to be shared.
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ import contextlib
 import hashlib
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -66,6 +71,7 @@ class Store:
         self.manifest = {"format": FORMAT, "run_id": run_id, **header, "classes": {}}
         self.redone: dict[str, str] = {}        # classes whose record or files say they must be written again
         self.this_run: dict[str, dict] = {}     # the records this process wrote, to send to the other ranks
+        self.foreign_reported = False           # the files no record lists are named once per run, by rank 0
 
     # --- whose folder it is ------------------------------------------------------------------------------------
 
@@ -150,7 +156,8 @@ class Store:
                     TEMP_NAMES["records"].fullmatch(name))
             if len(where) == 2 and where[0] == "images":     # a listed image, or any image of a folder being staged
                 cls = where[1]
-                return bool(IMAGE_NAME.fullmatch(name)) if STAGING.fullmatch(cls) else name in images.get(cls, ())
+                return bool(IMAGE_NAME.fullmatch(name)) if STAGING.fullmatch(cls) else (
+                    name in images.get(cls, ()) or bool(TEMP_NAMES["class"].fullmatch(name)))
             return False
 
         files, folders, records = [], [], []
@@ -189,15 +196,33 @@ class Store:
                                 "rerun with the inputs it was made with, choose another --out, or pass --overwrite "
                                 "to replace it")
             self._plan_removal(manifest)
+        self._refuse_links()
         parent = self.out
         while not parent.exists():
             parent = parent.parent
         if not os.access(parent, os.W_OK | os.X_OK):
             raise UserError(f"cannot write to {parent}; choose another --out or fix its permissions")
 
+    def _refuse_links(self) -> None:
+        """Refuse a sub-folder of the run's layout (images/, latents/, records/, eval/, a class's images/<class>)
+        that is a symbolic link or not a folder: writing through it would replace files outside the run folder."""
+        if not self.out.is_dir():
+            return
+        ids = self.manifest.get("class_ids") if isinstance(self.manifest.get("class_ids"), list) else []
+        for rel in (*SUBFOLDERS, EVAL_FOLDER, *(f"images/{cid}" for cid in ids if isinstance(cid, str))):
+            path = self.out / rel
+            if path.is_symlink():
+                raise UserError(f"{path} is a symbolic link (to {os.readlink(path)}) and cao2 writes only inside "
+                                f"its output folder; replace {rel} with a real folder (copy in what it should keep) "
+                                "or choose another --out")
+            if path.exists() and not path.is_dir():
+                raise UserError(f"{path} is a file where cao2 keeps its {rel} folder; move it away or choose "
+                                "another --out")
+
     def open(self) -> None:
         """Rank 0: create the folder (its manifest first), or replace another run's files (after
         ``check(overwrite=True)``), or take over this same run's records (complete classes are kept)."""
+        self._refuse_links()
         manifest = self._existing()
         try:
             if manifest is None:
@@ -238,6 +263,38 @@ class Store:
             else:
                 records[p.stem] = record
         self.manifest["classes"] = records
+        if self.rank == 0 and not self.foreign_reported:
+            self.foreign_reported = True
+            self._report_foreign()
+
+    def _report_foreign(self, shown: int = 5) -> None:
+        """One line on stderr naming the files the class folders hold that no record lists (they stay)."""
+        ids = self.manifest.get("class_ids") if isinstance(self.manifest.get("class_ids"), list) else []
+        cids = dict.fromkeys([*(c for c in ids if isinstance(c, str)), *self.manifest["classes"]])
+        found = [rel for cid in cids for rel in self.foreign(cid)]
+        if found:
+            more = f" and {len(found) - shown} more" if len(found) > shown else ""
+            print(f"cao2: {len(found)} file(s) or folder(s) in the class folders of {self.out} are not cao2's (no "
+                  f"class record lists them) and are left as they are: {', '.join(found[:shown])}{more}",
+                  file=sys.stderr)
+
+    def foreign(self, cid: str) -> list[str]:
+        """What images/<cid> holds besides the files the class's record lists (paths in the run folder, a folder
+        ending in /): a person's or a file browser's, kept and never a reason to redo the class. Without a record
+        that lists files, cao2's own image names (0.png, ...) are an earlier attempt's, to be written again, not
+        foreign; cao2's temporary names never are."""
+        folder = self.out / "images" / cid
+        if not folder.is_dir() or folder.is_symlink():
+            return []
+        files = (self.manifest["classes"].get(cid) or {}).get("files")
+        ours = set(files["images"]) if files else None
+        found = []
+        for path, is_folder in self._entries(folder):
+            if not is_folder and (TEMP_NAMES["class"].fullmatch(path.name) or (
+                    path.name in ours if ours is not None else IMAGE_NAME.fullmatch(path.name))):
+                continue
+            found.append(f"images/{cid}/{path.name}" + ("/" if is_folder else ""))
+        return found
 
     def recorded_complete(self, cid: str) -> bool:
         """The class's record says complete (its files are not read)."""
@@ -253,11 +310,11 @@ class Store:
         return not bad
 
     def _mismatch(self, cid: str, files: dict) -> str | None:
+        """Why the class's files are not those its record lists (None: they are). Only the listed files count:
+        what else the folder holds is foreign and left alone."""
         expected = {f"images/{cid}/{name}": sha for name, sha in files.get("images", {}).items()}
         expected[f"latents/{cid}.safetensors"] = files.get("latents")
-        folder = self.out / "images" / cid
-        on_disk = {f"images/{cid}/{p.name}" for p in folder.iterdir()} if folder.is_dir() else set()
-        if on_disk != {k for k in expected if k.startswith("images/")}:
+        if not all((self.out / rel).is_file() for rel in expected if rel.startswith("images/")):
             return f"images/{cid} does not hold the files its record lists"
         for rel, sha in expected.items():
             path = self.out / rel
@@ -279,25 +336,40 @@ class Store:
         latents = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
                        # one key: safetensors orders several metadata keys differently in every process
                        metadata={"cao2": json.dumps({"class": cid, "run_id": self.run_id}, sort_keys=True)})
+        pngs = {f"{i}.png": png_bytes(arr) for i, arr in enumerate(to_uint8(pixels))}
+        files = {"images": {name: hashlib.sha256(png).hexdigest() for name, png in sorted(pngs.items())},
+                 "latents": hashlib.sha256(latents).hexdigest()}   # images in name order, as records always were
         final = self.out / "images" / cid
+        if self.foreign(cid):
+            self._write_beside_foreign(cid, final, pngs, latents, dict(entry, status="writing", files=files))
+        else:
+            self._write_staged(cid, final, pngs, latents, dict(entry, status="writing", files=files))
+        self.set_status(cid, dict(entry, status="complete", files=files))
+
+    def _write_staged(self, cid: str, final: Path, pngs: dict[str, bytes], latents: bytes, writing: dict) -> None:
+        """The class's images into a new folder, renamed into place whole (replacing an earlier attempt's)."""
         staging = new_folder(final.parent, f".{cid}.")
         try:
             with locked_folder(staging):
-                images = {}
-                for i, arr in enumerate(to_uint8(pixels)):
-                    png = png_bytes(arr)
-                    (staging / f"{i}.png").write_bytes(png)
-                    images[f"{i}.png"] = hashlib.sha256(png).hexdigest()
-                files = {"images": dict(sorted(images.items())),     # name order, as the records always listed them
-                         "latents": hashlib.sha256(latents).hexdigest()}
+                for name, png in pngs.items():
+                    (staging / name).write_bytes(png)
                 # listed before they appear: a kill in the next steps leaves only files a record lists
-                self._write_record(cid, dict(entry, status="writing", files=files))
+                self._write_record(cid, writing)
                 atomic_write_bytes(self.out / "latents" / f"{cid}.safetensors", latents)
                 swap_in(staging, final)
         except BaseException:
             remove_path(staging)
             raise
-        self.set_status(cid, dict(entry, status="complete", files=files))
+
+    def _write_beside_foreign(self, cid: str, final: Path, pngs: dict[str, bytes], latents: bytes,
+                              writing: dict) -> None:
+        """The class's images written one by one into its folder, which holds files cao2 did not write: swapping
+        a new folder in would delete them. Each image replaces its name whole; the ``writing`` record lists them
+        first, so a kill leaves a class that is redone, and only cao2's temporary names to sweep."""
+        self._write_record(cid, writing)
+        for name, png in pngs.items():
+            atomic_write_bytes(final / name, png)
+        atomic_write_bytes(self.out / "latents" / f"{cid}.safetensors", latents)
 
     def _write_record(self, cid: str, entry: dict) -> None:
         path = self.out / "records" / f"{cid}.json"
@@ -344,7 +416,11 @@ class Store:
             folder = self.out / sub
             found += [p for p in folder.iterdir() if TEMP_NAMES[sub].fullmatch(p.name)] if folder.is_dir() else []
         images = self.out / "images"
-        found += [p for p in images.iterdir() if STAGING.fullmatch(p.name)] if images.is_dir() else []
+        for entry, is_folder in self._entries(images) if images.is_dir() and not images.is_symlink() else []:
+            if STAGING.fullmatch(entry.name):
+                found.append(entry)
+            elif is_folder:         # a class folder: an image written beside foreign files
+                found += [p for p in entry.iterdir() if TEMP_NAMES["class"].fullmatch(p.name)]
         removed = [p for p in found if abandoned(p)]
         for p in removed:
             with contextlib.suppress(OSError):

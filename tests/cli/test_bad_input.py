@@ -136,3 +136,35 @@ def test_non_finite_latents_fail_that_class_only(tiny_args, tmp_path, capsys, mo
     assert main(["run", *clean]) == 0
     torch.testing.assert_close(load_file(str(tmp_path / "clean" / "latents" / "0.safetensors"))["latents"],
                                with_nan, rtol=0, atol=0)
+
+
+TORCHRUN = {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29555"}
+
+
+@pytest.mark.parametrize("env,match", [
+    ({**TORCHRUN, "CAO2_DIST_TIMEOUT_MIN": "abc"}, "CAO2_DIST_TIMEOUT_MIN=abc is not a positive number of minutes"),
+    ({**TORCHRUN, "CAO2_DIST_TIMEOUT_MIN": "-5"}, "CAO2_DIST_TIMEOUT_MIN=-5 is not a positive number of minutes"),
+    ({"WORLD_SIZE": "2"}, "WORLD_SIZE=2 says this is one of 2 torchrun processes, but RANK is not set"),
+    ({**TORCHRUN, "MASTER_ADDR": ""}, "but MASTER_ADDR is not set"),
+    ({"WORLD_SIZE": "abc"}, "WORLD_SIZE=abc is not a whole number of 1 or more"),
+    ({**TORCHRUN, "RANK": "2"}, "RANK=2 is not a whole number from 0 to 1"),
+    ({**TORCHRUN, "LOCAL_RANK": "x"}, "LOCAL_RANK=x is not a whole number of 0 or more"),
+])
+def test_a_bad_torchrun_environment_is_one_line(tiny_args, tmp_path, capsys, monkeypatch, env, match):
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "CAO2_DIST_TIMEOUT_MIN"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    err = fails(tiny_args, capsys, match)
+    assert "unset" in err or "set it" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_environment_never_breaks_the_import():
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, CAO2_DIST_TIMEOUT_MIN="abc", WORLD_SIZE="abc")
+    proc = subprocess.run([sys.executable, "-m", "cao2core.cli", "presets"], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0 and not proc.stderr, proc.stderr[-2000:]

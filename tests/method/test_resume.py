@@ -246,3 +246,25 @@ def test_a_rank_that_dies_stops_the_run_and_the_rerun_resumes(tiny_world, tiny_c
                            text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert snapshot(out) == straight
+
+
+def test_a_class_redone_beside_a_persons_files_keeps_them(tiny_world, tiny_classifier, tmp_path, straight, capsys):
+    """An unfinished class whose folder holds a person's file is written beside it: the file stays, and the
+    class's files are a straight run's."""
+    out = tmp_path / "o"
+    args = base_args(tiny_world, tiny_classifier, out)
+    assert main(["run", *args]) == 0
+    (out / "records" / "5.json").unlink()
+    (out / "images" / "5" / "1.png").unlink()
+    (out / "images" / "5" / "mine.txt").write_bytes(b"precious")
+    (out / "images" / "8" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    capsys.readouterr()
+    assert main(["run", *args]) == 0
+    captured = capsys.readouterr()
+    assert "1 classes (3 already complete)" in captured.out and "class 8 will be redone" not in captured.err
+    assert "images/5/mine.txt, images/8/.DS_Store" in captured.err
+    assert (out / "images" / "5" / "mine.txt").read_bytes() == b"precious"
+    assert (out / "images" / "8" / ".DS_Store").exists()
+    (out / "images" / "5" / "mine.txt").unlink()
+    (out / "images" / "8" / ".DS_Store").unlink()
+    assert snapshot(out) == straight

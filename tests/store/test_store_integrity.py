@@ -500,3 +500,166 @@ def test_eval_reports_get_the_umasks_mode(tmp_path):
     finally:
         os.umask(old)
     assert oct(path.stat().st_mode & 0o777) == oct(0o644)
+
+
+# --- 6. files a person put in the run folder, and folders that lead out of it ----------------------------------
+
+
+HEADER = {"dataset": "mnist", "class_ids": list(CLASSES)}
+
+
+def foreign_files(out: Path) -> None:
+    """What a person, a file browser or an image viewer puts in finished class folders."""
+    add(out, "images/0/mine.png", (out / "images" / "0" / "0.png").read_bytes())
+    add(out, "images/0/.DS_Store", b"\0\0\0\1Bud1")
+    add(out, "images/0/.thumbs/0.jpg", b"\xff\xd8 a thumbnail")
+    add(out, "images/1/notes.txt", b"class 1 looks odd")
+
+
+def test_files_no_record_lists_are_kept_and_no_reason_to_redo(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "o"
+    write_run(out)
+    foreign_files(out)
+    before = tree(out)
+    capsys.readouterr()
+    store = Store(out, "A", HEADER)
+    store.check()
+    store.open()
+    store.load()
+    assert store.is_complete("0") and store.is_complete("1") and store.redone == {}
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err                                   # said once, though the records were read twice
+    assert "4 file(s) or folder(s) in the class folders of" in err[0] and "left as they are" in err[0], err
+    for rel in ("images/0/.DS_Store", "images/0/.thumbs/", "images/0/mine.png", "images/1/notes.txt"):
+        assert rel in err[0], err
+    monkeypatch.setattr(store_files, "DEBRIS_AGE_S", 0.0)
+    store.finish([store.this_run], wait_s=0)
+    assert {k: v for k, v in tree(out).items() if k != "manifest.json"} == {
+        k: v for k, v in before.items() if k != "manifest.json"}
+
+
+def test_a_class_written_again_keeps_the_files_no_record_lists(tmp_path, monkeypatch):
+    out = tmp_path / "o"
+    write_run(out)
+    foreign_files(out)
+    (out / "records" / "1.json").unlink()                       # class 1 unfinished: written again
+    (out / "images" / "0" / "1.png").write_bytes(b"damaged")   # class 0's listed file differs: redone
+    mine = {rel: data for rel, data in tree(out).items() if "mine" in rel or "notes" in rel or "thumbs" in rel
+            or "DS_Store" in rel}
+    store = Store(out, "A", HEADER)
+    store.check()
+    store.open()
+    store.load()
+    assert not store.is_complete("0") and not store.recorded_complete("1")
+    assert store.redone == {"0": "images/0/1.png is missing or differs from what this run wrote"}
+    for k, cid in enumerate(CLASSES):
+        store.write_class(cid, pixels(k), {"latents": torch.full((2, 4), float(k))}, {"label": k})
+    store.redone.clear()
+    assert store.is_complete("0") and store.is_complete("1"), store.redone
+    monkeypatch.setattr(store_files, "DEBRIS_AGE_S", 0.0)
+    store.finish([store.this_run], wait_s=0)
+    assert {rel: data for rel, data in tree(out).items() if rel in mine} == mine
+    fresh = tree(write_run(tmp_path / "fresh").out)             # the class files are those of a straight run
+    assert {k: v for k, v in tree(out).items() if k.startswith(("images/", "latents/")) and k not in mine} == {
+        k: v for k, v in fresh.items() if k.startswith(("images/", "latents/"))}
+
+
+def test_a_kill_while_a_class_is_written_beside_a_persons_files(tmp_path, monkeypatch):
+    header = {"dataset": "mnist", "class_ids": ["0", "1"]}
+
+    def prepare(out):
+        write_run(out, preview=False)
+        (out / "records" / "1.json").unlink()
+        add(out, "images/1/mine.txt", b"precious")
+
+    def write(out):
+        store = Store(out, "A", header)
+        store.open()
+        store.write_class("1", pixels(1), {"latents": torch.ones(2, 4)}, {"label": 1})
+    states = killed_states(monkeypatch, tmp_path, prepare, write)
+    assert len(states) >= 6
+    for out in states:
+        assert (out / "images" / "1" / "mine.txt").read_bytes() == b"precious"
+        resumed = Store(out, "A", header)
+        resumed.check()
+        resumed.open()
+        resumed.load()
+        assert resumed.is_complete("0")
+        resumed.write_class("1", pixels(1), {"latents": torch.ones(2, 4)}, {"label": 1})
+        assert resumed.is_complete("1")
+        monkeypatch.setattr(store_files, "DEBRIS_AGE_S", 0.0)
+        resumed.finish([resumed.this_run], wait_s=0)
+        assert not [p for p in out.rglob(".*")]                 # what the kill left is swept when the run ends
+        assert sorted(os.listdir(out / "images" / "1")) == ["0.png", "1.png", "mine.txt"]
+        assert (out / "images" / "1" / "mine.txt").read_bytes() == b"precious"
+
+
+@pytest.mark.parametrize("rel", ["images", "latents", "records", "eval", "images/0"])
+def test_a_symlinked_folder_of_the_layout_is_refused_before_anything_is_written(tmp_path, rel):
+    out = tmp_path / "o"
+    write_run(out)
+    theirs = tmp_path / "elsewhere"
+    if (out / rel).exists():
+        shutil.move(out / rel, theirs)
+    else:
+        add(theirs, "0.safetensors", b"the user's own file")
+    (out / rel).symlink_to(theirs)
+    before, before_theirs = tree(out), tree(theirs)
+    store = Store(out, "A", HEADER)
+    for step in (store.check, store.open):
+        with pytest.raises(UserError) as exc:
+            step()
+        message = one_line(exc)
+        assert f"{out / rel} is a symbolic link (to {theirs})" in message and "replace" in message, message
+    assert tree(out) == before and tree(theirs) == before_theirs
+
+
+def test_a_file_where_a_class_folder_goes_is_refused(tmp_path):
+    out = tmp_path / "o"
+    write_run(out)
+    shutil.rmtree(out / "images" / "1")
+    add(out, "images/1", b"a file named like the class")
+    with pytest.raises(UserError) as exc:
+        Store(out, "A", HEADER).check()
+    assert f"{out / 'images' / '1'} is a file where cao2 keeps its images/1 folder" in one_line(exc)
+    assert (out / "images" / "1").read_bytes() == b"a file named like the class"
+
+
+def test_a_rerun_keeps_what_a_person_put_in_the_output(tiny_args, tmp_path, capsys):
+    assert main(["run", *tiny_args]) == 0
+    out = tmp_path / "out"
+    add(out, "images/0/mine.png", (out / "images" / "0" / "0.png").read_bytes())
+    add(out, "images/0/.DS_Store", b"\0\0\0\1Bud1")
+    add(out, "images/0/.thumbs/0.jpg", b"\xff\xd8 a thumbnail")
+    (out / "records" / "3.json").unlink()
+    add(out, "images/3/mine.txt", b"precious")
+    before = tree(out)
+    capsys.readouterr()
+    assert main(["run", *tiny_args]) == 0
+    captured = capsys.readouterr()
+    assert "class 0 will be redone" not in captured.err and "(1 already complete)" in captured.out
+    [said] = [line for line in captured.err.splitlines() if "no class record lists them" in line]
+    assert all(rel in said for rel in ("images/0/mine.png", "images/0/.DS_Store", "images/0/.thumbs/",
+                                       "images/3/mine.txt")), said
+    after = tree(out)
+    for rel in ("images/0/mine.png", "images/0/.DS_Store", "images/0/.thumbs/0.jpg", "images/3/mine.txt"):
+        assert after[rel] == before[rel]
+    assert json.loads((out / "records" / "3.json").read_text())["status"] == "complete"
+    assert sorted(os.listdir(out / "images" / "3")) == ["0.png", "1.png", "mine.txt"]
+    assert after["images/3/0.png"] == before["images/3/0.png"] and after["latents/3.safetensors"] == before[
+        "latents/3.safetensors"]
+
+
+def test_a_symlinked_latents_folder_is_refused_by_the_cli(tiny_args, tmp_path, capsys):
+    assert main(["run", *tiny_args]) == 0
+    out, theirs = tmp_path / "out", tmp_path / "my-latents"
+    shutil.move(out / "latents", theirs)
+    (theirs / "0.safetensors").write_bytes(b"the user's own work")
+    (out / "latents").symlink_to(theirs)
+    before = tree(theirs)
+    capsys.readouterr()
+    assert main(["run", *tiny_args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{out / 'latents'} is a symbolic link" in err, err
+    assert "cao2 writes only inside its output folder" in err, err
+    assert tree(theirs) == before
