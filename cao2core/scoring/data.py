@@ -299,6 +299,13 @@ def _read_manifest(path: Path) -> dict:
     return manifest
 
 
+def _listed(record, name: str) -> bool:
+    """Whether a class record lists the image ``name`` (a record without a list, as older runs wrote: any)."""
+    files = record.get("files") if isinstance(record, dict) else None
+    images = files.get("images") if isinstance(files, dict) else None
+    return not isinstance(images, dict) or name in images
+
+
 def open_distilled(path: str, dataset: str | None, class_map: dict[str, str] | None) -> Distilled:
     root = Path(path)
     manifest_path = root / MANIFEST
@@ -326,6 +333,8 @@ def open_distilled(path: str, dataset: str | None, class_map: dict[str, str] | N
             raise UserError(f"{root} is a cao2 run whose manifest lists class {gone[0]!r} as complete, but its "
                             f"folder images/{gone[0]} is missing; rerun its `cao2 run` command to redo it")
         files = check_layout(root / "images", space, "distilled", class_map)
+        if class_map is None:       # what a person or a file browser added to a class folder is not the set
+            files = {cid: [f for f in paths if _listed(status.get(cid), f.name)] for cid, paths in files.items()}
         config = manifest.get("config")
         info = {"layout": "cao2 run", "run_id": manifest.get("run_id"), "dataset": run_dataset,
                 "run_ipc": config.get("ipc") if isinstance(config, dict) else None}

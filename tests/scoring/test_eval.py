@@ -315,3 +315,16 @@ def test_mnist_students_can_be_tested_on_the_validation_split(tmp_path):
               "--quiet", "--mnist-split", "val", "--out", tmp_path / "v"])
     report = json.loads((tmp_path / "v" / "eval.json").read_text())
     assert "val split" in report["data"]["val"] and report["data"]["val_images"] == int((y_val < 2).sum())
+
+
+def test_a_runs_set_is_what_its_records_list(tmp_path, digits):
+    """A file a person (or a thumbnailing viewer) put in a class folder is kept by the run, not trained on."""
+    run = write_run(tmp_path / "run", digits, ipc=2)
+    manifest = json.loads((run / "manifest.json").read_text())
+    for cid in manifest["class_ids"]:
+        manifest["classes"][cid]["files"] = {"images": {"0.png": "-", "1.png": "-"}, "latents": "-"}
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    Image.fromarray(digits[0][0], "L").save(run / "images" / "3" / "mine.png")
+    opened = D.open_distilled(str(run), None, None)
+    assert sorted(p.name for p in opened.images["3"]) == ["0.png", "1.png"]
+    assert all(len(paths) == 2 for paths in opened.images.values())
