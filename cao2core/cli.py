@@ -39,8 +39,8 @@ VALUE_TYPES = {"int": int, "float": float}
 def add_run_flags(parser: argparse.ArgumentParser, command: str = "run") -> None:
     """The flags of ``command`` from RunConfig's table; unset flags stay out of the namespace, so a preset or a
     config file is overridden only by what was typed."""
-    parser.add_argument("--config", metavar="FILE", help="TOML file whose keys are these flag names; flags override "
-                        "it")
+    parser.add_argument("--config", metavar="FILE", action="append", help="TOML file whose keys are these flag names; "
+                        "flags override it (one file)")
     parser.add_argument("--preset", metavar="NAME", help="settings of the official code for a dataset (`cao2 "
                         "presets`); the config file and flags override it")
     for f in fields(RunConfig):
@@ -198,7 +198,12 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     flags = {k: v for k, v in vars(args).items()
              if k not in ("command", "command_line", "config", "preset", "debug", "grid", "evaluate")
              and not k.startswith("eval_")}
-    return resolve_run_config(getattr(args, "preset", None), getattr(args, "config", None), **flags)
+    files = getattr(args, "config", None) or []
+    if len(files) > 1:
+        raise UserError(f"--config is given {len(files)} times ({', '.join(files)}); give one file (merge them "
+                        "into one, or put the differences on the command line as flags)")
+    command = "refine" if args.command == "refine" else "run"
+    return resolve_run_config(getattr(args, "preset", None), files[0] if files else None, command, **flags)
 
 
 def eval_config_from_args(args: argparse.Namespace) -> EvalConfig:

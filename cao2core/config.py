@@ -287,13 +287,15 @@ def replace(config, **changes):
     return dataclasses.replace(config, **changes)
 
 
-def resolve_run_config(preset: str | None = None, config_file: str | None = None, **options) -> RunConfig:
+def resolve_run_config(preset: str | None = None, config_file: str | None = None, command: str = "run",
+                       **options) -> RunConfig:
     """A ``RunConfig`` from a ``--preset`` NAME, a ``--config`` TOML file and options, in that order of
     precedence (later wins; ``gen_opt`` pairs merge by key, so adding one keeps the preset's others). The CLI
-    passes the flags given on its command line as ``options``."""
+    passes the flags given on its command line as ``options``; ``command`` ("run" or "refine") is the command
+    the config file is for (a key of the other command's is refused)."""
     from .method import presets
     chosen = presets.get(preset) if preset else None
-    toml = load_toml(config_file) if config_file else {}
+    toml = load_toml(config_file, command) if config_file else {}
     profile = options.get("profile", toml.get("profile", chosen.options.get("profile") if chosen else None))
     values = chosen.options_for(profile) if chosen else {}
     for layer in (toml, options):
@@ -313,8 +315,9 @@ def merge_gen_opts(earlier: list[str], later: list[str]) -> list[str]:
     return list(merged.values())
 
 
-def load_toml(path: str) -> dict:
-    """Read a --config file; keys are the flag names (dashes or underscores), values of the flags' types."""
+def load_toml(path: str, command: str = "run") -> dict:
+    """Read a --config file of ``cao2 command``; keys are the flag names (dashes or underscores; one spelling
+    each), values of the flags' types."""
     try:
         data = tomllib.loads(Path(path).read_text())
     except FileNotFoundError:
@@ -322,11 +325,18 @@ def load_toml(path: str) -> dict:
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise UserError(f"config file {path} is not valid TOML: {exc}") from None
     known = {f.name: f for f in fields(RunConfig)}
-    out = {}
+    out, spelled = {}, {}
     for key, value in data.items():
         name = key.replace("-", "_")
         if name not in known:
-            raise UserError(f"config file {path}: unknown key {key!r}; keys are the `cao2 run` flag names")
+            raise UserError(f"config file {path}: unknown key {key!r}; keys are the `cao2 {command}` flag names")
+        if name in spelled:
+            raise UserError(f"config file {path}: {spelled[name]!r} and {key!r} are the same option; keep one of them")
+        commands = known[name].metadata["commands"]
+        if command not in commands:
+            raise UserError(f"config file {path}: {key!r} is an option of `cao2 {' / cao2 '.join(commands)}`, not "
+                            f"of `cao2 {command}`; remove it from the file or use that command")
+        spelled[name] = key
         out[name] = typed(known[name], value, f"config file {path}: {key}")
     return out
 

@@ -136,3 +136,24 @@ def test_all_zero_original_dit_runs_or_fails_in_one_line(tmp_path, capsys, tiny_
                "--out", str(tmp_path / "o"), "--no-progress", "--device", "cpu"])
     err = capsys.readouterr().err.strip()
     assert rc == 0 or (len(err.splitlines()) == 1 and err.startswith("cao2: error: ")), err
+
+
+@pytest.mark.parametrize("command,toml,match", [
+    ("run", "clo-iters = 1\nclo_iters = 2", "'clo-iters' and 'clo_iters' are the same option"),
+    ("run", 'images = "some/folder"', "'images' is an option of `cao2 refine`, not of `cao2 run`"),
+    ("refine", "dry-run = 1", "'dry-run' is an option of `cao2 run`, not of `cao2 refine`"),
+    ("refine", "pool-factor = 2", "'pool-factor' is an option of `cao2 run`, not of `cao2 refine`"),
+])
+def test_config_keys_belong_to_the_command_once(tmp_path, capsys, command, toml, match):
+    (tmp_path / "run.toml").write_text(toml + "\n")
+    extra = ["--images", str(tmp_path)] if command == "refine" else []
+    fails([command, "--config", str(tmp_path / "run.toml"), "--out", str(tmp_path / "o"), *extra], capsys, match)
+    assert not (tmp_path / "o").exists()
+
+
+def test_config_given_twice_is_refused(tmp_path, capsys):
+    (tmp_path / "a.toml").write_text("ipc = 1\n")
+    (tmp_path / "b.toml").write_text("ipc = 2\n")
+    fails(["run", "--config", str(tmp_path / "a.toml"), "--config", str(tmp_path / "b.toml"), "--out",
+           str(tmp_path / "o")], capsys, "--config is given 2 times")
+    assert not (tmp_path / "o").exists()
