@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -449,10 +450,18 @@ def condition_per_class(cfg: RunConfig, space: LabelSpace, classifier: Classifie
         return {cid: cfg.condition for cid in space.ids}
     if cfg.class_accuracy:
         try:
-            acc = {str(k): float(v) for k, v in json.loads(Path(cfg.class_accuracy).read_text()).items()}
-        except (OSError, ValueError, AttributeError):
+            acc = json.loads(Path(cfg.class_accuracy).read_text())
+            if not isinstance(acc, dict):
+                raise ValueError
+        except (OSError, ValueError):
             raise UserError(f"--class-accuracy {cfg.class_accuracy} is not a readable JSON object "
                             "{class id: accuracy}") from None
+        for cid, value in acc.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or not 0 <= value <= 1:
+                raise UserError(f"--class-accuracy {cfg.class_accuracy}: class {cid!r} has accuracy {value!r}; "
+                                "give each class a number in [0, 1]")
+        acc = {str(k): float(v) for k, v in acc.items()}
     else:
         acc = classifier.class_accuracy if classifier else {}
     missing = [c for c in space.ids if c not in acc]

@@ -168,3 +168,18 @@ def test_the_environment_never_breaks_the_import():
     proc = subprocess.run([sys.executable, "-m", "cao2core.cli", "presets"], env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0 and not proc.stderr, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("accuracy,match", [
+    ('{"0": NaN, "3": 0.5}', "class '0' has accuracy nan"),
+    ('{"0": Infinity, "3": 0.5}', "class '0' has accuracy inf"),
+    ('{"0": [1], "3": 0.5}', "class '0' has accuracy [1]"),
+    ('{"0": {"a": 1}, "3": 0.5}', "class '0' has accuracy"),
+    ('{"0": true, "3": 0.5}', "class '0' has accuracy True"),
+    ('{"0": 95, "3": 0.5}', "give each class a number in [0, 1]"),
+    ('[0.9, 0.5]', "is not a readable JSON object"),
+])
+def test_bad_class_accuracy(tiny_args, tmp_path, capsys, accuracy, match):
+    (tmp_path / "acc.json").write_text(accuracy)
+    fails(tiny_args + ["--condition", "auto", "--class-accuracy", str(tmp_path / "acc.json")], capsys, match)
+    assert not (tmp_path / "out").exists()
