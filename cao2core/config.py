@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from .errors import UserError
+from .outputs import check_apart, check_name
 from .generators.hookspecs import CLASSIFIER_INPUTS, CONDITION_KINDS, GENERIC_OPTIONS
 
 CONDITIONS = CONDITION_KINDS + ("auto",)
@@ -137,6 +138,9 @@ class RunConfig:
         for ok, message in checks:
             if not ok:
                 raise UserError(message)
+        check_name(self.out, "--out")
+        if self.images:
+            check_apart(self.images, "--images", self.out, "--out")
 
     def output_key(self) -> dict:
         """The options that change what is written: a rerun with the same key may resume the output."""

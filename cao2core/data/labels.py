@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
+from ..outputs import check_folder_name
 
 IMAGENET_FILES = {"nette": "imagenette_wnids.txt", "woof": "imagewoof_wnids.txt",
                   "in100": "imagenet100_wnids.txt", "in1k": "imagenet1k_wnids.txt"}
@@ -87,13 +88,15 @@ def from_pairs(name: str, pairs, generator_space: str | None = None) -> LabelSpa
     if bad:
         raise UserError(f"label space {name}: class id {bad[0]!r} cannot name a folder; use ids without '/' or a "
                         "leading dot")
+    for i in ids:
+        check_folder_name(i, f"label space {name}: class id")
     return LabelSpace(name, tuple(ids), tuple(n for _, n in pairs), tuple(range(len(ids))), generator_space or name)
 
 
 def read_pairs(path: Path) -> list[tuple[str, str]]:
     """(id, name) per non-empty line ``ID [NAME...]``; the name defaults to the id."""
     try:
-        lines = path.read_text().splitlines()
+        lines = path.read_text(encoding="utf-8").removeprefix("\ufeff").splitlines()   # a BOM is no class id
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"dataset file {path}: cannot read it ({getattr(exc, 'strerror', None) or exc})") from None
     pairs = []

@@ -105,6 +105,7 @@ def evaluate(config: EvalConfig, log: Callable[[str], None] | None = None, comma
     from .augment import AugmentSpec
     from .protocols import PROTOCOLS, Settings, Teacher, stderr_log, train_one
     from .report import build_report, write_outputs
+    from ..outputs import check_apart, check_writable
 
     device = resolve_device(config.device)
     class_map = eval_data.read_class_map(config.class_map)
@@ -201,6 +202,11 @@ def evaluate(config: EvalConfig, log: Callable[[str], None] | None = None, comma
         raise UserError("pass --out DIR for the report (only a cao2 run output has a default, DIR/eval/)")
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a folder; choose another --out")
+    if distilled is not None:
+        check_apart(config.data, "--data", out, "--out", distilled.root / "eval" if distilled.is_run else None)
+    if config.train:
+        check_apart(config.train, "--train", out, "--out")
+    check_writable(out, "--out")
 
     # --- train ---
     if log is None and not config.quiet:

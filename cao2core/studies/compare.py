@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ..config import PROTOCOLS, EvalConfig
 from ..errors import UserError
+from ..outputs import check_apart, check_writable
 from ..store.layout import EVAL_FOLDER
 
 FORMAT = "cao2-compare/1"
@@ -123,6 +124,10 @@ def compare(data: str, protocols: list[str] = DEFAULT_PROTOCOLS, settings: EvalC
         raise UserError("pass --out DIR for the reports (only a cao2 run output has a default, DIR/eval/compare)")
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a folder; choose another --out")
+    check_apart(data, "--data", out, "--out", distilled.root / EVAL_FOLDER if distilled.is_run else None)
+    if settings.train:
+        check_apart(settings.train, "--train", out, "--out")
+    check_writable(out, "--out")
     planned = {p: evaluations(settings, data, ipc, full.name, classes, out, p) for p in protocols}
     for p in protocols:             # every option is checked before the first student trains
         planned[p]["distilled"].validate()          # the sets differ only in what they train on:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -183,3 +184,25 @@ def test_bad_class_accuracy(tiny_args, tmp_path, capsys, accuracy, match):
     (tmp_path / "acc.json").write_text(accuracy)
     fails(tiny_args + ["--condition", "auto", "--class-accuracy", str(tmp_path / "acc.json")], capsys, match)
     assert not (tmp_path / "out").exists()
+
+
+def test_output_inside_the_refined_images_is_refused(tiny_args, tmp_path, capsys):
+    src = tmp_path / "src"
+    (src / "0").mkdir(parents=True)
+    k = tiny_args.index("--pool-factor")
+    args = tiny_args[:k] + tiny_args[k + 2:]            # refine has no pool
+    for out, match in [(src / "out", "--out"), (src, "--out"), (tmp_path, "is inside --out")]:
+        assert main(["refine", *replace(args, "--out", str(out)), "--images", str(src)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith("cao2: error: ") and match in err, err
+    assert [p.name for p in src.iterdir()] == ["0"]
+
+
+def test_names_the_file_system_cannot_hold(tiny_args, tmp_path, capsys):
+    long_out = tmp_path / ("o" * 300)
+    fails(replace(tiny_args, "--out", str(long_out)), capsys, "longer than the 255 a file name can be")
+    assert not os.path.exists(long_out)
+    for cid, match in [("c" * 300, "a class folder name can be at most"), ("a\0b", "control character")]:
+        (tmp_path / "classes.txt").write_text(f"{cid}\nzero\n")
+        fails(replace(tiny_args, "--dataset", str(tmp_path / "classes.txt")), capsys, match)
+        assert not (tmp_path / "out").exists()

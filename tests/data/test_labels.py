@@ -43,3 +43,12 @@ def test_wnid_file(tmp_path):
 def test_bad_classes(spec, match):
     with pytest.raises(UserError, match=match):
         label_space("mnist").select(spec)
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_class_id(tmp_path):
+    from cao2core.data.labels import label_space
+    path = tmp_path / "classes.txt"
+    path.write_bytes("\ufeffcat Cat\ndog\n".encode("utf-8"))
+    assert label_space(str(path)).ids == ("cat", "dog")
+    path.write_bytes("\ufeffn02086240\nn02087394\n".encode("utf-8"))     # an ImageNet subset too
+    assert label_space(str(path)).ids == ("n02086240", "n02087394")

@@ -328,3 +328,30 @@ def test_a_runs_set_is_what_its_records_list(tmp_path, digits):
     opened = D.open_distilled(str(run), None, None)
     assert sorted(p.name for p in opened.images["3"]) == ["0.png", "1.png"]
     assert all(len(paths) == 2 for paths in opened.images.values())
+
+
+def test_read_only_output_is_refused_before_training(tmp_path, digits, mnist_val, monkeypatch):
+    import tempfile
+
+    from cao2core.scoring import protocols
+
+    run = write_run(tmp_path / "run", digits, ipc=2)
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    def never(*args, **kwargs):
+        raise AssertionError("a student was trained")
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)       # as on a read-only folder (root ignores chmod)
+    monkeypatch.setattr(protocols, "train_one", never)
+    fails(["--data", run, "--val", mnist_val, *QUICK], "--out", run / "eval")
+    message = fails(["--data", run, "--val", mnist_val, *QUICK], "cannot be written")
+    assert "Permission denied" in message
+
+
+def test_output_inside_the_data_is_refused(tmp_path, digits, mnist_val):
+    folder = write_digits(tmp_path / "set", digits, 0, 2)
+    fails(["--data", folder, "--val", mnist_val, "--out", folder, *QUICK], "--out")
+    fails(["--data", folder, "--val", mnist_val, "--out", folder / "eval", *QUICK], "is inside --data")
+    fails(["--data", folder, "--val", mnist_val, "--out", tmp_path, *QUICK], "--data")
+    assert sorted(p.name for p in folder.iterdir()) == [str(d) for d in range(10)]

@@ -118,3 +118,24 @@ def test_eval_random_real_on_a_subset_of_classes(tmp_path, capsys):
     assert report["data"]["val_images"] == 2
     assert main(["eval", "--data", str(val), "--classes", "0", "--out", str(tmp_path / "x"), *QUICK]) == 2
     assert "--classes is for the --random-real / --full-real baselines" in capsys.readouterr().err
+
+
+def test_output_inside_the_data_or_read_only_is_refused(tiny_args, tmp_path, capsys, monkeypatch):
+    import tempfile
+    assert main(["run", *tiny_args]) == 0
+    run = tmp_path / "out"
+    before = sorted(p.name for p in run.iterdir())
+    capsys.readouterr()
+    for out, match in [(run, "--out"), (run / "images", "is inside --data"), (tmp_path, "is inside --out")]:
+        assert main(["compare", "--data", str(run), "--out", str(out), *QUICK, "--quiet"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and match in err, err
+    assert sorted(p.name for p in run.iterdir()) == before
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)       # as on a read-only run folder
+    assert main(["compare", "--data", str(run), *QUICK, "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "cannot be written" in err and "Permission denied" in err, err
+    assert not (run / "eval").exists()
