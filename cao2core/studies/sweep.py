@@ -97,6 +97,30 @@ def axes_of(grid: dict | list, given: set[str] = frozenset()) -> list[Axis]:
     return axes
 
 
+def check_generators(configs: list[RunConfig], names: list[str]) -> None:
+    """What each point's generator decides (its --clo-tmax range, its label space), checked for every point
+    before the first runs: the generator is loaded once per distinct generator configuration."""
+    from ..environment import resolve_device
+    from ..generators.host import Host
+    from ..method import clo, engine
+
+    host, loaded = Host(), {}
+    for cfg, name in zip(configs, names):
+        try:
+            key = json.dumps([cfg.generator, cfg.gen_options(), cfg.device], sort_keys=True, default=str)
+            if key not in loaded:
+                gen = host.generator(cfg.generator)
+                handle = gen.load(options=gen.parse_options(cfg.gen_options()), device=resolve_device(cfg.device))
+                loaded[key] = (gen, gen.latent_spec(handle=handle))
+                del handle
+            gen, spec = loaded[key]
+            level_max = cfg.clo_tmax if cfg.clo_tmax is not None else spec.default_level_max
+            clo.check_levels(clo.CLOSettings(level_min=spec.level_range[0], level_max=level_max), spec.level_range)
+            engine.resolve_classes(cfg, spec, gen.label_spaces())
+        except UserError as exc:
+            raise UserError(f"--grid point {name}: {exc}") from None
+
+
 def point_names(axes: list[Axis]) -> list[tuple[str, dict, str]]:
     """(folder name, {field: value}, the values as given) of every point, the first axis varying slowest."""
     points = []
@@ -127,6 +151,7 @@ def sweep(base: RunConfig, grid: dict | list, evaluation: EvalConfig | None = No
     configs = [replace(base, **values, out=str(out / name)) for name, values, _ in points]
     evals = [study_evaluation(evaluation, c.out) for c in configs] if evaluation is not None else []
     check_before_running(configs, evals, out, [name for name, _, _ in points])
+    check_generators(configs, [name for name, _, _ in points])
 
     measure = Measurer()
     rows = []

@@ -134,6 +134,8 @@ def test_a_point_whose_clo_fails_is_reported_and_not_scored(tiny_args, tmp_path,
     (["--grid", "clo-lr=1e-3", "--protocol", "rded", "--teacher", "missing.safetensors"], "--teacher missing"),
     (["--grid", "clo-lr=1e-3", "--val", "nowhere"], "--val nowhere is not a folder"),
     (["--grid", "clo-lr=1e-3", "--dry-run"], "--dry-run is for `cao2 run`"),
+    (["--grid", "clo-tmax=10,5000"], "--grid point clo-tmax-5000: --clo-tmax 5000 is outside this generator's range"),
+    (["--grid", "dataset=mnist,woof"], "--grid point dataset-woof: dataset woof uses in1k labels"),
 ])
 def test_bad_sweep_fails_before_any_run(tiny_args, tmp_path, capsys, extra, match):
     assert main(["sweep", *tiny_args, *extra]) == 2
