@@ -109,6 +109,8 @@ class RunConfig:
     overwrite: bool = option(False, "replace an output folder that holds a run of another configuration",
                            affects_output=False)
     progress: bool = option(True, "show progress bars", affects_output=False)
+    from_preset: dict = option(dict, "the fields a --preset set, and its name (for messages; not a flag)",
+                               affects_output=False, commands=())
 
     def validate(self) -> None:
         if self.ipc == "all" and not self.images:
@@ -141,6 +143,10 @@ class RunConfig:
         check_name(self.out, "--out")
         if self.images:
             check_apart(self.images, "--images", self.out, "--out")
+
+    def origin(self, name: str) -> str:
+        """" (the value of --preset NAME)" when the field ``name`` holds a preset's value, else ""."""
+        return f" (the value of --preset {self.from_preset[name]})" if name in self.from_preset else ""
 
     def output_key(self) -> dict:
         """The options that change what is written: a rerun with the same key may resume the output."""
@@ -301,11 +307,15 @@ def resolve_run_config(preset: str | None = None, config_file: str | None = None
     chosen = presets.get(preset) if preset else None
     toml = load_toml(config_file, command) if config_file else {}
     profile = options.get("profile", toml.get("profile", chosen.options.get("profile") if chosen else None))
-    values = chosen.options_for(profile) if chosen else {}
+    later = {**toml, **options}
+    values = chosen.options_for(profile, later.get("sample_steps"), later.get("timestep_convention")) if chosen else {}
+    from_preset = {k: preset for k in values if k not in later}
     for layer in (toml, options):
         if "gen_opt" in layer and "gen_opt" in values:
             layer = {**layer, "gen_opt": merge_gen_opts(values["gen_opt"], layer["gen_opt"])}
         values.update(layer)
+    if from_preset:
+        values["from_preset"] = from_preset
     try:
         return RunConfig(**values)
     except TypeError as exc:
@@ -332,7 +342,7 @@ def load_toml(path: str, command: str = "run") -> dict:
     out, spelled = {}, {}
     for key, value in data.items():
         name = key.replace("-", "_")
-        if name not in known:
+        if name not in known or not known[name].metadata["commands"]:
             raise UserError(f"config file {path}: unknown key {key!r}; keys are the `cao2 {command}` flag names")
         if name in spelled:
             raise UserError(f"config file {path}: {spelled[name]!r} and {key!r} are the same option; keep one of them")

@@ -113,7 +113,11 @@ def prepare(cfg: RunConfig, host: Host, ranks) -> Job:
         source = SampledPool(cfg, gen, handle, device)
     settings = clo.CLOSettings(cfg.clo_iters, cfg.clo_lr, cfg.clo_lambda, spec.level_range[0],
                                cfg.clo_tmax if cfg.clo_tmax is not None else spec.default_level_max)
-    clo.check_levels(settings, spec.level_range)
+    try:
+        clo.check_levels(settings, spec.level_range)
+    except UserError as exc:
+        raise UserError(f"{exc}{cfg.origin('clo_tmax')}; --clo-tmax on the command line overrides it"
+                        if cfg.origin("clo_tmax") else str(exc)) from None
     settings.kernels = resolve_kernels(cfg.kernels, device)
     if cfg.select == "stability" and (spec.sample_steps or 0) < 2:
         raise UserError(f"--select stability compares the sample one step before the end with the final one, but "

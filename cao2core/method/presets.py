@@ -6,7 +6,9 @@ Each preset holds ``cao2 run`` options (flag names with underscores) and the acc
 A preset states the official settings in the default profile's terms; ``reference`` holds what changes under
 ``--profile reference``. T-hat is the one such setting: the official "first 11 of the 50 respaced steps" is
 T-hat 11 on the respaced index in the reference convention and T-hat 224 (the original timestep of index 11) on
-the 1000-step scale of the default one.
+the 1000-step scale of the default one. The official scripts derive k from the sampling steps (the CLO loop draws
+from ``range(1, steps // 4)``, ``steps // 8`` for ImageNet-100), so a DiT preset holds that divisor
+(``tmax_divisor``) and its T-hat follows ``--sample-steps``, as the DiT plugin's own reference default does.
 """
 from __future__ import annotations
 
@@ -16,14 +18,12 @@ from ..errors import UserError
 from ..generators.respacing import space_timesteps
 
 
-def _first_respaced(k: int) -> tuple[int, int]:
-    """T-hat "the first k of the 50 respaced steps": (default profile: the original timestep of step k,
-    reference profile: k itself)."""
-    return space_timesteps(1000, 50)[k], k
-
-
-_T11, _T11_REFERENCE = _first_respaced(11)      # 224, 11
-_T5, _T5_REFERENCE = _first_respaced(5)         # 102, 5
+def derived_tmax(steps: int, divisor: int, convention: str) -> int:
+    """T-hat of the official loop ``range(1, steps // divisor)``: its last k (at least 1, below ``steps``) in
+    the reference convention; the original timestep of respaced step k on the 1000-step scale in the default
+    one (50 steps, divisor 4: 11 and 224)."""
+    k = max(1, min(steps // divisor - 1, steps - 1))
+    return k if convention == "reference" else space_timesteps(1000, steps)[min(k, steps - 1)]
 
 # The DiT scripts: 50-step ancestral DDPM at CFG 2.7, confidence selection, 100 CLO iterations of Adam 6e-4,
 # lambda 10, null label.
@@ -45,29 +45,36 @@ class Preset:
     options: dict
     paper: dict = field(default_factory=dict)    # "IPC10 (ResNet-18)" -> accuracy in %
     reference: dict = field(default_factory=dict)  # options that replace these under --profile reference
+    tmax_divisor: int | None = None     # T-hat derived from the sampling steps (see derived_tmax)
 
-    def options_for(self, profile: str | None) -> dict:
-        return {**self.options, **(self.reference if profile == "reference" else {})}
+    def options_for(self, profile: str | None, sample_steps: int | None = None,
+                    convention: str | None = None) -> dict:
+        """The preset's options under ``profile``; a derived T-hat follows ``sample_steps`` (default: the
+        preset's) and the timestep ``convention`` (default: the profile's)."""
+        values = {**self.options, **(self.reference if profile == "reference" else {})}
+        if self.tmax_divisor:
+            steps = sample_steps or values.get("sample_steps") or 50
+            values["clo_tmax"] = derived_tmax(steps, self.tmax_divisor, convention or (
+                "reference" if profile == "reference" else "default"))
+        return values
 
 
 PRESETS = {p.name: p for p in [
     Preset("woof", "ImageWoof as sample_woof.py: pool x4, easy order, T-hat 11 of 50 respaced steps, null label",
-           dict(_DIT_OFFICIAL, dataset="woof", pool_factor=4, order="easy", clo_tmax=_T11),
-           {"IPC10 (ResNet-18)": 45.6, "IPC50 (ResNet-18)": 68.9}, reference=dict(clo_tmax=_T11_REFERENCE)),
+           dict(_DIT_OFFICIAL, dataset="woof", pool_factor=4, order="easy"),
+           {"IPC10 (ResNet-18)": 45.6, "IPC50 (ResNet-18)": 68.9}, tmax_divisor=4),
     Preset("nette", "ImageNette as sample_nette.py: pool x2, easy order; the official script runs 0 CLO "
                     "iterations (selection only) -- see nette-clo",
-           dict(_DIT_OFFICIAL, dataset="nette", pool_factor=2, order="easy", clo_iters=0, clo_tmax=_T11,
-                condition="class"),
-           {"IPC10 (ResNet-18)": 65.0, "IPC50 (ResNet-50)": 82.7}, reference=dict(clo_tmax=_T11_REFERENCE)),
+           dict(_DIT_OFFICIAL, dataset="nette", pool_factor=2, order="easy", clo_iters=0, condition="class"),
+           {"IPC10 (ResNet-18)": 65.0, "IPC50 (ResNet-50)": 82.7}, tmax_divisor=4),
     Preset("nette-clo", "ImageNette with CLO as on the other subsets: pool x2, easy, T-hat 11 of 50, null label",
-           dict(_DIT_OFFICIAL, dataset="nette", pool_factor=2, order="easy", clo_tmax=_T11),
-           reference=dict(clo_tmax=_T11_REFERENCE)),
+           dict(_DIT_OFFICIAL, dataset="nette", pool_factor=2, order="easy"), tmax_divisor=4),
     Preset("in100", "ImageNet-100 as sample_imagenet100.py: pool x2, hard order, T-hat 5 of 50, null label",
-           dict(_DIT_OFFICIAL, dataset="in100", pool_factor=2, order="hard", clo_tmax=_T5),
-           {"IPC50 (ResNet-18)": 68.0}, reference=dict(clo_tmax=_T5_REFERENCE)),
+           dict(_DIT_OFFICIAL, dataset="in100", pool_factor=2, order="hard"),
+           {"IPC50 (ResNet-18)": 68.0}, tmax_divisor=8),
     Preset("in1k-dit", "ImageNet-1K as sample_imagenet.py: pool x4, easy order, T-hat 11 of 50, null label",
-           dict(_DIT_OFFICIAL, dataset="in1k", pool_factor=4, order="easy", clo_tmax=_T11),
-           {"IPC10 (ResNet-18)": 46.1, "IPC10 (ResNet-50)": 53.0}, reference=dict(clo_tmax=_T11_REFERENCE)),
+           dict(_DIT_OFFICIAL, dataset="in1k", pool_factor=4, order="easy"),
+           {"IPC10 (ResNet-18)": 46.1, "IPC10 (ResNet-50)": 53.0}, tmax_divisor=4),
     Preset("in1k-mar", "ImageNet-1K with MAR-B as mar_imagenet1k.py: pool x2, stability selection, 32 AR steps, "
                        "CFG 2.9 (linear), zero label embedding",
            dict(generator="mar", dataset="in1k", pool_factor=2, select="stability", sample_steps=32, guidance=2.9,
@@ -95,6 +102,9 @@ def table() -> str:
     lines = ["| preset | what | under --profile reference | paper |", "|---|---|---|---|"]
     for p in PRESETS.values():
         paper = ", ".join(f"{k} {v}" for k, v in p.paper.items()) or "-"
-        ref = ", ".join(f"{k.replace('_', '-')} {v}" for k, v in p.reference.items()) or "-"
+        changed = {k: v for k, v in p.options_for("reference").items() if p.options_for("default").get(k) != v}
+        ref = ", ".join(f"{k.replace('_', '-')} {v}" for k, v in changed.items()) or "-"
+        if p.tmax_divisor:
+            ref += f" (steps // {p.tmax_divisor} - 1 of --sample-steps)"
         lines.append(f"| {p.name} | {p.description} | {ref} | {paper} |")
     return "\n".join(lines)

@@ -67,3 +67,34 @@ def test_gen_opt_flags_merge_with_the_presets_by_key():
     assert cfg.gen_opt == ["cfg_schedule=linear", "temperature=0.9"]
     cfg = config_from_args(build_parser().parse_args(["run", "--preset", "in1k-mar", "--gen-opt", "cfg_schedule=constant"]))
     assert cfg.gen_opt == ["cfg_schedule=constant"]
+
+
+@pytest.mark.parametrize("argv,tmax", [
+    (["--preset", "woof", "--profile", "reference", "--sample-steps", "4"], 1),
+    (["--preset", "woof", "--profile", "reference", "--sample-steps", "100"], 24),
+    (["--preset", "in100", "--profile", "reference", "--sample-steps", "100"], 11),
+    (["--preset", "woof", "--sample-steps", "100"], 242),         # the original t of respaced step 24 of 100
+    (["--preset", "woof", "--timestep-convention", "reference"], 11),
+])
+def test_presets_t_hat_follows_the_sampling_steps(argv, tmax):
+    from cao2core.cli import build_parser, config_from_args
+    from cao2core.generators.respacing import space_timesteps
+    cfg = config_from_args(build_parser().parse_args(["run", *argv]))
+    assert cfg.clo_tmax == tmax and cfg.from_preset["clo_tmax"] == argv[1]
+    assert space_timesteps(1000, 100)[24] == 242
+
+
+def test_a_presets_t_hat_fits_a_few_steps_and_errors_name_the_preset(tiny_args, tmp_path, capsys):
+    args = ["--preset", "mnist", *tiny_args, "--timestep-convention", "reference", "--sample-steps", "4"]
+    assert main(["run", *args]) == 0                      # the plugin's own derivation (no preset T-hat)
+    from cao2core.config import resolve_run_config
+    from cao2core.method import engine
+    from cao2core.generators.host import Host
+    cfg = resolve_run_config("woof", None, model=tiny_args[1], dataset="mnist", profile="reference", sample_steps=4,
+                             classes="0", device="cpu", out=str(tmp_path / "w"), classifier=tiny_args[3])
+    assert cfg.clo_tmax == 1
+    cfg = resolve_run_config("woof", None, model=tiny_args[1], dataset="mnist", profile="reference", sample_steps=50,
+                             gen_opt=[], classes="0", device="cpu", out=str(tmp_path / "w"))
+    cfg = engine.replace(cfg, sample_steps=4)              # as if the steps came from elsewhere: 11 > 3
+    with pytest.raises(engine.UserError, match=r"outside this generator's range 1-3.*\(the value of --preset woof\)"):
+        engine.prepare(cfg, Host(), engine.distributed.init("cpu"))
