@@ -17,6 +17,21 @@ from .config import COUNT_WORDS, EvalConfig, RunConfig, base_type, resolve_run_c
 from .errors import UserError
 
 
+class BadArguments(Exception):
+    """A command line argparse cannot read: ``main`` prints it as one line with a --help hint."""
+
+    def __init__(self, message: str, prog: str):
+        super().__init__(message)
+        self.prog = prog
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but an error is one line (``main`` prints it), not the whole usage block."""
+
+    def error(self, message: str):
+        raise BadArguments(message, self.prog)
+
+
 def flag_of(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -128,7 +143,7 @@ def add_study_eval_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cao2", description="Dataset distillation with pretrained generators (CaO2).")
+    parser = Parser(prog="cao2", description="Dataset distillation with pretrained generators (CaO2).")
     parser.add_argument("--version", action="version", version=f"cao2 {__version__}")
     parser.add_argument("--debug", action="store_true", help="show the traceback behind an error (or CAO2_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -272,7 +287,16 @@ def grid_value(action: argparse.Action, flag: str, text: str):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except BadArguments as exc:
+        words = sys.argv[1:] if argv is None else argv
+        commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+        command = next((w for w in words if w in commands), None)
+        prog = exc.prog if exc.prog != "cao2" or command is None else f"cao2 {command}"
+        print(f"cao2: error: {' '.join(str(exc).split())}; run `{prog} --help` for its options", file=sys.stderr)
+        return 2
     args.command_line = " ".join(["cao2", *(sys.argv[1:] if argv is None else argv)])
     try:
         return dispatch(args)

@@ -206,3 +206,22 @@ def test_names_the_file_system_cannot_hold(tiny_args, tmp_path, capsys):
         (tmp_path / "classes.txt").write_text(f"{cid}\nzero\n")
         fails(replace(tiny_args, "--dataset", str(tmp_path / "classes.txt")), capsys, match)
         assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("argv,match,prog", [
+    (["run", "--ipc", "x"], "argument --ipc: expected a number or 'all', got 'x'", "cao2 run"),
+    (["run", "--bogus"], "unrecognized arguments: --bogus", "cao2 run"),
+    (["eval", "--protocol", "nope"], "argument --protocol: invalid choice: 'nope'", "cao2 eval"),
+    (["ablate", "--protocol", "nope", "--out", "never-written"], "--protocol must be one of", None),
+    (["nope"], "invalid choice: 'nope'", "cao2"),
+    ([], "the following arguments are required: command", "cao2"),
+])
+def test_argument_errors_are_one_line(capsys, argv, match, prog):
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("cao2: error: ") and match in err, err
+    assert "usage:" not in captured.err + captured.out and "cao2 eval" not in err.replace(prog or "-", "")
+    if prog:
+        assert err.endswith(f"run `{prog} --help` for its options"), err
+    assert not Path("never-written").exists()
