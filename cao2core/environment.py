@@ -38,3 +38,13 @@ def versions(*packages: str) -> dict[str, str | None]:
     """Python's, torch's and each package's version, as the reports record them."""
     import torch
     return {"python": platform.python_version(), "torch": torch.__version__, **{p: package_version(p) for p in packages}}
+
+
+def stderr_is_terminal() -> bool:
+    """Whether stderr is a terminal, where progress bars redraw in place; in a file or a pipe each redraw would
+    be one more line (a carriage-return frame), so progress is written a line per stage instead."""
+    import sys
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):       # replaced or closed
+        return False

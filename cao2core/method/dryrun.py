@@ -17,6 +17,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
+from ..environment import stderr_is_terminal
+
 from . import clo
 from ..generators.seeding import unit_generators
 from .workplan import chunks, class_groups
@@ -61,7 +63,7 @@ def report(cfg, gen, handle, spec, space, settings, device, ranks: int) -> str:
 
     def sample(n: int, what: str):
         """work.sample(n), saying what it does and moving a bar per sampler step (a sampler can take minutes)."""
-        with tqdm(total=steps, desc=f"dry run: {what}", unit="step", leave=False, disable=not cfg.progress) as bar:
+        with tqdm(total=steps, desc=f"dry run: {what}", unit="step", leave=False, disable=not cfg.progress or not stderr_is_terminal()) as bar:
             return work.sample(n, progress=lambda: bar.update(1))
 
     flops_sample, one = count_flops(lambda: sample(1, "FLOPs of one pool sample"))

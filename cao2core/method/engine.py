@@ -24,7 +24,7 @@ from . import batchsize, clo, distributed, dryrun, oss, workplan
 from ..generators import weights
 from ..data.classifiers import Classifier, load_classifier
 from ..config import RunConfig
-from ..environment import resolve_device, versions
+from ..environment import resolve_device, stderr_is_terminal, versions
 from ..errors import UserError
 from ..data.labels import LabelSpace, label_space
 from ..generators.host import Generator, Host
@@ -199,13 +199,20 @@ Progress = Callable[[str, int, int], None]
 
 
 class StageBar:
-    """One stage's progress: a tqdm bar (drawn when the run shows bars) that also tells a Progress receiver."""
+    """One stage's progress: a tqdm bar (drawn when the run shows bars) that also tells a Progress receiver. When
+    stderr is not a terminal (a log file, a pipe) no bar is drawn: one line when the stage starts and one when it
+    ends, with its count and time."""
 
     def __init__(self, stage: str, total: int, unit: str, shown: bool, suffix: str, receiver: Progress | None):
         self.stage, self.total, self.done, self.receiver = stage, total, 0, receiver
-        self.bar = tqdm(total=total, desc=stage + suffix, unit=unit, disable=not shown)
+        self.lines = shown and total > 0 and not stderr_is_terminal()
+        self.label, self.unit, self.started = stage + suffix, unit, None
+        self.bar = tqdm(total=total, desc=stage + suffix, unit=unit, disable=not shown or self.lines)
 
     def update(self, n: int) -> None:
+        if self.lines and self.started is None and n:
+            self.started = time.perf_counter()
+            print(f"cao2: {self.label}: {self.total} {self.unit} ...", file=sys.stderr, flush=True)
         self.done += n
         self.bar.update(n)
         if self.receiver is not None:
@@ -213,6 +220,10 @@ class StageBar:
 
     def close(self) -> None:
         self.bar.close()
+        if self.lines and self.started is not None:
+            print(f"cao2: {self.label}: {self.done}/{self.total} {self.unit} in "
+                  f"{time.perf_counter() - self.started:.1f}s", file=sys.stderr, flush=True)
+            self.started = None
 
 
 class ProgressBars:

@@ -225,3 +225,13 @@ def test_every_call_stays_within_the_batch_size_and_clo_chunks_span_classes(tiny
             "--pool-factor", "2", "--clo-iters", "1", "--batch-size", "2", "--out", str(tmp_path / "b2"),
             "--no-progress", "--device", "cpu"])
     assert max(n for _, n in spy.sizes) <= 2 and [n for k, n in spy.sizes if k == "condition"] == [2, 2, 1, 2, 1]
+
+
+def test_progress_to_a_file_is_a_line_per_stage(tiny_args, capsys):
+    args = [a for a in tiny_args if a != "--no-progress"] + ["--progress"]
+    assert main(["run", *args]) == 0              # capsys: stderr is not a terminal, as `make demo > log`
+    err = capsys.readouterr().err
+    assert "\r" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith("cao2: sample pool") or line.startswith("cao2: CLO")]
+    assert len(lines) == 4, err                   # each stage: a line when it starts, one when it ends
+    assert "cao2: sample pool: 8/8 img in " in err and "cao2: CLO: 3/3 it in " in err
