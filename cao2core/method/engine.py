@@ -354,7 +354,7 @@ def store_classes(job: Job, store: Store, group, missing, kept, latents_init, la
                    "clo_loss_mean": curves["mean"][rows_of], "clo_loss_max": curves["max"][rows_of]}
         store.write_class(cid, pixels[rows_of], tensors, {
             "name": job.space.names[pos], "label": pos, "generator_label": label, "condition": job.conditions[cid],
-            "pool": job.source.size(cid), "kept": ipc, "group": cids, "seconds": seconds, "rank": job.ranks.rank})
+            "pool": job.source.size(cid), "kept": ipc, "group": cids, "group_seconds": seconds, "rank": job.ranks.rank})
 
 
 def finish(job: Job, store: Store) -> RunResult:
@@ -514,6 +514,20 @@ def run_identity(cfg: RunConfig, gen: Generator, description: dict, classifier: 
             "plugins": host.active_plugins(), "cao2": __version__}
 
 
+UNORDERED_KEYS = ("_use_default_values",)   # diffusers: the config keys it filled in, a list built from a set
+
+
+def settled(value):
+    """A generator's description with the lists that come from sets (diffusers' ``_use_default_values``, in an
+    order that changes per process) sorted, so manifests of identical runs are identical."""
+    if isinstance(value, dict):
+        return {k: sorted(v, key=str) if k in UNORDERED_KEYS and isinstance(v, (list, tuple, set)) else settled(v)
+                for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [settled(v) for v in value]
+    return value
+
+
 def manifest_header(cfg, gen: Generator, description: dict, space: LabelSpace, classifier, settings) -> dict:
     return {
         "config": {**cfg.output_key(), "clo_tmax": settings.level_max},
@@ -521,7 +535,8 @@ def manifest_header(cfg, gen: Generator, description: dict, space: LabelSpace, c
         "batch_size": cfg.batch_size,       # fixes which samples share a chunk; a resumed --batch-size auto reuses it
         "versions": {"cao2": __version__, **versions("diffusers", "timm", "safetensors", "pluggy")},
         "command": " ".join(sys.argv),
-        "generator": {"name": gen.name, "distribution": gen.distribution, "version": gen.version, **description},
+        "generator": {"name": gen.name, "distribution": gen.distribution, "version": gen.version,
+                      **settled(description)},
         "classifier": None if classifier is None else {"source": classifier.source, "sha256": classifier.sha256,
                                                        "input": classifier.input},
         "dataset": space.name,

@@ -235,3 +235,18 @@ def test_progress_to_a_file_is_a_line_per_stage(tiny_args, capsys):
     lines = [line for line in err.splitlines() if line.startswith("cao2: sample pool") or line.startswith("cao2: CLO")]
     assert len(lines) == 4, err                   # each stage: a line when it starts, one when it ends
     assert "cao2: sample pool: 8/8 img in " in err and "cao2: CLO: 3/3 it in " in err
+
+
+def test_manifest_is_the_same_for_identical_runs_and_times_are_the_groups(tiny_args, tmp_path):
+    from cao2core.method.engine import settled
+    described = {"transformer": {"config": {"_use_default_values": ["b", "c", "a"], "layers": [2, 1]}}}
+    assert settled(described) == {"transformer": {"config": {"_use_default_values": ["a", "b", "c"],
+                                                             "layers": [2, 1]}}}
+    run_ok(tiny_args)
+    m = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    config = m["generator"]["transformer"]["config"]
+    if "_use_default_values" in config:
+        assert config["_use_default_values"] == sorted(config["_use_default_values"])
+    for entry in m["classes"].values():
+        assert "seconds" not in entry and set(entry["group_seconds"]) == {"sample", "select", "clo", "decode"}
+        assert entry["group"] == ["0", "3"]       # the time of the group both classes share
