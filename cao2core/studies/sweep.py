@@ -97,6 +97,18 @@ def axes_of(grid: dict | list, given: set[str] = frozenset()) -> list[Axis]:
     return axes
 
 
+def point_config(base: RunConfig, values: dict, out: str) -> RunConfig:
+    """``base`` with a point's values; a T-hat a --preset derived from the sampling steps follows the point's."""
+    cfg = replace(base, **values, out=out,
+                  from_preset={k: v for k, v in base.from_preset.items() if k not in values})
+    if "clo_tmax" in cfg.from_preset and values.keys() & {"sample_steps", "timestep_convention", "profile"}:
+        from ..method import presets
+        preset = presets.get(cfg.from_preset["clo_tmax"])
+        cfg = replace(cfg, clo_tmax=preset.options_for(cfg.profile, cfg.sample_steps,
+                                                       cfg.timestep_convention)["clo_tmax"])
+    return cfg
+
+
 def check_generators(configs: list[RunConfig], names: list[str]) -> None:
     """What each point's generator decides (its --clo-tmax range, its label space), checked for every point
     before the first runs: the generator is loaded once per distinct generator configuration."""
@@ -115,7 +127,11 @@ def check_generators(configs: list[RunConfig], names: list[str]) -> None:
                 del handle
             gen, spec = loaded[key]
             level_max = cfg.clo_tmax if cfg.clo_tmax is not None else spec.default_level_max
-            clo.check_levels(clo.CLOSettings(level_min=spec.level_range[0], level_max=level_max), spec.level_range)
+            try:
+                clo.check_levels(clo.CLOSettings(level_min=spec.level_range[0], level_max=level_max),
+                                 spec.level_range)
+            except UserError as exc:
+                raise UserError(f"{exc}{cfg.origin('clo_tmax')}") from None
             engine.resolve_classes(cfg, spec, gen.label_spaces())
         except UserError as exc:
             raise UserError(f"--grid point {name}: {exc}") from None
@@ -148,7 +164,7 @@ def sweep(base: RunConfig, grid: dict | list, evaluation: EvalConfig | None = No
     axes = axes_of(grid, given)
     points = point_names(axes)
     out = Path(base.out)
-    configs = [replace(base, **values, out=str(out / name)) for name, values, _ in points]
+    configs = [point_config(base, values, str(out / name)) for name, values, _ in points]
     evals = [study_evaluation(evaluation, c.out) for c in configs] if evaluation is not None else []
     check_before_running(configs, evals, out, [name for name, _, _ in points])
     check_generators(configs, [name for name, _, _ in points])

@@ -151,7 +151,7 @@ def test_refine_reads_16_bit_images_with_their_range(tiny_world, tiny_classifier
     monkeypatch.setattr(pools, "load_image", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
     for images in (eight, sixteen):
         assert main(["refine", "--images", str(images), "--model", str(tiny_world), "--classifier",
-                     str(tiny_classifier), "--clo-iters", "1", "--out", str(tmp_path / images.name / "out"),
+                     str(tiny_classifier), "--clo-iters", "1", "--out", str(tmp_path / f"{images.name}-out"),
                      "--no-progress", "--device", "cpu"]) == 0
     assert len(seen) == 2 and torch.equal(seen[0], seen[1])
 

@@ -142,3 +142,13 @@ def test_bad_sweep_fails_before_any_run(tiny_args, tmp_path, capsys, extra, matc
     err = capsys.readouterr().err
     assert err.startswith("cao2: error: ") and match in err and err.count("\n") == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_a_presets_t_hat_follows_each_points_sampling_steps():
+    from cao2core.config import resolve_run_config
+    from cao2core.studies.sweep import point_config
+    base = resolve_run_config("woof", None, profile="reference")
+    assert base.clo_tmax == 11 and base.from_preset["clo_tmax"] == "woof"
+    assert point_config(base, {"sample_steps": 100}, "o").clo_tmax == 24
+    point = point_config(base, {"clo_tmax": 5}, "o")
+    assert point.clo_tmax == 5 and "clo_tmax" not in point.from_preset
