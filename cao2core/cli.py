@@ -387,6 +387,8 @@ def show_plugins(verbose: bool = False) -> int:
     for info in host.describe():
         print(f"{info.name} {info.version} [{info.kind}]" + (f" from {info.distribution}" if info.distribution else ""))
         print("  hooks: " + ", ".join(h.removeprefix("cao2_") for h in info.hooks))
+        if verbose:
+            print(f"  contract: {'.'.join(map(str, info.contract))}")
         if verbose and info.options:
             print("  --gen-opt keys:")
             for key, opt in sorted(info.options.items()):
@@ -396,7 +398,7 @@ def show_plugins(verbose: bool = False) -> int:
         print(f"{name} [generator, BROKEN]")
         print(f"  {reason}")
     if verbose:
-        print("generic flags read by only some generators: --timestep-convention (dit), --sampler (dit, sd); "
+        print("generic flags read by only some generators: --timestep-convention (dit), --sampler (dit, sd, sit); "
               "--profile reference changes what each generator's docs say")
     return 0
 

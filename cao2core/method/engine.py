@@ -497,7 +497,8 @@ def manifest_header(cfg, gen: Generator, description: dict, space: LabelSpace, c
         "batch_size": cfg.batch_size,       # fixes which samples share a chunk; a resumed --batch-size auto reuses it
         "versions": {"cao2": __version__, **versions("diffusers", "timm", "safetensors", "pluggy")},
         "command": " ".join(sys.argv),
-        "generator": {"name": gen.name, "distribution": gen.distribution, "version": gen.version, **description},
+        "generator": {"name": gen.name, "distribution": gen.distribution, "version": gen.version,
+                      "contract": ".".join(map(str, gen.contract)), **description},
         "classifier": None if classifier is None else {"source": classifier.source, "sha256": classifier.sha256,
                                                        "input": classifier.input},
         "dataset": space.name,
