@@ -199,19 +199,29 @@ def _vae_factors(vae: AutoencoderKL) -> tuple[float, float]:
     return vae.config.scaling_factor, vae.config.shift_factor or 0.0
 
 
+def vae_decode(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
+    """Scaled sd-vae latents -> pixels in [-1, 1] (the SiT plugin shares this latent space)."""
+    scale, shift = _vae_factors(vae)
+    with torch.no_grad():
+        return vae.decode(latents.float() / scale + shift).sample
+
+
+def vae_encode(vae: AutoencoderKL, pixels: torch.Tensor, generators: list) -> torch.Tensor:
+    """Pixels in [-1, 1] -> scaled latents, sample i of the posterior drawn from ``generators[i]``."""
+    scale, shift = _vae_factors(vae)
+    with torch.no_grad():
+        z = vae.encode(pixels.float()).latent_dist.sample(generator=generators)
+    return (z - shift) * scale
+
+
 @hookimpl
 def cao2_decode(handle: DiTHandle, latents: torch.Tensor) -> torch.Tensor:
-    scale, shift = _vae_factors(handle.vae)
-    with torch.no_grad():
-        return handle.vae.decode(latents.float() / scale + shift).sample
+    return vae_decode(handle.vae, latents)
 
 
 @hookimpl
 def cao2_encode(handle: DiTHandle, pixels: torch.Tensor, generators: list) -> torch.Tensor:
-    scale, shift = _vae_factors(handle.vae)
-    with torch.no_grad():
-        z = handle.vae.encode(pixels.float()).latent_dist.sample(generator=generators)
-    return (z - shift) * scale
+    return vae_encode(handle.vae, pixels, generators)
 
 
 @dataclass

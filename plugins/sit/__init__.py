@@ -28,6 +28,7 @@ from cao2core.generators.hookspecs import Corrupted, GenOption, LatentSpec, Pred
 
 from . import loading, paths, sampling
 from .model import SiT
+from cao2_dit import vae_decode, vae_encode      # SiT shares DiT's sd-vae latent space
 
 __version__ = "0.1.0"
 CAO2_CONTRACT = (1, 1)          # the cao2 contract version this plugin is written for
@@ -297,23 +298,14 @@ def cao2_sample(handle: SiTHandle, labels: torch.Tensor, generators: list, snaps
     return SampleOutput(latents=x, snapshots=snapshots)
 
 
-def _vae_factors(vae) -> tuple[float, float]:
-    return vae.config.scaling_factor, vae.config.shift_factor or 0.0
-
-
 @hookimpl
 def cao2_decode(handle: SiTHandle, latents: torch.Tensor) -> torch.Tensor:
-    scale, shift = _vae_factors(handle.vae)
-    with torch.no_grad():
-        return handle.vae.decode(latents.float() / scale + shift).sample
+    return vae_decode(handle.vae, latents)
 
 
 @hookimpl
 def cao2_encode(handle: SiTHandle, pixels: torch.Tensor, generators: list) -> torch.Tensor:
-    scale, shift = _vae_factors(handle.vae)
-    with torch.no_grad():
-        z = handle.vae.encode(pixels.float()).latent_dist.sample(generator=generators)
-    return (z - shift) * scale
+    return vae_encode(handle.vae, pixels, generators)
 
 
 @dataclass

@@ -144,22 +144,9 @@ def load_model(source: str, family: str | None = None, arch: str | None = None,
               file=sys.stderr)
         state = {k: v for k, v in state.items() if not k.startswith(PROJECTOR_PREFIX)}
     model = SiT(infer_config(state, path, arch, num_heads))
-    problem = _strict_problem(model, state)
+    problem = weights.strict_problem(model, state)
     if problem:
         raise UserError(f"checkpoint {path} does not fit the {family} network it describes: {problem}")
     model.load_state_dict(state, strict=True)
     return model.eval(), family, aside
 
-
-def _strict_problem(module: torch.nn.Module, state: dict) -> str:
-    own = module.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
-              if k in state and tuple(state[k].shape) != tuple(v.shape)]
-    parts = []
-    for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):
-        if items:
-            more = f" and {len(items) - 2} more" if len(items) > 2 else ""
-            parts.append(f"{label} {', '.join(items[:2])}{more}")
-    return "; ".join(parts)
