@@ -64,12 +64,15 @@ def evaluate(config: EvalConfig, progress: bool | Callable[[str], None] | None =
 
 
 def compare(data: str, protocols: tuple[str, ...] | list[str] = ("hard", "rded"), settings: EvalConfig | None = None,
-            out: str | None = None) -> CompareResult:
+            out: str | None = None, full_real_acc: float | None = None, full_real: bool = False,
+            ddrs_weight: float = 0.5) -> CompareResult:
     """The distilled set ``data`` against random real subsets of the same IPC, under each protocol, with the
     students of ``settings`` (an EvalConfig whose data, out and protocol are set per evaluation; default:
-    quiet, one student). ``CompareResult.difference`` per protocol; writes compare.json and compare.md."""
+    quiet, one student). ``CompareResult.difference`` per protocol; writes compare.json and compare.md. With a
+    full-data hard-label accuracy (``full_real_acc`` in %, or ``full_real=True`` to measure it with the same
+    students), ``CompareResult.ddranking`` holds DD-Ranking's IOR, HLR and DDRS per protocol (w = ``ddrs_weight``)."""
     from .studies.compare import compare as run_compare
-    return run_compare(data, list(protocols), settings, out)
+    return run_compare(data, list(protocols), settings, out, full_real_acc, full_real, ddrs_weight)
 
 
 def ablate(config: RunConfig, settings: EvalConfig | None = None) -> AblationResult:

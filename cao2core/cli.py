@@ -183,6 +183,13 @@ def build_parser() -> argparse.ArgumentParser:
     compare_p.add_argument("--out", metavar="DIR", help="folder for the reports (default: DIR/eval/compare for a cao2 "
                            "run output)")
     compare_p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    ddr = compare_p.add_argument_group("DD-Ranking's scores (IOR, HLR, DDRS; docs/studies.md)")
+    ddr.add_argument("--full-real-acc", type=float, metavar="ACC", help="the full training set's hard-label test "
+                     "accuracy (%%) with this student, for HLR")
+    ddr.add_argument("--full-real", action="store_true", help="measure that accuracy: train the students on the whole "
+                     "real training set (hard labels)")
+    ddr.add_argument("--ddrs-weight", type=float, default=0.5, metavar="W", help="w of IOR in DDRS (default: 0.5, "
+                     "DD-Ranking's leaderboard)")
     return parser
 
 
@@ -374,7 +381,8 @@ def sweep_command(args: argparse.Namespace) -> int:
 def compare_command(args: argparse.Namespace) -> int:
     from .studies.compare import check_protocols, compare
     protocols = check_protocols([t.strip() for t in args.protocols.split(",") if t.strip()], args.protocols)
-    result = compare(args.data, protocols, compare_settings(args), args.out)
+    result = compare(args.data, protocols, compare_settings(args), args.out, args.full_real_acc, args.full_real,
+                     args.ddrs_weight)
     print()
     print(result.table())
     print("\nwrote " + ", ".join(str(path) for path in result.files))
