@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from .generators.host import Generator
     from .method.engine import RunResult
     from .scoring.evaluation import EvalResult
+    from .share.export import ExportResult
     from .studies.ablate import AblationResult
     from .studies.compare import CompareResult
     from .studies.sweep import SweepResult
@@ -93,6 +94,15 @@ def sweep(config: RunConfig, grid: dict[str, list], settings: EvalConfig | None 
     if not score:
         return run_sweep(config, grid, None)
     return run_sweep(config, grid, settings if settings is not None else study_settings(config))
+
+
+def export(data: str, format: str, to: str, push: str | None = None, token: str | None = None) -> ExportResult:
+    """Write the finished run ``data`` into the new or empty folder ``to`` as ``format``: ``hf`` (a ``datasets``
+    imagefolder with metadata.jsonl and a dataset card), ``rded`` (numeric class folders and class_map.txt) or
+    ``tensors`` (images.pt and labels.pt as DD-Ranking loads them). ``push``: a Hub dataset repository to
+    upload an hf export to (huggingface_hub, with ``token`` or the saved login)."""
+    from .share.export import export as run_export
+    return run_export(data, format, to, push, token)
 
 
 def study_settings(config: RunConfig) -> EvalConfig:
