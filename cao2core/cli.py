@@ -183,6 +183,23 @@ def build_parser() -> argparse.ArgumentParser:
     compare_p.add_argument("--out", metavar="DIR", help="folder for the reports (default: DIR/eval/compare for a cao2 "
                            "run output)")
     compare_p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    ddr = compare_p.add_argument_group("DD-Ranking's scores (IOR, HLR, DDRS; docs/studies.md)")
+    ddr.add_argument("--full-real-acc", type=float, metavar="ACC", help="the full training set's hard-label test "
+                     "accuracy (%%) with this student, for HLR")
+    ddr.add_argument("--full-real", action="store_true", help="measure that accuracy: train the students on the whole "
+                     "real training set (hard labels)")
+    ddr.add_argument("--ddrs-weight", type=float, default=0.5, metavar="W", help="w of IOR in DDRS (default: 0.5, "
+                     "DD-Ranking's leaderboard)")
+    export_p = sub.add_parser("export", help="write a finished run as a Hugging Face dataset, RDED folders or tensors",
+                              description="Write the distilled set of a finished `cao2 run` into a new or empty "
+                              "folder in the layout another tool reads (docs/share.md).")
+    export_p.add_argument("data", metavar="OUT", help="the run folder (`cao2 run --out`)")
+    export_p.add_argument("--format", required=True, choices=("hf", "rded", "tensors"),
+                          help="hf: a `datasets` imagefolder with metadata.jsonl and a dataset card; rded: numeric "
+                               "class folders and class_map.txt; tensors: images.pt and labels.pt (DD-Ranking)")
+    export_p.add_argument("--to", required=True, metavar="DIR", help="a new or empty folder outside the run")
+    export_p.add_argument("--push", metavar="REPO", help="hf: upload the export to this Hub dataset repository "
+                          "(needs a token: huggingface-cli login or HF_TOKEN)")
     return parser
 
 
@@ -297,6 +314,8 @@ def dispatch(args: argparse.Namespace) -> int:
         return sweep_command(args)
     if args.command == "compare":
         return compare_command(args)
+    if args.command == "export":
+        return export_command(args)
     if args.command == "refine":
         config = config_from_args(args)
         if not config.images:
@@ -374,10 +393,19 @@ def sweep_command(args: argparse.Namespace) -> int:
 def compare_command(args: argparse.Namespace) -> int:
     from .studies.compare import check_protocols, compare
     protocols = check_protocols([t.strip() for t in args.protocols.split(",") if t.strip()], args.protocols)
-    result = compare(args.data, protocols, compare_settings(args), args.out)
+    result = compare(args.data, protocols, compare_settings(args), args.out, args.full_real_acc, args.full_real,
+                     args.ddrs_weight)
     print()
     print(result.table())
     print("\nwrote " + ", ".join(str(path) for path in result.files))
+    return 0
+
+
+def export_command(args: argparse.Namespace) -> int:
+    from .api import export
+    result = export(args.data, args.format, args.to, args.push)
+    print(f"wrote {result.images} images as {result.format} into {result.out}"
+          + (f"; uploaded to https://huggingface.co/datasets/{result.pushed}" if result.pushed else ""))
     return 0
 
 

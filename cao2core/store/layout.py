@@ -48,5 +48,5 @@ def eval_temp_name() -> re.Pattern:
 def eval_subfolder() -> re.Pattern:
     """The sub-folders of OUT/eval/ that ``cao2 compare`` writes: its own and one per evaluation."""
     from ..studies import compare
-    sets = "|".join(map(re.escape, compare.SETS))
+    sets = "|".join(map(re.escape, (*compare.SETS, compare.FULL_SET)))
     return re.compile(rf"{compare.FOLDER}(/({sets})-[a-z0-9-]+)?")
