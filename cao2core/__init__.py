@@ -22,6 +22,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "distill": "api", "refine": "api", "evaluate": "api", "compare": "api", "ablate": "api", "sweep": "api",
     "load_generator": "api", "LoadedGenerator": "api", "export": "api", "ExportResult": "share.export",
+    "report": "api", "ReportResult": "share.report",
     "RunConfig": "config", "EvalConfig": "config",
     "RunResult": "method.engine", "EvalResult": "scoring.evaluation", "CompareResult": "studies.compare",
     "AblationResult": "studies.ablate", "SweepResult": "studies.sweep",

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from .method.engine import RunResult
     from .scoring.evaluation import EvalResult
     from .share.export import ExportResult
+    from .share.report import ReportResult
     from .studies.ablate import AblationResult
     from .studies.compare import CompareResult
     from .studies.sweep import SweepResult
@@ -103,6 +104,14 @@ def export(data: str, format: str, to: str, push: str | None = None, token: str 
     upload an hf export to (huggingface_hub, with ``token`` or the saved login)."""
     from .share.export import export as run_export
     return run_export(data, format, to, push, token)
+
+
+def report(out: str, device: str = "auto") -> ReportResult:
+    """Write OUT/report/index.html for the finished run ``out``: a static page (inline CSS, no network) with what
+    was run, each class's images after CLO beside the same samples before CLO (decoded on ``device`` into
+    OUT/report/before/), the judge's confidence, CLO's loss curves and the evaluations found under OUT/eval."""
+    from .share.report import report as run_report
+    return run_report(out, device)
 
 
 def study_settings(config: RunConfig) -> EvalConfig:

@@ -200,6 +200,13 @@ def build_parser() -> argparse.ArgumentParser:
     export_p.add_argument("--to", required=True, metavar="DIR", help="a new or empty folder outside the run")
     export_p.add_argument("--push", metavar="REPO", help="hf: upload the export to this Hub dataset repository "
                           "(needs a token: huggingface-cli login or HF_TOKEN)")
+    report_p = sub.add_parser("report", help="write a static HTML page of a finished run (OUT/report/index.html)",
+                              description="One self-contained page of a finished `cao2 run`: what was run, each "
+                              "class before and after CLO, the judge's confidence, CLO's loss curves and the "
+                              "evaluations found (docs/share.md).")
+    report_p.add_argument("data", metavar="OUT", help="the run folder (`cao2 run --out`)")
+    report_p.add_argument("--device", default="auto", help="where the run's generator decodes the latents before "
+                          "CLO (default: auto)")
     return parser
 
 
@@ -316,6 +323,8 @@ def dispatch(args: argparse.Namespace) -> int:
         return compare_command(args)
     if args.command == "export":
         return export_command(args)
+    if args.command == "report":
+        return report_command(args)
     if args.command == "refine":
         config = config_from_args(args)
         if not config.images:
@@ -406,6 +415,13 @@ def export_command(args: argparse.Namespace) -> int:
     result = export(args.data, args.format, args.to, args.push)
     print(f"wrote {result.images} images as {result.format} into {result.out}"
           + (f"; uploaded to https://huggingface.co/datasets/{result.pushed}" if result.pushed else ""))
+    return 0
+
+
+def report_command(args: argparse.Namespace) -> int:
+    from .api import report
+    result = report(args.data, args.device)
+    print(f"wrote {result.page} ({result.classes} classes, {result.thumbnails} images before CLO)")
     return 0
 
 

@@ -379,7 +379,8 @@ def write_preview(store: Store, gen: Generator, handle, class_ids: list[str], de
         img = to_uint8(in_chunks(lambda z: gen.decode(handle=handle, latents=z), both, batch_size))
         rows.append((img[:n], img[n:]))
     if rows:
-        store.write_preview(rows)
+        entries = store.manifest.get("classes") or {}
+        store.write_preview(rows, names=[(entries.get(c) or {}).get("name", c) for c in class_ids[:len(rows)]])
     return bool(rows)
 
 

@@ -56,7 +56,7 @@ class RunImages:
     tensors: dict[str, dict]        # scores and pool_index per class (None where the latents file lacks them)
 
 
-def open_run(data: str | Path) -> RunImages:
+def open_run(data: str | Path, action: str = "exporting it") -> RunImages:
     """The complete classes of the cao2 run folder ``data``; refuses a folder that is not one, or an unfinished
     run (export shares finished sets only)."""
     from safetensors import safe_open
@@ -73,7 +73,7 @@ def open_run(data: str | Path) -> RunImages:
     missing = [c for c in ids if (entries.get(c) or {}).get("status") != "complete"]
     if not ids or missing:
         raise UserError(f"{root}: class {missing[0] if missing else '?'} is not complete; finish the run (rerun "
-                        "the same `cao2 run`) before exporting it")
+                        "the same `cao2 run`) before " + action)
     images, tensors = {}, {}
     for cid in ids:
         names = sorted(entries[cid]["files"]["images"], key=lambda n: int(n.split(".")[0]))

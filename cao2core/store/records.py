@@ -442,9 +442,10 @@ class Store:
     def load_latents(self, cid: str) -> dict[str, torch.Tensor]:
         return load_file(str(self.out / "latents" / f"{cid}.safetensors"))
 
-    def write_preview(self, rows: list[tuple[np.ndarray, np.ndarray]], pad: int = 2) -> Path:
-        """One row per class: the selected samples before CLO, a gap, the same samples after CLO."""
-        canvas = preview_canvas(rows, pad)
+    def write_preview(self, rows: list[tuple[np.ndarray, np.ndarray]], pad: int = 2,
+                      names: list[str] | None = None) -> Path:
+        """One row per class (named by ``names``): the selected samples before CLO, a gap, the same after CLO."""
+        canvas = preview_canvas(rows, pad, names)
         path = self.out / PREVIEW
         try:
             atomic_write_bytes(path, png_bytes(canvas))
