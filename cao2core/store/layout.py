@@ -31,6 +31,7 @@ TEMP_NAMES = {
     "class": re.compile(rf"\.\d+\.png\.{TOKEN}\.tmp"),
 }
 STAGING = re.compile(rf"\.[^.].*\.{TOKEN}(\.old\d+)?")     # images/.<class>.<token>: a class folder being written
+REPORT_STAGING = re.compile(rf"\.{REPORT_FOLDER}\.{TOKEN}")    # OUT/.report.<token>: a report being written
 
 
 def eval_files() -> tuple[str, ...]:
