@@ -18,6 +18,10 @@ compilation is not timed; FLOPs are counted on the eager modules.
 
     python benchmarks/throughput.py                              # CPU: small models, a few images
     python benchmarks/throughput.py --models dit-xl mar-b --images 32 --iters 20 --sample-steps 50  # one GPU
+    python benchmarks/throughput.py --models dit-xl sit-xl --images 32 --iters 20 --sample-steps 50  # DiT vs SiT
+
+``sit-xl`` is SiT-XL/2 as the sit generator runs it (SiT's SDE, CFG 1.5 on 3 channels, velocity CLO); its
+ImageNet-1K projection scales the timed steps to the in1k-sit preset's 250.
 """
 from __future__ import annotations
 
@@ -103,9 +107,35 @@ def build_mar(name: str, device: torch.device, precision: str, steps: int):
     return gen, handle, handle.model
 
 
-BUILDERS = {**{k: build_dit for k in DIT_SIZES}, **{k: build_mar for k in MAR_SIZES}}
-# ImageNet-1K IPC 10 as the presets run it: (pool factor, sampler steps) of in1k-dit and in1k-mar
-IN1K_WORK = {"dit": (4, 50), "mar": (2, 32)}
+# SiT-XL/2 (675M, the same backbone as dit-xl) and SiT-S/2, 256 px, learned-sigma output as SiT-XL-2-256.pt
+SIT_SIZES = {"sit-xl": dict(depth=28, hidden_size=1152, num_heads=16),
+             "sit-s": dict(depth=12, hidden_size=384, num_heads=6)}
+
+
+def build_sit(name: str, device: torch.device, precision: str, steps: int):
+    """A random-weight SiT handle with the in1k-sit preset's sampler (SDE, CFG 1.5 on 3 channels)."""
+    import cao2_sit
+    from cao2_sit import paths, sampling
+    from cao2_sit.model import SiT, SiTConfig
+    torch.manual_seed(0)
+    size = SIT_SIZES[name]
+    cfg = SiTConfig(input_size=32, patch_size=2, in_channels=4, num_classes=1000, learn_sigma=True,
+                    mlp_hidden=4 * size["hidden_size"], **size)
+    dtype = torch.bfloat16 if precision == "weights" else torch.float32
+    model = SiT(cfg).eval().requires_grad_(False).to(device, dtype)
+    path = paths.Path("sit", "linear")
+    settings = sampling.SamplerSettings(family="sit", sampler="sde", steps=steps, guidance=1.5, null_label=1000,
+                                        path=path, cfg_channels=3)
+    handle = cao2_sit.SiTHandle(transformer=model, vae=None, family="sit", settings=settings,
+                                level_t=paths.level_times(path, "dit").to(device), clo_times="dit", dtype=dtype,
+                                autocast=torch.bfloat16 if precision == "autocast" else None)
+    return Host().generator("sit"), handle, model
+
+
+BUILDERS = {**{k: build_dit for k in DIT_SIZES}, **{k: build_mar for k in MAR_SIZES},
+            **{k: build_sit for k in SIT_SIZES}}
+# ImageNet-1K IPC 10 as the presets run it: (pool factor, sampler steps) of in1k-dit, in1k-mar and in1k-sit
+IN1K_WORK = {"dit": (4, 50), "mar": (2, 32), "sit": (4, 250)}
 IN1K_CLASSES, IN1K_IPC, IN1K_CLO_ITERS = 1000, 10, 100
 
 

@@ -6,9 +6,10 @@ The public API (``docs/api.md``)::
     run = cao2.distill(cao2.RunConfig(classes="0,1", ipc=1, out="x"))
     print(cao2.evaluate(cao2.EvalConfig(data=run.out)).accuracy)
 
-Functions: ``distill``, ``refine``, ``evaluate``, ``compare``, ``ablate``, ``sweep``, ``load_generator``.
+Functions: ``distill``, ``refine``, ``evaluate``, ``compare``, ``ablate``, ``sweep``, ``load_generator``,
+``export``.
 Configurations: ``RunConfig``, ``EvalConfig``. Results: ``RunResult``, ``EvalResult``, ``CompareResult``,
-``AblationResult``, ``SweepResult``, ``LoadedGenerator``. Errors: ``UserError``.
+``AblationResult``, ``SweepResult``, ``LoadedGenerator``, ``ExportResult``. Errors: ``UserError``.
 
 The package is laid out by who opens it: ``generators/`` (the plugin contract), ``method/`` (the CaO2 run),
 ``store/`` (the run folder on disk), ``data/`` (label spaces, images, classifiers), ``scoring/`` (students),
@@ -20,7 +21,8 @@ __version__ = "0.1.0"
 # public name -> the module that defines it
 _EXPORTS = {
     "distill": "api", "refine": "api", "evaluate": "api", "compare": "api", "ablate": "api", "sweep": "api",
-    "load_generator": "api", "LoadedGenerator": "api",
+    "load_generator": "api", "LoadedGenerator": "api", "export": "api", "ExportResult": "share.export",
+    "report": "api", "ReportResult": "share.report",
     "RunConfig": "config", "EvalConfig": "config",
     "RunResult": "method.engine", "EvalResult": "scoring.evaluation", "CompareResult": "studies.compare",
     "AblationResult": "studies.ablate", "SweepResult": "studies.sweep",

@@ -23,6 +23,8 @@ if TYPE_CHECKING:
     from .generators.host import Generator
     from .method.engine import RunResult
     from .scoring.evaluation import EvalResult
+    from .share.export import ExportResult
+    from .share.report import ReportResult
     from .studies.ablate import AblationResult
     from .studies.compare import CompareResult
     from .studies.sweep import SweepResult
@@ -64,12 +66,15 @@ def evaluate(config: EvalConfig, progress: bool | Callable[[str], None] | None =
 
 
 def compare(data: str, protocols: tuple[str, ...] | list[str] = ("hard", "rded"), settings: EvalConfig | None = None,
-            out: str | None = None) -> CompareResult:
+            out: str | None = None, full_real_acc: float | None = None, full_real: bool = False,
+            ddrs_weight: float = 0.5) -> CompareResult:
     """The distilled set ``data`` against random real subsets of the same IPC, under each protocol, with the
     students of ``settings`` (an EvalConfig whose data, out and protocol are set per evaluation; default:
-    quiet, one student). ``CompareResult.difference`` per protocol; writes compare.json and compare.md."""
+    quiet, one student). ``CompareResult.difference`` per protocol; writes compare.json and compare.md. With a
+    full-data hard-label accuracy (``full_real_acc`` in %, or ``full_real=True`` to measure it with the same
+    students), ``CompareResult.ddranking`` holds DD-Ranking's IOR, HLR and DDRS per protocol (w = ``ddrs_weight``)."""
     from .studies.compare import compare as run_compare
-    return run_compare(data, list(protocols), settings, out)
+    return run_compare(data, list(protocols), settings, out, full_real_acc, full_real, ddrs_weight)
 
 
 def ablate(config: RunConfig, settings: EvalConfig | None = None) -> AblationResult:
@@ -90,6 +95,23 @@ def sweep(config: RunConfig, grid: dict[str, list], settings: EvalConfig | None 
     if not score:
         return run_sweep(config, grid, None)
     return run_sweep(config, grid, settings if settings is not None else study_settings(config))
+
+
+def export(data: str, format: str, to: str, push: str | None = None, token: str | None = None) -> ExportResult:
+    """Write the finished run ``data`` into the new or empty folder ``to`` as ``format``: ``hf`` (a ``datasets``
+    imagefolder with metadata.jsonl and a dataset card), ``rded`` (numeric class folders and class_map.txt) or
+    ``tensors`` (images.pt and labels.pt as DD-Ranking loads them). ``push``: a Hub dataset repository to
+    upload an hf export to (huggingface_hub, with ``token`` or the saved login)."""
+    from .share.export import export as run_export
+    return run_export(data, format, to, push, token)
+
+
+def report(out: str, device: str = "auto") -> ReportResult:
+    """Write OUT/report/index.html for the finished run ``out``: a static page (inline CSS, no network) with what
+    was run, each class's images after CLO beside the same samples before CLO (decoded on ``device`` into
+    OUT/report/before/), the judge's confidence, CLO's loss curves and the evaluations found under OUT/eval."""
+    from .share.report import report as run_report
+    return run_report(out, device)
 
 
 def study_settings(config: RunConfig) -> EvalConfig:

@@ -198,6 +198,30 @@ def build_parser() -> argparse.ArgumentParser:
     compare_p.add_argument("--out", metavar="DIR", help="folder for the reports (default: DIR/eval/compare for a cao2 "
                            "run output)")
     compare_p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    ddr = compare_p.add_argument_group("DD-Ranking's scores (IOR, HLR, DDRS; docs/studies.md)")
+    ddr.add_argument("--full-real-acc", type=float, metavar="ACC", help="the full training set's hard-label test "
+                     "accuracy (%%) with this student, for HLR")
+    ddr.add_argument("--full-real", action="store_true", help="measure that accuracy: train the students on the whole "
+                     "real training set (hard labels)")
+    ddr.add_argument("--ddrs-weight", type=float, default=0.5, metavar="W", help="w of IOR in DDRS (default: 0.5, "
+                     "DD-Ranking's leaderboard)")
+    export_p = sub.add_parser("export", help="write a finished run as a Hugging Face dataset, RDED folders or tensors",
+                              description="Write the distilled set of a finished `cao2 run` into a new or empty "
+                              "folder in the layout another tool reads (docs/share.md).")
+    export_p.add_argument("data", metavar="OUT", help="the run folder (`cao2 run --out`)")
+    export_p.add_argument("--format", required=True, choices=("hf", "rded", "tensors"),
+                          help="hf: a `datasets` imagefolder with metadata.jsonl and a dataset card; rded: numeric "
+                               "class folders and class_map.txt; tensors: images.pt and labels.pt (DD-Ranking)")
+    export_p.add_argument("--to", required=True, metavar="DIR", help="a new or empty folder outside the run")
+    export_p.add_argument("--push", metavar="REPO", help="hf: upload the export to this Hub dataset repository "
+                          "(needs a token: huggingface-cli login or HF_TOKEN)")
+    report_p = sub.add_parser("report", help="write a static HTML page of a finished run (OUT/report/index.html)",
+                              description="One self-contained page of a finished `cao2 run`: what was run, each "
+                              "class before and after CLO, the judge's confidence, CLO's loss curves and the "
+                              "evaluations found (docs/share.md).")
+    report_p.add_argument("data", metavar="OUT", help="the run folder (`cao2 run --out`)")
+    report_p.add_argument("--device", default="auto", help="where the run's generator decodes the latents before "
+                          "CLO (default: auto)")
     return parser
 
 
@@ -326,6 +350,10 @@ def dispatch(args: argparse.Namespace) -> int:
         return sweep_command(args)
     if args.command == "compare":
         return compare_command(args)
+    if args.command == "export":
+        return export_command(args)
+    if args.command == "report":
+        return report_command(args)
     if args.command == "refine":
         config = config_from_args(args)
         if not config.images:
@@ -403,10 +431,26 @@ def sweep_command(args: argparse.Namespace) -> int:
 def compare_command(args: argparse.Namespace) -> int:
     from .studies.compare import check_protocols, compare
     protocols = check_protocols([t.strip() for t in args.protocols.split(",") if t.strip()], args.protocols)
-    result = compare(args.data, protocols, compare_settings(args), args.out)
+    result = compare(args.data, protocols, compare_settings(args), args.out, args.full_real_acc, args.full_real,
+                     args.ddrs_weight)
     print()
     print(result.table())
     print("\nwrote " + ", ".join(str(path) for path in result.files))
+    return 0
+
+
+def export_command(args: argparse.Namespace) -> int:
+    from .api import export
+    result = export(args.data, args.format, args.to, args.push)
+    print(f"wrote {result.images} images as {result.format} into {result.out}"
+          + (f"; uploaded to https://huggingface.co/datasets/{result.pushed}" if result.pushed else ""))
+    return 0
+
+
+def report_command(args: argparse.Namespace) -> int:
+    from .api import report
+    result = report(args.data, args.device)
+    print(f"wrote {result.page} ({result.classes} classes, {result.thumbnails} images before CLO)")
     return 0
 
 
@@ -416,6 +460,8 @@ def show_plugins(verbose: bool = False) -> int:
     for info in host.describe():
         print(f"{info.name} {info.version} [{info.kind}]" + (f" from {info.distribution}" if info.distribution else ""))
         print("  hooks: " + ", ".join(h.removeprefix("cao2_") for h in info.hooks))
+        if verbose:
+            print(f"  contract: {'.'.join(map(str, info.contract))}")
         if verbose and info.options:
             print("  --gen-opt keys:")
             for key, opt in sorted(info.options.items()):
@@ -425,7 +471,7 @@ def show_plugins(verbose: bool = False) -> int:
         print(f"{name} [generator, BROKEN]")
         print(f"  {reason}")
     if verbose:
-        print("generic flags read by only some generators: --timestep-convention (dit), --sampler (dit, sd); "
+        print("generic flags read by only some generators: --timestep-convention (dit), --sampler (dit, sd, sit); "
               "--profile reference changes what each generator's docs say")
     return 0
 

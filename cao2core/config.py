@@ -158,7 +158,11 @@ class RunConfig:
             key, sep, value = item.partition("=")
             if not sep or not key:
                 raise UserError(f"--gen-opt {item!r} is not KEY=VALUE")
-            opts[key.replace("-", "_")] = value
+            key = key.replace("-", "_")
+            if key in GENERIC_OPTIONS:      # it would silently replace the flag's value
+                raise UserError(f"--gen-opt {key}: {key} is one of cao2's own options; give it as "
+                                f"--{key.replace('_', '-')} instead")
+            opts[key] = value
         return opts
 
 

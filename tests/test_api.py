@@ -38,6 +38,8 @@ def test_every_example_in_the_api_docs_runs(tmp_path, monkeypatch, capsys):
     assert set(namespace["study"].accuracy) == {"pool", "oss", "clo", "oss+clo"}
     assert [p["point"] for p in namespace["grid"].report["points"]] == ["clo-lr-0.0006", "clo-lr-0.01"]
     assert tuple(namespace["pixels"].shape) == (3, 1, 32, 32)
+    assert namespace["shared"].images == 4 and (tmp_path / "small-hf" / "train" / "metadata.jsonl").is_file()
+    assert namespace["page"].thumbnails == 4 and (tmp_path / "small" / "report" / "index.html").is_file()
     assert namespace["config"].ipc == 50 and namespace["config"].generator == "dit"
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ast
+import tomllib
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "cao2core"
@@ -40,3 +41,11 @@ def test_no_module_imports_another_modules_private_names():
                 if private and not own_package:
                     offenders.append(f"{path.relative_to(PACKAGE)}: {alias.name}")
     assert offenders == []
+
+
+def test_every_package_folder_is_installed():
+    """An editable install finds a sub-package pyproject forgot; a wheel would not ship it."""
+    root = PACKAGE.parent
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(root).parts) for p in PACKAGE.rglob("__init__.py")}
+    assert found - listed == set()

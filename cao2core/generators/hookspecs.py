@@ -5,11 +5,14 @@ entry-point group. The engine calls a generator's hooks only on that plugin (plu
 from the ``cao2.plugins`` group, which may wrap them), so several generators can be installed side by side.
 
 Latents are always the *scaled* latents the generator denoises, batched along dim 0. Pixels are in [-1, 1].
+
+The contract is versioned (``CONTRACT``): a plugin states the version it was written for as ``CAO2_CONTRACT`` in
+its module and receives only what that version defines; see docs/plugins.md, "Compatibility".
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 import pluggy
 
@@ -22,9 +25,55 @@ PROJECT = "cao2"
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
+# The contract's version (major, minor). A minor version only adds (a generic option, an optional hook, an
+# argument a hook may take, a field with a default), so cao2 runs every plugin of its major version unchanged;
+# anything else needs the next major version, and a plugin of another major version is set aside as BROKEN.
+# 1.0: the hooks as of cao2 0.1 before --profile; 1.1 added the generic option ``profile``, the optional hooks
+# ``cao2_options`` and ``cao2_label_spaces``, ``cao2_sample``'s ``progress`` and
+# ``LatentSpec.reference_classifier_input``.
+CONTRACT = (1, 1)
+# what a plugin that states no version was written for: the contract before versions were stated
+FIRST_CONTRACT = (1, 0)
+# the plugin module's attribute that states its version, written out (CAO2_CONTRACT = (1, 1)), not imported from
+# here: it says what the plugin's code knows, not what the installed cao2 speaks
+CONTRACT_ATTRIBUTE = "CAO2_CONTRACT"
+
+# What each version added to the generic load options (the keys cao2 fills from its own flags). A plugin receives
+# the keys of its own version and the earlier ones of its major version, never a later version's: a key it cannot
+# know about must not reach it.
+GENERIC_OPTIONS_BY_VERSION: dict[tuple[int, int], tuple[str, ...]] = {
+    (1, 0): ("model", "vae", "dataset", "sampler", "sample_steps", "guidance", "timestep_convention", "dtype"),
+    (1, 1): ("profile",),
+}
+# The value of a generic option that asks nothing of a plugin beyond what the versions before the option did (None
+# too): cao2 leaves a later version's option out of an older plugin's options only at such a value, and refuses
+# another (the plugin could not honour it). Every option a minor version adds needs one.
+NEUTRAL_VALUES: dict[str, Any] = {"profile": "default"}
+
+# On their way out: {"cao2_HOOK", "cao2_HOOK(ARGUMENT)" or "options[KEY]": what to do instead}. An entry keeps
+# working for the rest of its major version; cao2 warns (DeprecationWarning naming the plugin) when a plugin
+# implements, takes or reads it, from one release before the next major version removes it.
+DEPRECATED: dict[str, str] = {}
+
+
+def generic_options(contract: tuple[int, int] | None = None) -> tuple[str, ...]:
+    """The generic load options a plugin written for ``contract`` receives (None: every one this cao2 passes)."""
+    contract = CONTRACT if contract is None else contract
+    return tuple(key for version, keys in GENERIC_OPTIONS_BY_VERSION.items()
+                 if version[0] == contract[0] and version <= contract for key in keys)
+
+
 CONDITION_KINDS = ("class", "null", "zero")
 # what the selection classifier sees of a decoded sample (see cao2core.data.classifiers)
 CLASSIFIER_INPUTS = ("timm", "raw", "jpeg")
+
+
+class Handle(Protocol):
+    """What ``cao2_load`` returns and every other hook receives back: the plugin's own object, opaque to cao2.
+
+    cao2 reads no attribute of it. It looks among its attributes (``vars(handle)``) for torch modules, to count the
+    parameters for ``--dry-run`` and to check they are frozen (the conformance kit): keep the modules there.
+    """
 
 
 @dataclass(frozen=True)
@@ -89,55 +138,58 @@ class GenOption:
     choices: tuple[str, ...] | None = None       # the allowed texts, if it is a choice
 
 
-# the keys of a generator's load options that come from the run's own flags; the rest are --gen-opt pairs
-GENERIC_OPTIONS = ("model", "vae", "dataset", "sampler", "sample_steps", "guidance", "timestep_convention",
-                   "dtype", "profile")
+# the keys of a generator's load options that come from the run's own flags (every version's of this major); the
+# rest are --gen-opt pairs
+GENERIC_OPTIONS = generic_options()
 
 
 @hookspec(firstresult=True)
-def cao2_load(options: dict, device: torch.device) -> Any:
+def cao2_load(options: dict, device: torch.device) -> Handle:
     """Load the generator (frozen, eval mode, on ``device``) and return an opaque handle.
 
-    ``options`` holds ``model``, ``vae``, ``dataset`` (may be None: use the plugin's default world) and the
-    generic sampling options (``GENERIC_OPTIONS``) plus any ``--gen-opt key=value`` pairs. ``profile`` is
-    ``default`` or ``reference`` (reproduce the generator's official CaO2 code where the default corrects it). Raise
-    ``cao2core.errors.UserError`` for bad checkpoints or unknown ``--gen-opt`` keys.
+    ``options`` holds the generic options of the plugin's contract version (``generic_options``), None when
+    unset: ``model``, ``vae``, ``dataset`` (None: the plugin's default world), the sampling options, and from 1.1
+    ``profile`` (``default`` or ``reference``: reproduce the generator's official CaO2 code where the default
+    corrects it); then the ``--gen-opt key=value`` pairs. cao2 refuses unknown ``--gen-opt`` keys (declared with
+    ``cao2_options``); raise ``cao2core.errors.UserError`` for bad checkpoints or bad values.
     """
 
 
 @hookspec(firstresult=True)
-def cao2_options() -> dict:
+def cao2_options() -> dict[str, GenOption]:
     """The ``--gen-opt`` keys this generator takes, ``{key: GenOption}`` (optional hook).
 
     cao2 refuses unknown keys and parses every value through its ``GenOption`` before ``cao2_load``, so the plugin
     receives typed values; ``cao2 plugins --verbose`` lists them. Without this hook the values arrive as text.
+    (Contract 1.1.)
     """
 
 
 @hookspec(firstresult=True)
-def cao2_label_spaces() -> dict:
+def cao2_label_spaces() -> dict[str, list[tuple[str, str]]]:
     """Label spaces this generator's labels can refer to (optional): ``{name: [(class id, class name), ...]}`` in
     label order. ``--dataset NAME`` resolves through them, and a ``LatentSpec.label_space`` naming one needs no
-    ``--dataset``; the generator label of a class is its position in the list."""
+    ``--dataset``; the generator label of a class is its position in the list. (Contract 1.1.)"""
 
 
 @hookspec(firstresult=True)
-def cao2_latent_spec(handle: Any) -> LatentSpec:
+def cao2_latent_spec(handle: Handle) -> LatentSpec:
     """Describe the latents, the label space and the CLO level range of a loaded generator."""
 
 
 @hookspec(firstresult=True)
-def cao2_describe(handle: Any) -> dict:
+def cao2_describe(handle: Handle) -> dict:
     """Return what the manifest records about the loaded generator (checkpoints, sha256, resolved options)."""
 
 
 @hookspec(firstresult=True)
-def cao2_sample(handle: Any, labels: torch.Tensor, generators: list, snapshot_steps: list,
-                progress: Callable[[], None]) -> SampleOutput:
+def cao2_sample(handle: Handle, labels: torch.Tensor, generators: list[torch.Generator], snapshot_steps: list[int],
+                progress: Callable[[], None] | None) -> SampleOutput:
     """Sample one latent per label; sample i draws all its randomness from ``generators[i]`` only.
 
-    ``progress()`` may be called after each of the ``LatentSpec.sample_steps`` sampler steps, so the pool bar moves
-    per step (a plugin that does not take the argument moves it per call).
+    ``progress()`` (contract 1.1; None when nothing draws a bar) may be called after each of the
+    ``LatentSpec.sample_steps`` sampler steps, so the pool bar moves per step (a plugin that does not take the
+    argument moves it per call).
 
     ``snapshot_steps``: 0-based sampler steps (negative ones count from the end, -1 = the last) whose state
     after that step is returned in ``SampleOutput.snapshots`` under the step as asked; the selection strategy
@@ -146,23 +198,23 @@ def cao2_sample(handle: Any, labels: torch.Tensor, generators: list, snapshot_st
 
 
 @hookspec(firstresult=True)
-def cao2_decode(handle: Any, latents: torch.Tensor) -> torch.Tensor:
+def cao2_decode(handle: Handle, latents: torch.Tensor) -> torch.Tensor:
     """Scaled latents -> pixels in [-1, 1] (not clamped), shape (B, C, H, W)."""
 
 
 @hookspec(firstresult=True)
-def cao2_encode(handle: Any, pixels: torch.Tensor, generators: list) -> torch.Tensor:
+def cao2_encode(handle: Handle, pixels: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
     """Pixels in [-1, 1] -> scaled latents (optional hook)."""
 
 
 @hookspec(firstresult=True)
-def cao2_condition(handle: Any, labels: torch.Tensor, kinds: list) -> Any:
+def cao2_condition(handle: Handle, labels: torch.Tensor, kinds: list[str]) -> Any:
     """Build the condition for ``predict``: per sample, kind ``class``, ``null`` (CFG null) or ``zero``."""
 
 
 @hookspec(firstresult=True)
-def cao2_corrupt(handle: Any, latents: torch.Tensor, levels: torch.Tensor, noise: torch.Tensor,
-                 generators: list, level_max: int) -> Corrupted:
+def cao2_corrupt(handle: Handle, latents: torch.Tensor, levels: torch.Tensor, noise: torch.Tensor,
+                 generators: list[torch.Generator], level_max: int) -> Corrupted:
     """Corrupt latents at per-sample ``levels`` with the fixed per-sample ``noise`` (noise or mask).
 
     ``level_max`` is the run's T-hat (``--clo-tmax``), the top of the levels' range, for generators that draw
@@ -170,7 +222,7 @@ def cao2_corrupt(handle: Any, latents: torch.Tensor, levels: torch.Tensor, noise
 
 
 @hookspec(firstresult=True)
-def cao2_predict(handle: Any, corrupted: Corrupted, condition: Any) -> Prediction:
+def cao2_predict(handle: Handle, corrupted: Corrupted, condition: Any) -> Prediction:
     """Run the frozen generator on a corrupted batch; gradients flow to the latents only."""
 
 

@@ -4,22 +4,27 @@ Generators are found through the ``cao2.generators`` entry points and imported o
 so ``--help`` and other generators never pay for (or break on) a plugin's import. A plugin that fails to import
 (with any exception, ``SystemExit`` included), does not match the hookspecs, or registers a name another
 distribution also registers is set aside with its reason: an error only when it is asked for, listed as BROKEN by
-``cao2 plugins``. A clash with a built-in name keeps the built-in.
+``cao2 plugins``. A clash with a built-in name keeps the built-in. A plugin written for another major version of
+the contract (``hookspecs.CONTRACT``) is set aside the same way, with the version it needs; within the major version
+each plugin receives only what the version it states defines.
 """
 from __future__ import annotations
 
 import difflib
 import importlib.metadata
+import re
 import sys
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import pluggy
 import torch
 
 from . import contract, hookspecs
 from .contract import PluginError
+from .hookspecs import Corrupted, GenOption, Handle, LatentSpec, Prediction, SampleOutput
 from ..errors import UserError
 
 GENERATOR_GROUP = "cao2.generators"
@@ -37,6 +42,7 @@ class PluginInfo:
     hooks: list[str]
     distribution: str | None = None
     options: dict = field(default_factory=dict)
+    contract: tuple[int, int] = hookspecs.FIRST_CONTRACT     # the contract version the plugin was written for
 
 
 class Host:
@@ -48,6 +54,7 @@ class Host:
         self.generators: dict[str, Any] = {}            # imported and validated
         self.pending: dict[str, importlib.metadata.EntryPoint] = {}   # found, not imported yet
         self.dists: dict[str, tuple[str | None, str]] = {}           # name -> (distribution, version)
+        self.contracts: dict[str, tuple[int, int]] = {}              # name -> the contract version it states
         self.broken: dict[str, str] = {}
         self._cross_cutting = list(importlib.metadata.entry_points(group=PLUGIN_GROUP)) if load_entry_points else []
         if load_entry_points:
@@ -76,9 +83,11 @@ class Host:
 
     def register(self, plugin: Any, name: str, kind: str = "generator", version: str = "unknown",
                  distribution: str | None = None) -> None:
-        """Register a plugin; hookimpls whose names or arguments do not match the specs are refused."""
+        """Register a plugin; one written for another major contract version, or whose hookimpls' names or
+        arguments do not match the specs, is refused."""
         if self.pm.has_plugin(name):
             raise UserError(f"two plugins are named {name!r}; uninstall one of them")
+        stated = _stated_contract(plugin, name, f"{distribution or 'not installed'} {version}")
         try:
             self.pm.register(plugin, name=name)
             self.pm.check_pending()
@@ -94,6 +103,9 @@ class Host:
                                 f"{_missing_hint(plugin, missing)}")
             self.generators[name] = plugin
         self.dists.setdefault(name, (distribution, version))
+        self.contracts[name] = stated
+        for what in _deprecated_parts(self.pm, plugin):
+            _warn_deprecated(f"{kind} plugin {name!r} ({distribution or 'not installed'} {version})", what)
 
     def generator(self, name: str) -> "Generator":
         self.load_cross_cutting()
@@ -140,23 +152,26 @@ class Host:
         for name, plugin in self.pm.list_name_plugin():
             hooks = sorted(c.name for c in self.pm.get_hookcallers(plugin) or [])
             kind = "generator" if name in self.generators else "plugin"
-            options = Generator(self, name).declared_options() if kind == "generator" else {}
-            out.append(PluginInfo(name, kind, self.dists[name][1], hooks,
-                                  self.dists.get(name, (None, ""))[0], options))
+            options = Generator(self, name).options() if kind == "generator" else {}
+            out.append(PluginInfo(name, kind, self.dists[name][1], hooks, self.dists[name][0], options,
+                                  self.contracts[name]))
         return sorted(out, key=lambda p: (p.kind, p.name))
 
 
 class Generator:
-    """The hooks of one generator plugin, plus every cross-cutting plugin, called by keyword and checked.
+    """One generator plugin's hooks, plus every cross-cutting plugin's wrappers: one typed method per hook.
 
-    ``gen.sample(handle=..., ...)`` calls ``cao2_sample``; what it returns is checked against the contract
-    (``cao2core.generators.contract``), and an exception raised inside becomes a one-line ``PluginError`` naming the plugin
-    and the hook (its ``__cause__`` keeps the traceback for ``--debug``).
+    Each method calls its hook by keyword on this plugin only, checks what comes back against the contract
+    (``cao2core.generators.contract``), and turns an exception raised inside into a one-line ``PluginError`` naming the
+    plugin and the hook (its ``__cause__`` keeps the traceback for ``--debug``). The plugin receives what its
+    contract version defines: pluggy passes an implementation only the arguments it names, and ``load`` leaves out
+    the generic options of later versions.
     """
 
     def __init__(self, host: Host, name: str):
         self.name = name
         self.distribution, self.version = host.dists[name]
+        self.contract = host.contracts[name]
         self.label = f"{name} ({self.distribution or 'not installed'} {self.version})"
         self.wrapped_by = [n for n, _ in host.pm.list_name_plugin() if n not in host.generators]
         others = [p for n, p in host.generators.items() if n != name]
@@ -164,34 +179,85 @@ class Generator:
         self._pm = host.pm
         self._callers = {h: host.pm.subset_hook_caller(h, remove_plugins=others)
                          for h in hookspecs.REQUIRED_HOOKS + hookspecs.OPTIONAL_HOOKS}
-        self.spec: hookspecs.LatentSpec | None = None      # set by the first checked latent_spec call
+        self.spec: LatentSpec | None = None      # set by the first checked latent_spec call
 
     def implements(self, hook: str) -> bool:
         return _implements(self._pm, self._plugin, hook)
 
-    def declared_options(self) -> dict:
-        """``{key: GenOption}`` from the optional ``cao2_options`` hook ({} without it)."""
-        return self.options() if self.implements("cao2_options") else {}
+    # the hooks, as the engine calls them
 
-    def label_spaces(self) -> dict:
+    def load(self, *, options: dict, device: torch.device) -> Handle:
+        """``cao2_load`` with ``received_options(options)``; a ``--gen-opt`` key the plugin does not declare is refused
+        first. A ``UserError`` that calls a generic option cao2 passed an unknown option or a ``--gen-opt`` is the
+        plugin's fault, not the user's: a ``PluginError`` names the plugin."""
+        received = self.received_options(options)
+        self._refuse_unknown(received, self.options())
+        try:
+            return self._call("cao2_load", options=received, device=device)
+        except PluginError:
+            raise
+        except UserError as exc:
+            key = _refused_key(str(exc), [k for k in hookspecs.generic_options(self.contract) if k in received])
+            if key is None:
+                raise
+            raise PluginError(
+                f"generator plugin {self.label}, written for contract {_dotted(self.contract)}: cao2_load refused "
+                f"{key!r}, which cao2 passes from its own flags to every plugin of that contract (not a --gen-opt "
+                f"you typed): the plugin's fault; report it to its authors (it said: {_first_line(exc)})") from exc
+
+    def latent_spec(self, *, handle: Handle) -> LatentSpec:
+        self.spec = self._call("cao2_latent_spec", handle=handle)
+        return self.spec
+
+    def describe(self, *, handle: Handle) -> dict:
+        return self._call("cao2_describe", handle=handle)
+
+    def sample(self, *, handle: Handle, labels: torch.Tensor, generators: list[torch.Generator],
+               snapshot_steps: list[int], progress: Callable[[], None] | None = None) -> SampleOutput:
+        return self._call("cao2_sample", handle=handle, labels=labels, generators=generators,
+                          snapshot_steps=snapshot_steps, progress=progress)
+
+    def decode(self, *, handle: Handle, latents: torch.Tensor) -> torch.Tensor:
+        return self._call("cao2_decode", handle=handle, latents=latents)
+
+    def encode(self, *, handle: Handle, pixels: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+        if not self.implements("cao2_encode"):
+            raise UserError(f"generator {self.label} has no cao2_encode hook: it cannot encode images")
+        return self._call("cao2_encode", handle=handle, pixels=pixels, generators=generators)
+
+    def condition(self, *, handle: Handle, labels: torch.Tensor, kinds: list[str]) -> Any:
+        return self._call("cao2_condition", handle=handle, labels=labels, kinds=kinds)
+
+    def corrupt(self, *, handle: Handle, latents: torch.Tensor, levels: torch.Tensor, noise: torch.Tensor,
+                generators: list[torch.Generator], level_max: int) -> Corrupted:
+        return self._call("cao2_corrupt", handle=handle, latents=latents, levels=levels, noise=noise,
+                          generators=generators, level_max=level_max)
+
+    def predict(self, *, handle: Handle, corrupted: Corrupted, condition: Any) -> Prediction:
+        return self._call("cao2_predict", handle=handle, corrupted=corrupted, condition=condition)
+
+    def options(self) -> dict[str, GenOption]:
+        """``{key: GenOption}`` from the optional ``cao2_options`` hook ({} without it)."""
+        return self._call("cao2_options") if self.implements("cao2_options") else {}
+
+    def label_spaces(self) -> dict[str, list[tuple[str, str]]]:
         """``{name: [(id, name), ...]}`` from the optional ``cao2_label_spaces`` hook ({} without it)."""
-        if not self.implements("cao2_label_spaces"):
-            return {}
-        return self._call("cao2_label_spaces", self._callers["cao2_label_spaces"], {})
+        return self._call("cao2_label_spaces") if self.implements("cao2_label_spaces") else {}
+
+    # around the hooks
 
     def parse_options(self, options: dict) -> dict:
         """Load options with every ``--gen-opt`` value parsed through the generator's declared ``GenOption``;
         unknown keys and unparsable values are one-line errors naming the key. Without declarations: as given."""
-        declared = self.declared_options()
+        declared = self.options()
         if not declared:
             return options
+        self._refuse_unknown(options, declared)
         out = dict(options)
+        generic = hookspecs.generic_options()
         for key, text in options.items():
-            if key in hookspecs.GENERIC_OPTIONS:
+            if key in generic:
                 continue
-            if key not in declared:
-                raise UserError(f"unknown --gen-opt {key} for {self.name}; known: {', '.join(sorted(declared))} "
-                                f"(`cao2 plugins --verbose` explains them)")
             opt = declared[key]
             if opt.choices is not None and str(text) not in opt.choices:
                 raise UserError(f"--gen-opt {key}={text}: {self.name} takes one of {', '.join(opt.choices)}")
@@ -201,17 +267,33 @@ class Generator:
                 raise UserError(f"--gen-opt {key}={text}: {self.name} cannot read it ({exc}); {opt.help}") from None
         return out
 
-    def __getattr__(self, op: str):
-        caller = self.__dict__["_callers"].get(f"cao2_{op}")
-        if caller is None:
-            raise AttributeError(op)
-        return lambda **kwargs: self._call(f"cao2_{op}", caller, kwargs)
+    def _refuse_unknown(self, options: dict, declared: dict[str, GenOption]) -> None:
+        """Refuse a ``--gen-opt`` key the generator does not declare (nothing to check without declarations)."""
+        generic = hookspecs.generic_options()
+        unknown = sorted(k for k in options if k not in generic and k not in declared)
+        if unknown and declared:
+            raise UserError(f"unknown --gen-opt {unknown[0]} for {self.name}; known: {', '.join(sorted(declared))} "
+                            f"(`cao2 plugins --verbose` explains them)")
 
-    def _call(self, hook: str, caller, kwargs: dict):
-        if hook == "cao2_sample":
-            kwargs.setdefault("progress", None)         # optional for callers that draw no bar
+    def received_options(self, options: dict) -> dict:
+        """What ``cao2_load`` receives of ``options``: the generic options of the plugin's contract version and the
+        ``--gen-opt`` pairs. A generic option a later version added is left out (the plugin cannot know it), and
+        refused unless it is None or neutral (``hookspecs.NEUTRAL_VALUES``): the plugin could not honour it."""
+        every, own = hookspecs.generic_options(), hookspecs.generic_options(self.contract)
+        for key in [k for k in every if k not in own and options.get(k) is not None]:
+            if options[key] != hookspecs.NEUTRAL_VALUES.get(key):
+                added = _dotted(next(v for v, keys in hookspecs.GENERIC_OPTIONS_BY_VERSION.items() if key in keys))
+                raise UserError(f"--{key.replace('_', '-')} {options[key]}: generator {self.label} is written for "
+                                f"contract {_dotted(self.contract)}, which has no {key} (contract {added} added it); "
+                                f"leave the flag out, or ask the plugin's authors for a release of contract {added}")
+        received = {k: v for k, v in options.items() if k in own or k not in every}
+        if any(f"options[{k}]" in hookspecs.DEPRECATED for k in received):
+            return _WarningOptions(received, f"generator plugin {self.label}")
+        return received
+
+    def _call(self, hook: str, **kwargs):
         try:
-            result = caller(**kwargs)
+            result = self._callers[hook](**kwargs)
         except PASS_THROUGH:
             raise
         except Exception as exc:
@@ -223,9 +305,82 @@ class Generator:
         if problem:
             raise PluginError(f"generator plugin {self.label}: {hook} {problem}; the plugin breaks the cao2 "
                               "contract (docs/plugins.md)")
-        if hook == "cao2_latent_spec":
-            self.spec = result
         return result
+
+
+class _WarningOptions(dict):
+    """Load options that warn when the plugin reads a deprecated key (``hookspecs.DEPRECATED``, ``options[KEY]``)."""
+
+    def __init__(self, items: dict, plugin: str):
+        super().__init__(items)
+        self._plugin = plugin
+
+    def __getitem__(self, key):
+        self._warn(key)
+        return super().__getitem__(key)
+
+    def get(self, key, default=None):
+        self._warn(key)
+        return super().get(key, default)
+
+    def _warn(self, key) -> None:
+        if f"options[{key}]" in hookspecs.DEPRECATED:
+            _warn_deprecated(self._plugin, f"options[{key}]", stacklevel=4)
+
+
+def _stated_contract(plugin: Any, name: str, source: str) -> tuple[int, int]:
+    """The contract version ``plugin`` states (``hookspecs.CONTRACT_ATTRIBUTE``; none: the first); a malformed
+    statement or another major version than this cao2 speaks is a ``UserError`` saying what to upgrade."""
+    stated = getattr(plugin, hookspecs.CONTRACT_ATTRIBUTE, None)
+    try:
+        version = (hookspecs.FIRST_CONTRACT if stated is None
+                   else tuple(int(part) for part in (stated.split(".") if isinstance(stated, str) else stated)))
+    except (TypeError, ValueError):
+        version = ()
+    if len(version) != 2 or min(version) < 0:
+        raise UserError(f"plugin {name!r} ({source}) states {hookspecs.CONTRACT_ATTRIBUTE} = {stated!r}; it should "
+                        f"be (MAJOR, MINOR), e.g. {hookspecs.CONTRACT}")
+    speaks = hookspecs.CONTRACT[0]
+    if version[0] != speaks:
+        upgrade = ("upgrade cao2" if version[0] > speaks
+                   else f"upgrade {name} (or install a cao2 of contract {version[0]})")
+        raise UserError(f"plugin {name!r} ({source}) is written for contract {version[0]}, this cao2 speaks {speaks}: "
+                        f"{upgrade}")
+    return version
+
+
+def _deprecated_parts(pm: pluggy.PluginManager, plugin: Any) -> list[str]:
+    """The deprecated hooks ``plugin`` implements and hook arguments it takes (``hookspecs.DEPRECATED``)."""
+    if not hookspecs.DEPRECATED:
+        return []
+    found = []
+    for caller in pm.get_hookcallers(plugin) or []:
+        for impl in caller.get_hookimpls():
+            if impl.plugin is plugin:
+                found += [w for w in (caller.name, *(f"{caller.name}({a})" for a in impl.argnames))
+                          if w in hookspecs.DEPRECATED]
+    return found
+
+
+def _warn_deprecated(plugin: str, what: str, stacklevel: int = 3) -> None:
+    warnings.warn(f"{plugin}: {what} is deprecated: {hookspecs.DEPRECATED[what]}; contract "
+                  f"{hookspecs.CONTRACT[0] + 1} removes it", DeprecationWarning, stacklevel=stacklevel)
+
+
+def _refused_key(message: str, generic: list[str]) -> str | None:
+    """The generic option ``message`` refuses as a ``--gen-opt`` or an unknown option or key (alone or in a list),
+    if any: ``unknown --gen-opt 'profile' for pixeldiff``, ``unexpected options: foo, profile``."""
+    for key in generic:
+        if re.search(rf"{_REFUSAL}\W{{0,3}}(?:[\w-]+['\"`]?,\s*['\"`]?)*{re.escape(key)}\b", message, re.IGNORECASE):
+            return key
+    return None
+
+
+_REFUSAL = r"(?:gen-opt|(?:unknown|unexpected|unrecogni[sz]ed)\s+(?:option|key)s?)(?:\s+(?:option|key)s?)?"
+
+
+def _dotted(version: tuple[int, int]) -> str:
+    return ".".join(str(v) for v in version)
 
 
 def _implements(pm: pluggy.PluginManager, plugin: Any, hook: str) -> bool:

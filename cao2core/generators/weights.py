@@ -135,3 +135,19 @@ def _write_cache(cache: dict) -> None:
     except OSError:
         with contextlib.suppress(OSError):      # a failed write leaves nothing behind
             tmp.unlink(missing_ok=True)
+
+
+def strict_problem(module: torch.nn.Module, state: dict) -> str:
+    """What keeps ``state`` from loading strictly into ``module``, in a few words ("" when nothing): the first
+    missing, unexpected and mis-shaped entries, for a one-line error naming the checkpoint."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+              if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    parts = []
+    for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):
+        if items:
+            more = f" and {len(items) - 2} more" if len(items) > 2 else ""
+            parts.append(f"{label} {', '.join(items[:2])}{more}")
+    return "; ".join(parts)

@@ -395,7 +395,8 @@ def write_preview(store: Store, gen: Generator, handle, class_ids: list[str], de
         img = to_uint8(in_chunks(lambda z: gen.decode(handle=handle, latents=z), both, batch_size))
         rows.append((img[:n], img[n:]))
     if rows:
-        store.write_preview(rows)
+        entries = store.manifest.get("classes") or {}
+        store.write_preview(rows, names=[(entries.get(c) or {}).get("name", c) for c in class_ids[:len(rows)]])
     return bool(rows)
 
 
@@ -536,7 +537,7 @@ def manifest_header(cfg, gen: Generator, description: dict, space: LabelSpace, c
         "versions": {"cao2": __version__, **versions("diffusers", "timm", "safetensors", "pluggy")},
         "command": " ".join(sys.argv),
         "generator": {"name": gen.name, "distribution": gen.distribution, "version": gen.version,
-                      **settled(description)},
+                      "contract": ".".join(map(str, gen.contract)), **settled(description)},
         "classifier": None if classifier is None else {"source": classifier.source, "sha256": classifier.sha256,
                                                        "input": classifier.input},
         "dataset": space.name,

@@ -7,6 +7,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+PREVIEW_NAME_CHARS = 24      # a class name longer than this is cut in the preview's left column
+
 
 def to_uint8(pixels: torch.Tensor) -> np.ndarray:
     """[-1, 1] (B, C, H, W) -> uint8 (B, H, W, C), rounding as torchvision's save_image does."""
@@ -23,18 +25,37 @@ def png_bytes(arr: np.ndarray) -> bytes:
 
 
 
-def preview_canvas(rows: list[tuple[np.ndarray, np.ndarray]], pad: int = 2) -> np.ndarray:
-    """One row per class: the selected samples before CLO, a gap, the same samples after CLO."""
+def preview_canvas(rows: list[tuple[np.ndarray, np.ndarray]], pad: int = 2, names: list[str] | None = None
+                   ) -> np.ndarray:
+    """One row per class: the selected samples before CLO, a gap, the same samples after CLO; a band on top labels
+    the panels "before CLO" and "after CLO", a column at the left names each row's class (``names``, default the
+    row's number). Drawn with PIL's default font, so the same rows give the same pixels."""
+    from PIL import ImageDraw, ImageFont
+
     h, w, c = rows[0][0].shape[1:]
     n = max(len(b) for b, _ in rows)
-    width = (2 * n) * (w + pad) + 3 * pad + w // 2
-    canvas = np.full((len(rows) * (h + pad) + pad, width, c), 255, np.uint8)
+    names = [str(x)[:PREVIEW_NAME_CHARS] for x in (names if names is not None else range(len(rows)))]
+    font = ImageFont.load_default()
+    measure = ImageDraw.Draw(Image.new("L", (1, 1)))
+    text_h = max(measure.textbbox((0, 0), t, font=font)[3] for t in ("before CLO", "after CLO", *names))
+    left = pad + max(int(np.ceil(measure.textlength(t, font=font))) for t in names) + 2 * pad
+    top = text_h + 2 * pad
+    width = left + (2 * n) * (w + pad) + 3 * pad + w // 2
+    image = Image.new("L" if c == 1 else "RGB", (width, top + len(rows) * (h + pad) + pad), 255 if c == 1 else
+                      (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    ink = 0 if c == 1 else (0, 0, 0)
+    draw.text((left + pad, pad), "before CLO", fill=ink, font=font)
+    draw.text((left + pad + n * (w + pad) + w // 2, pad), "after CLO", fill=ink, font=font)
+    for r, name in enumerate(names):
+        draw.text((pad, top + pad + r * (h + pad) + max(0, (h - text_h) // 2)), name, fill=ink, font=font)
+    canvas = np.asarray(image, np.uint8).reshape(image.size[1], width, c).copy()
     for r, (before, after) in enumerate(rows):
-        y = pad + r * (h + pad)
+        y = top + pad + r * (h + pad)
         for j, img in enumerate(before):
-            x = pad + j * (w + pad)
+            x = left + pad + j * (w + pad)
             canvas[y:y + h, x:x + w] = img
         for j, img in enumerate(after):
-            x = pad + n * (w + pad) + w // 2 + j * (w + pad)
+            x = left + pad + n * (w + pad) + w // 2 + j * (w + pad)
             canvas[y:y + h, x:x + w] = img
     return canvas

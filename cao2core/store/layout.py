@@ -7,6 +7,7 @@
     OUT/records/<class>.json     each class's record: status and the sha256 of every file
     OUT/preview.png              the first classes before and after CLO
     OUT/eval/                    what the evaluations write (their names come from the modules that own them)
+    OUT/report/                  `cao2 report`'s page (share.report), written from the finished run
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ FORMAT = "cao2-run/1"
 PREVIEW = "preview.png"
 SUBFOLDERS = ("images", "latents", "records")
 EVAL_FOLDER = "eval"
+REPORT_FOLDER = "report"
 IMAGE_NAME = re.compile(r"\d+\.png")
 TOKEN = r"[a-z0-9_]{8}"    # the random part of a temporary name (cao2's own, and tempfile's in older runs)
 # cao2's temporary names, per folder of a run: what a kill may leave behind
@@ -29,6 +31,7 @@ TEMP_NAMES = {
     "class": re.compile(rf"\.\d+\.png\.{TOKEN}\.tmp"),
 }
 STAGING = re.compile(rf"\.[^.].*\.{TOKEN}(\.old\d+)?")     # images/.<class>.<token>: a class folder being written
+REPORT_STAGING = re.compile(rf"\.{REPORT_FOLDER}\.{TOKEN}")    # OUT/.report.<token>: a report being written
 
 
 def eval_files() -> tuple[str, ...]:
@@ -48,5 +51,5 @@ def eval_temp_name() -> re.Pattern:
 def eval_subfolder() -> re.Pattern:
     """The sub-folders of OUT/eval/ that ``cao2 compare`` writes: its own and one per evaluation."""
     from ..studies import compare
-    sets = "|".join(map(re.escape, compare.SETS))
+    sets = "|".join(map(re.escape, (*compare.SETS, compare.FULL_SET)))
     return re.compile(rf"{compare.FOLDER}(/({sets})-[a-z0-9-]+)?")

@@ -33,8 +33,8 @@ from .files import (abandoned, atomic_write_bytes, interrupts_deferred, locked_f
                     swap_in)
 from .identity import identity_change
 from .images import png_bytes, preview_canvas, to_uint8
-from .layout import (EVAL_FOLDER, FORMAT, IMAGE_NAME, MANIFEST, PREVIEW, STAGING, SUBFOLDERS, TEMP_NAMES, eval_files,
-                     eval_subfolder, eval_temp_name)
+from .layout import (EVAL_FOLDER, FORMAT, IMAGE_NAME, MANIFEST, PREVIEW, REPORT_FOLDER, REPORT_STAGING, STAGING,
+                     SUBFOLDERS, TEMP_NAMES, eval_files, eval_subfolder, eval_temp_name)
 
 VISIBLE_WAIT_S = 60      # how long rank 0 waits to see the other ranks' files (network file systems cache)
 
@@ -139,8 +139,17 @@ class Store:
             """Whether OUT/<rel> is a folder or file that cao2 writes."""
             name, where = rel[-1], rel[:-1]
             if not where:
-                return (name in (*SUBFOLDERS, EVAL_FOLDER) if is_folder
-                        else name in (MANIFEST, PREVIEW) or bool(TEMP_NAMES["."].fullmatch(name)))
+                return (name in (*SUBFOLDERS, EVAL_FOLDER, REPORT_FOLDER) or bool(REPORT_STAGING.fullmatch(name))
+                        if is_folder else name in (MANIFEST, PREVIEW) or bool(TEMP_NAMES["."].fullmatch(name)))
+            if REPORT_STAGING.fullmatch(where[0]):      # a report that was being written: all of it is cao2's
+                return True
+            if where[0] == REPORT_FOLDER:               # `cao2 report`: index.html and before/<class>/<i>.png
+                inner = rel[1:]
+                if inner == ("index.html",):
+                    return not is_folder
+                if inner[0] != "before" or len(inner) > 3:
+                    return False
+                return is_folder if len(inner) < 3 else bool(IMAGE_NAME.fullmatch(name))
             if where[0] == EVAL_FOLDER:
                 return (bool(eval_folders.fullmatch("/".join(rel[1:]))) if is_folder
                         else name in eval_names or bool(eval_temp.fullmatch(name)))
@@ -170,7 +179,8 @@ class Store:
                                     "--overwrite replaces only cao2's files, so move it away or choose another --out")
                 if is_folder:
                     walk(path, sub)
-                    if len(sub) > 1 or sub[0] == EVAL_FOLDER:     # images/, latents/, records/ stay for the new run
+                    if len(sub) > 1 or sub[0] in (EVAL_FOLDER, REPORT_FOLDER) or REPORT_STAGING.fullmatch(sub[0]):
+                        # images/, latents/, records/ stay for the new run
                         folders.append(path)                      # after what it holds: deepest first
                 elif sub[0] == "records":
                     records.append(path)
@@ -442,9 +452,10 @@ class Store:
     def load_latents(self, cid: str) -> dict[str, torch.Tensor]:
         return load_file(str(self.out / "latents" / f"{cid}.safetensors"))
 
-    def write_preview(self, rows: list[tuple[np.ndarray, np.ndarray]], pad: int = 2) -> Path:
-        """One row per class: the selected samples before CLO, a gap, the same samples after CLO."""
-        canvas = preview_canvas(rows, pad)
+    def write_preview(self, rows: list[tuple[np.ndarray, np.ndarray]], pad: int = 2,
+                      names: list[str] | None = None) -> Path:
+        """One row per class (named by ``names``): the selected samples before CLO, a gap, the same after CLO."""
+        canvas = preview_canvas(rows, pad, names)
         path = self.out / PREVIEW
         try:
             atomic_write_bytes(path, png_bytes(canvas))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -17,11 +18,13 @@ from ..config import PROTOCOLS, EvalConfig
 from ..errors import UserError
 from ..outputs import check_apart, check_writable
 from ..store.layout import EVAL_FOLDER
+from . import ddranking
 
 FORMAT = "cao2-compare/1"
 REPORT, TABLE = "compare.json", "compare.md"
 MARKER = "compare-key.json"  # beside each eval.json: the data and eval command it scored
 SETS = ("distilled", "random-real")
+FULL_SET = "full-real"      # OUT/full-real-hard/: the full-data ceiling that DD-Ranking's HLR is measured against
 FOLDER = "compare"          # its default place: OUT/eval/compare/ of a run
 DEFAULT_PROTOCOLS = ("hard", "rded")
 
@@ -39,6 +42,13 @@ class CompareResult:
     @property
     def difference(self) -> dict[str, float]:
         return {row["protocol"]: row["difference"] for row in self.report["protocols"]}
+
+    @property
+    def ddranking(self) -> dict[str, dict] | None:
+        """DD-Ranking's IOR, HLR (percentage points) and DDRS per protocol; None without a full-data accuracy."""
+        if "ddranking" not in self.report:
+            return None
+        return {r["protocol"]: {k: r[k] for k in ("ior", "hlr", "ddrs")} for r in self.report["protocols"]}
 
     @property
     def sentence(self) -> str:
@@ -93,11 +103,28 @@ def _data_key(distilled) -> dict:
     return {"files": digest.hexdigest()}
 
 
+def check_full_real(protocols: list[str], full_real_acc: float | None, full_real: bool, weight: float) -> None:
+    """The inputs of DD-Ranking's scores, checked: one source of the full-data accuracy, a percentage, the hard
+    protocol among ``protocols`` (HLR is the hard-label gap) and a weight in [0, 1]."""
+    if full_real_acc is not None and full_real:
+        raise UserError("give --full-real-acc ACC or --full-real, not both: one full-data accuracy for DD-Ranking's "
+                        "scores")
+    if full_real_acc is not None and not (math.isfinite(full_real_acc) and 0 <= full_real_acc <= 100):
+        raise UserError(f"--full-real-acc must be a test accuracy in percent (0 to 100), got {full_real_acc}")
+    if (full_real_acc is not None or full_real) and "hard" not in protocols:
+        raise UserError("DD-Ranking's HLR needs the distilled set's hard-label accuracy; add hard to --protocols")
+    if not (math.isfinite(weight) and 0 <= weight <= 1):
+        raise UserError(f"--ddrs-weight must be between 0 and 1, got {weight}")
+
+
 def compare(data: str, protocols: list[str] = DEFAULT_PROTOCOLS, settings: EvalConfig | None = None,
-            out: str | None = None) -> CompareResult:
+            out: str | None = None, full_real_acc: float | None = None, full_real: bool = False,
+            weight: float = ddranking.DEFAULT_WEIGHT) -> CompareResult:
     """Score the distilled set ``data`` and random real subsets of the same IPC under each protocol, with the
     students of ``settings`` (its data, out and protocol are set per evaluation; default: ``EvalConfig()``'s);
-    writes OUT/compare.json and .md (``out``: default DATA/eval/compare for a cao2 run output)."""
+    writes OUT/compare.json and .md (``out``: default DATA/eval/compare for a cao2 run output). With a full-data
+    hard-label accuracy (``full_real_acc`` in %, or ``full_real``: measured with the same students on the whole
+    training set), each protocol also gets DD-Ranking's IOR, HLR and DDRS (``weight``: w of IOR)."""
     from ..scoring import data as eval_data
     from ..scoring.evaluation import check, evaluate
     from ..scoring.report import reuse_or_evaluate
@@ -107,6 +134,7 @@ def compare(data: str, protocols: list[str] = DEFAULT_PROTOCOLS, settings: EvalC
         raise UserError("cao2 compare needs --data DIR: the distilled set to compare with random real images")
     settings = settings if settings is not None else EvalConfig(quiet=True)
     protocols = check_protocols(list(protocols))
+    check_full_real(protocols, full_real_acc, full_real, weight)
     distilled = eval_data.open_distilled(data, settings.dataset, None)
     counts = {cid: len(files) for cid, files in distilled.images.items()}
     if len(set(counts.values())) != 1:
@@ -132,6 +160,11 @@ def compare(data: str, protocols: list[str] = DEFAULT_PROTOCOLS, settings: EvalC
     for p in protocols:             # every option is checked before the first student trains
         planned[p]["distilled"].validate()          # the sets differ only in what they train on:
         check(planned[p]["random-real"], space, full)   # student, teacher and folders are checked once
+    ceiling = None
+    if full_real:
+        ceiling = replace(planned["hard"]["random-real"], random_real=None, full_real=True,
+                          out=str(out / f"{FULL_SET}-hard"))
+        check(ceiling, space, full)
 
     data_key = _data_key(distilled)
     rows = []
@@ -148,11 +181,26 @@ def compare(data: str, protocols: list[str] = DEFAULT_PROTOCOLS, settings: EvalC
         rows.append({"protocol": p, "distilled": _figure(d), "random_real": _figure(r),
                      "difference": d["mean"] - r["mean"], "settings": reports["distilled"]["config"]["settings"],
                      "reports": {k: str(Path(planned[p][k].out) / "eval.json") for k in SETS}})
+    if full_real:
+        key = {"data": None, "eval": ceiling.to_argv()[1:]}
+        report = reuse_or_evaluate(Path(ceiling.out), key, lambda: _evaluate(ceiling), MARKER)
+        h = report["summary"]["headline"]
+        print(f"   full real, hard: {h['mean']:.2f} ± {h['std']:.2f} % ({Path(ceiling.out) / 'eval.json'})", flush=True)
+        full_acc = {"mean": h["mean"], "source": str(Path(ceiling.out) / "eval.json")}
+    elif full_real_acc is not None:
+        full_acc = {"mean": float(full_real_acc), "source": "given (--full-real-acc)"}
+    else:
+        full_acc = None
+    if full_acc is not None:
+        for row, figures in zip(rows, ddranking.scores(rows, full_acc["mean"], weight).values()):
+            row.update(figures)
     first = reports["distilled"]
     result = {"format": FORMAT, "data": str(distilled.root), "dataset": full.name, "classes": list(space.ids),
               "ipc": ipc, "teacher": _teacher_name(settings, eval_data.is_mnist(space)), "val": first["data"]["val"],
               "val_images": first["data"]["val_images"],
               "protocols": rows}
+    if full_acc is not None:
+        result["ddranking"] = {"full_real_hard": full_acc, "weight": weight, "reference": ddranking.REFERENCE}
     result["sentence"] = sentence(result)
     files = write_files(out, {REPORT: (json.dumps(result, indent=2) + "\n").encode(),
                               TABLE: (table(result) + "\n").encode()})
@@ -224,13 +272,26 @@ def table(result: dict) -> str:
              f"batch {st['batch_size']}, "
              f"{repeats} student{'s' if repeats > 1 else ''} per set and protocol; test accuracy (%) on "
              f"{result['val']}, {result['val_images']} images",
-             "", "| protocol | distilled | random real | difference |", "|---|---|---|---|"]
+             ""]
+    dd = result.get("ddranking")
+    if dd:
+        lines += ["| protocol | distilled | random real | difference (IOR) | HLR | DDRS |", "|---|---|---|---|---|---|"]
+    else:
+        lines += ["| protocol | distilled | random real | difference |", "|---|---|---|---|"]
     names = {"hard": "hard labels", "rded": f"soft labels from {result['teacher']} (rded)",
              "rded-faithful": f"soft labels from {result['teacher']} (rded-faithful)"}
     for r in result["protocols"]:
-        lines.append(f"| {names[r['protocol']]} | {_pm(r['distilled'])} | {_pm(r['random_real'])} | "
-                     f"{r['difference']:+.2f} |")
+        line = f"| {names[r['protocol']]} | {_pm(r['distilled'])} | {_pm(r['random_real'])} | {r['difference']:+.2f} |"
+        if dd:
+            line += f" {r['hlr']:+.2f} | {r['ddrs']:.3f} |"
+        lines.append(line)
     lines.append("")
+    if dd:
+        lines.append(f"DD-Ranking ({dd['reference']}): IOR = distilled - random real under the protocol; HLR = "
+                     f"full-data hard-label accuracy ({dd['full_real_hard']['mean']:.2f} %, "
+                     f"{dd['full_real_hard']['source']}) - the distilled set's hard-label accuracy; "
+                     f"DDRS = (exp(w IOR - (1-w) HLR) - 1/e) / (e - 1/e), w = {dd['weight']:g}, IOR and HLR as "
+                     "fractions.")
     if "best-last-20%" in figures.values():
         lines.append("Figures: final-epoch accuracy; rded-faithful: RDED's, the best of the evaluations in the last "
                      "20% of training.")

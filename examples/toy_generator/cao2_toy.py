@@ -11,6 +11,7 @@ import torch
 from cao2core.hookspecs import Corrupted, LatentSpec, Prediction, SampleOutput, hookimpl
 
 __version__ = "0.1.0"
+CAO2_CONTRACT = (1, 1)      # the cao2 plugin contract this plugin is written for (docs/plugins.md, "Compatibility")
 SIZE, CLASSES, STD = 32, 10, 0.3
 
 

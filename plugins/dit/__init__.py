@@ -32,12 +32,13 @@ from diffusers import AutoencoderKL, DiTTransformer2DModel
 
 from cao2core.generators import compiling, precision
 from cao2core.errors import UserError
-from cao2core.generators.hookspecs import GENERIC_OPTIONS, Corrupted, GenOption, LatentSpec, Prediction, SampleOutput, hookimpl, snapshot_steps_of
+from cao2core.generators.hookspecs import Corrupted, GenOption, LatentSpec, Prediction, SampleOutput, hookimpl, snapshot_steps_of
 from cao2core.generators.respacing import space_timesteps
 
 from . import loading, sampling
 
 __version__ = "0.1.0"
+CAO2_CONTRACT = (1, 1)       # the cao2 contract version this plugin is written for
 CONVENTIONS = ("default", "reference")
 PROFILES = ("default", "reference")
 REFERENCE_CFG_CHANNELS = 3    # DiT's forward_with_cfg guides eps channels 0..2 only
@@ -100,9 +101,6 @@ def cao2_options() -> dict:
 
 @hookimpl
 def cao2_load(options: dict, device: torch.device) -> DiTHandle:
-    unknown = sorted(set(options) - set(GENERIC_OPTIONS) - set(GEN_OPTS))
-    if unknown:
-        raise UserError(f"unknown --gen-opt {unknown[0]} for dit; known: {', '.join(sorted(GEN_OPTS))}")
     profile = options.get("profile") or "default"
     if profile not in PROFILES:
         raise UserError(f"unknown --profile {profile!r}; use one of {', '.join(PROFILES)}")
@@ -201,19 +199,29 @@ def _vae_factors(vae: AutoencoderKL) -> tuple[float, float]:
     return vae.config.scaling_factor, vae.config.shift_factor or 0.0
 
 
+def vae_decode(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
+    """Scaled sd-vae latents -> pixels in [-1, 1] (the SiT plugin shares this latent space)."""
+    scale, shift = _vae_factors(vae)
+    with torch.no_grad():
+        return vae.decode(latents.float() / scale + shift).sample
+
+
+def vae_encode(vae: AutoencoderKL, pixels: torch.Tensor, generators: list) -> torch.Tensor:
+    """Pixels in [-1, 1] -> scaled latents, sample i of the posterior drawn from ``generators[i]``."""
+    scale, shift = _vae_factors(vae)
+    with torch.no_grad():
+        z = vae.encode(pixels.float()).latent_dist.sample(generator=generators)
+    return (z - shift) * scale
+
+
 @hookimpl
 def cao2_decode(handle: DiTHandle, latents: torch.Tensor) -> torch.Tensor:
-    scale, shift = _vae_factors(handle.vae)
-    with torch.no_grad():
-        return handle.vae.decode(latents.float() / scale + shift).sample
+    return vae_decode(handle.vae, latents)
 
 
 @hookimpl
 def cao2_encode(handle: DiTHandle, pixels: torch.Tensor, generators: list) -> torch.Tensor:
-    scale, shift = _vae_factors(handle.vae)
-    with torch.no_grad():
-        z = handle.vae.encode(pixels.float()).latent_dist.sample(generator=generators)
-    return (z - shift) * scale
+    return vae_encode(handle.vae, pixels, generators)
 
 
 @dataclass

@@ -38,7 +38,7 @@ import torch
 
 from cao2core.generators import compiling, precision
 from cao2core.errors import UserError
-from cao2core.generators.hookspecs import GENERIC_OPTIONS, Corrupted, GenOption, LatentSpec, Prediction, SampleOutput, hookimpl, snapshot_steps_of
+from cao2core.generators.hookspecs import Corrupted, GenOption, LatentSpec, Prediction, SampleOutput, hookimpl, snapshot_steps_of
 
 from . import loading, sampling
 from .diffusion import GaussianDiffusion
@@ -47,6 +47,7 @@ from .model import MAR
 from .vae import AutoencoderKL
 
 __version__ = "0.1.0"
+CAO2_CONTRACT = (1, 1)       # the cao2 contract version this plugin is written for
 LEVEL_RANGE, DEFAULT_LEVEL = (1, 999), 999
 GEN_OPTS = {
     "preset": GenOption("MAR size: mar_base, mar_large, mar_huge or a JSON file of MARConfig fields",
@@ -147,9 +148,6 @@ def cao2_options() -> dict:
 
 @hookimpl
 def cao2_load(options: dict, device: torch.device) -> MARHandle:
-    unknown = sorted(set(options) - set(GENERIC_OPTIONS) - set(GEN_OPTS))
-    if unknown:
-        raise UserError(f"unknown --gen-opt {unknown[0]} for mar; known: {', '.join(sorted(GEN_OPTS))}")
     if options.get("sampler"):
         raise UserError("--sampler is a DiT option; mar has one sampler (masked autoregressive, cosine schedule)")
     if (options.get("profile") or "default") not in ("default", "reference"):

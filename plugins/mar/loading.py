@@ -110,7 +110,7 @@ def read_vae_checkpoint(path: Path) -> dict:
 
 def build_mar(cfg: MARConfig, state: dict, source, preset_name: str, args=None) -> MAR:
     model = MAR(cfg)
-    problem = _strict_problem(model, state)
+    problem = weights.strict_problem(model, state)
     if problem:
         hint = ""
         if args is not None and getattr(args, "model", None) and args.model != preset_name:
@@ -130,7 +130,7 @@ def build_vae(cfg: KLVAEConfig, state: dict, source, name: str) -> AutoencoderKL
     vae = AutoencoderKL(cfg)
     own = vae.state_dict()
     extra = sorted(k for k in state if k not in own)
-    problem = _strict_problem(vae, {k: v for k, v in state.items() if k in own})
+    problem = weights.strict_problem(vae, {k: v for k, v in state.items() if k in own})
     if problem:
         raise UserError(f"VAE checkpoint {source} does not fit the LDM-layout KL VAE {name} "
                         f"({cfg.z_channels} latent channels, ch {cfg.ch} x {list(cfg.ch_mult)}): {problem}"
@@ -143,19 +143,6 @@ def build_vae(cfg: KLVAEConfig, state: dict, source, name: str) -> AutoencoderKL
     vae.load_state_dict(state, strict=True)
     return vae
 
-
-def _strict_problem(module: torch.nn.Module, state: dict) -> str:
-    own = module.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
-              if k in state and tuple(state[k].shape) != tuple(v.shape)]
-    parts = []
-    for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):
-        if items:
-            more = f" and {len(items) - 2} more" if len(items) > 2 else ""
-            parts.append(f"{label} {', '.join(items[:2])}{more}")
-    return "; ".join(parts)
 
 
 def _torch_load(path: Path, what: str):

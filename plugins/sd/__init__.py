@@ -26,11 +26,12 @@ import torch.nn.functional as F
 
 from cao2core.generators import compiling, precision
 from cao2core.errors import UserError
-from cao2core.generators.hookspecs import GENERIC_OPTIONS, Corrupted, GenOption, LatentSpec, Prediction, SampleOutput, hookimpl, snapshot_steps_of
+from cao2core.generators.hookspecs import Corrupted, GenOption, LatentSpec, Prediction, SampleOutput, hookimpl, snapshot_steps_of
 
 from . import loading, prompts, sampling
 
 __version__ = "0.1.0"
+CAO2_CONTRACT = (1, 1)       # the cao2 contract version this plugin is written for
 DEFAULT_GUIDANCE, DEFAULT_STEPS = 7.5, 50      # StableDiffusionPipeline.__call__'s defaults
 # alpha-bar at DiT's default T-hat (224 on its 1000-step linear schedule): the default T-hat of a checkpoint is the
 # timestep of its own schedule with this much signal left (SD's scaled-linear schedule: 299)
@@ -133,9 +134,6 @@ def cao2_label_spaces() -> dict:
 
 @hookimpl
 def cao2_load(options: dict, device: torch.device) -> SDHandle:
-    unknown = sorted(set(options) - set(GENERIC_OPTIONS) - set(GEN_OPTS))
-    if unknown:
-        raise UserError(f"unknown --gen-opt {unknown[0]} for sd; known: {', '.join(sorted(GEN_OPTS))}")
     if importlib.util.find_spec("transformers") is None:
         raise UserError("the sd generator needs transformers for its CLIP text encoder: pip install 'cao2[sd]'")
     if (options.get("profile") or "default") != "default":

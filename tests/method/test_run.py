@@ -43,7 +43,7 @@ def test_run_writes_the_distilled_set(tiny_args, capsys):
     assert m["classes"]["3"]["status"] == "complete" and m["classes"]["3"]["condition"] == "null"
     assert len(m["generator"]["transformer"]["sha256"]) == 64 and m["config"]["clo_tmax"] == 224
     assert m["classifier"]["sha256"] and m["versions"]["torch"]
-    assert Image.open(out / "preview.png").size[1] == 2 * (32 + 2) + 2
+    assert Image.open(out / "preview.png").size[1] > 2 * (32 + 2) + 2       # the label band above the rows
     assert not list(out.rglob(".*"))            # no temporary files left
 
 

@@ -86,6 +86,31 @@ def test_overwrite_removes_every_file_of_the_other_run_and_its_debris(tmp_path):
     assert json.loads((out / "manifest.json").read_text())["run_id"] == "B"
 
 
+def test_overwrite_removes_the_other_runs_report(tmp_path):
+    """`cao2 report`'s page, its before-CLO thumbnails and a report killed while being written are cao2's."""
+    out = tmp_path / "o"
+    write_run(out)
+    for rel in ("report/index.html", "report/before/0/0.png", "report/before/0/1.png", ".report.ab12cd34/index.html",
+                ".report.ab12cd34/before/0/0.png"):
+        add(out, rel)
+    new = Store(out, "B", {"dataset": "mnist", "class_ids": ["5"]})
+    new.check(overwrite=True)
+    new.open()
+    assert tree(out) == {"images": None, "latents": None, "records": None,
+                         "manifest.json": (out / "manifest.json").read_bytes()}
+
+
+@pytest.mark.parametrize("rel", ["report/notes.txt", "report/before/0/mine.txt", "report/mine/0.png"])
+def test_overwrite_refuses_what_a_person_put_in_a_report(tmp_path, rel):
+    out = tmp_path / "o"
+    write_run(out)
+    add(out, "report/index.html")
+    add(out, rel)
+    with pytest.raises(UserError, match="which cao2 did not write"):
+        Store(out, "B", {"dataset": "mnist", "class_ids": ["5"]}).check(overwrite=True)
+    assert (out / rel).exists()
+
+
 @pytest.mark.parametrize("rel,named", [
     ("notes.txt", None), ("images/mine/a.txt", "images/mine"), ("images/0/extra.png", None),
     ("images/0/sub/0.png", "images/0/sub"), ("images/stray.png", None), ("records/notes.txt", None),

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torchvision.transforms.functional as TF
 
-from cao2core.generators.conformance import Loaded
+from cao2core.generators.conformance import GeneratorUnderTest
 from cao2_sd.sampling import SAMPLERS
 from sd_tiny import MAX_TOKENS, SCHEDULER, load_pipeline, make_sd, shapes_file
 
@@ -21,8 +21,8 @@ def folders(tmp_path_factory):
             "shapes": shapes_file(root / "shapes.txt")}
 
 
-def loaded(folders, kind="epsilon", **options) -> Loaded:
-    return Loaded("sd", {"model": str(folders[kind]), "dataset": str(folders["shapes"]), "sample_steps": 4,
+def loaded(folders, kind="epsilon", **options) -> GeneratorUnderTest:
+    return GeneratorUnderTest("sd", {"model": str(folders[kind]), "dataset": str(folders["shapes"]), "sample_steps": 4,
                          "guidance": 2.0, **options})
 
 

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from cao2core.cli import main
 from cao2core.errors import UserError
-from cao2core.generators.conformance import Loaded
+from cao2core.generators.conformance import GeneratorUnderTest
 from sd_tiny import SCHEDULER, make_sd, shapes_file
 
 
@@ -31,8 +31,8 @@ def copy(base, tmp_path):
     return Path(shutil.copytree(base[0], tmp_path / "sd"))
 
 
-def load(model, dataset, **options) -> Loaded:
-    return Loaded("sd", {"model": str(model), "dataset": str(dataset), "sample_steps": 2, **options})
+def load(model, dataset, **options) -> GeneratorUnderTest:
+    return GeneratorUnderTest("sd", {"model": str(model), "dataset": str(dataset), "sample_steps": 2, **options})
 
 
 def edit_weights(path: Path, fn) -> None:
@@ -143,7 +143,7 @@ def test_a_hub_id_is_fetched_with_safetensors_only(base, monkeypatch):
 def test_user_mistakes_are_one_line(base, options, match):
     opts = {"model": str(base[0]), "dataset": str(base[1]), **options}
     with pytest.raises(UserError) as info:
-        Loaded("sd", opts)
+        GeneratorUnderTest("sd", opts)
     assert "\n" not in str(info.value) and match in str(info.value), str(info.value)
 
 

@@ -6,7 +6,7 @@ kernels against eager and torch.compile, checked against the reference first, wi
 measured device copy bandwidth. Every number is the median of repeated runs in this one process. The last line is
 ``cpp_loss_speedup_vs_eager: X`` (B=64, 4x32x32).
 
-    python benchmarks/kernels.py [--repeats 50] [--no-compile] [--threads N]
+    python benchmarks/kernel_speed.py [--repeats 50] [--no-compile] [--threads N]
 """
 from __future__ import annotations
 

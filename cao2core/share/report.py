@@ -1,0 +1,319 @@
+"""``cao2 report``: a finished run as one static HTML page, OUT/report/index.html.
+
+    OUT/report/index.html              the page: CSS inline, no script, nothing fetched from the network
+    OUT/report/before/<cid>/<i>.png    the kept latents decoded before CLO (small PNGs), beside the run's own
+                                       images/<cid>/<i>.png (after CLO), which the page links by relative path
+
+The page says what was run (generator, its version and checkpoint hashes, dataset, IPC, profile, seed, versions,
+classifier), indexes the classes, shows per class the images after CLO beside the same samples before CLO with the
+judge's confidence under each and CLO's loss curves (an inline SVG), and the evaluations found under OUT/eval.
+What a folder does not hold (an older run's loss curves, the pool's rejected samples) is said, never invented.
+The folder is written into a staging folder beside it and renamed into place; a refused report writes nothing.
+"""
+from __future__ import annotations
+
+import html
+import json
+import math
+import os
+import shutil
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from ..errors import UserError, reason
+from ..store.files import new_folder
+from ..store.layout import EVAL_FOLDER, REPORT_FOLDER
+from .export import RunImages, _hashes, _readable, open_run
+
+PAGE = "index.html"
+BEFORE = "before"
+THUMB_MAX = 128             # the longest side of a before-CLO thumbnail, in pixels
+NOT_RECORDED = "not recorded"
+REJECTED = "the pool's rejected samples are not recorded by this version"
+
+
+@dataclass
+class ReportResult:
+    """What ``report`` wrote: the report folder, its page, the number of classes and of before-CLO thumbnails,
+    and what the run folder did not record (said on the page)."""
+
+    out: Path
+    page: Path
+    classes: int
+    thumbnails: int
+    missing: list[str] = field(default_factory=list)
+
+
+def report(out: str | Path, device: str = "auto") -> ReportResult:
+    """Write OUT/report/ for the finished run ``out``: the page and the before-CLO thumbnails, decoded with the
+    run's generator on ``device``. A folder that is not a finished cao2 run is refused before anything is written."""
+    run = open_run(out, "reporting on it")
+    latents = _latents(run)
+    target = run.root / REPORT_FOLDER
+    if target.exists() and not target.is_dir():
+        raise UserError(f"{target} exists and is not a folder; move it away, then rerun `cao2 report {out}`")
+    thumbs = _decode_before(run, latents, device) if any("latents_init" in t for t in latents.values()) else {}
+    try:
+        staging = new_folder(run.root, f".{REPORT_FOLDER}.")
+    except OSError as exc:
+        raise UserError(f"cannot write in {run.root} ({reason(exc)}); fix its permissions, then rerun") from None
+    try:
+        count = 0
+        for cid, pngs in thumbs.items():
+            folder = staging / BEFORE / cid
+            folder.mkdir(parents=True)
+            for name, data in pngs.items():
+                (folder / name).write_bytes(data)
+                count += 1
+        missing = []
+        page = render(run, latents, thumbs, missing)
+        (staging / PAGE).write_text(page, encoding="utf-8")
+        old = None
+        if target.exists():
+            old = new_folder(run.root, f".{REPORT_FOLDER}.")
+            os.replace(target, old / REPORT_FOLDER)
+        os.replace(staging, target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except OSError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise UserError(f"cannot write {target} ({reason(exc)}); free disk space or fix permissions, then rerun"
+                        ) from None
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return ReportResult(target, target / PAGE, len(run.classes), count, missing)
+
+
+def _latents(run: RunImages) -> dict[str, dict]:
+    """Per class the tensors of latents/<cid>.safetensors the page uses ({} where the file is missing)."""
+    from safetensors import safe_open
+
+    found = {}
+    for cid in run.classes:
+        path = run.root / "latents" / f"{cid}.safetensors"
+        found[cid] = {}
+        if path.is_file():
+            try:
+                with safe_open(str(path), "pt") as fh:
+                    for key in ("latents_init", "scores", "clo_loss_mean", "clo_loss_max"):
+                        if key in fh.keys():
+                            found[cid][key] = fh.get_tensor(key)
+            except Exception as exc:       # safetensors raises its own errors for a damaged file
+                raise UserError(f"{path} is not readable ({exc}); rerun the same `cao2 run` to restore the class"
+                                ) from None
+    return found
+
+
+def run_config(manifest: dict, device: str = "auto"):
+    """The run's RunConfig rebuilt from the manifest's config (the options that shaped the output)."""
+    from ..config import RunConfig
+
+    names = {f.name for f in fields(RunConfig)}
+    config = {k: v for k, v in (manifest.get("config") or {}).items() if k in names}
+    return RunConfig(**{**config, "device": device})
+
+
+def _decode_before(run: RunImages, latents: dict[str, dict], device: str) -> dict[str, dict[str, bytes]]:
+    """PNG thumbnails of the kept latents before CLO, decoded with the run's generator in chunks of the run's
+    batch size: {cid: {"<i>.png": bytes}}, image i beside the run's images/<cid>/<i>.png."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from ..environment import resolve_device
+    from ..generators.host import Host
+    from ..method.pools import in_chunks
+    from ..store.images import png_bytes, to_uint8
+
+    cfg = run_config(run.manifest, device)
+    resolved = resolve_device(device)
+    gen = Host().generator(cfg.generator)
+    handle = gen.load(options=gen.parse_options(cfg.gen_options()), device=resolved)
+    size = run.manifest.get("batch_size") or cfg.batch_size
+    size = size if isinstance(size, int) and size > 0 else 8
+    thumbs = {}
+    for cid in run.classes:
+        z0 = latents[cid].get("latents_init")
+        if z0 is None:
+            continue
+        with torch.no_grad():
+            pixels = in_chunks(lambda z: gen.decode(handle=handle, latents=z.to(resolved)).float().cpu(), z0, size)
+        arrays = to_uint8(pixels)
+        pngs = {}
+        for path, arr in zip(run.images[cid], arrays):
+            if max(arr.shape[:2]) > THUMB_MAX:
+                image = Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
+                image.thumbnail((THUMB_MAX, THUMB_MAX), Image.Resampling.LANCZOS)
+                arr = np.asarray(image)
+                arr = arr[..., None] if arr.ndim == 2 else arr
+            pngs[path.name] = png_bytes(arr)
+        thumbs[cid] = pngs
+    return thumbs
+
+
+def _e(value) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _num(value, digits: int = 3) -> str:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return NOT_RECORDED
+    return "n/a" if not math.isfinite(value) else f"{value:.{digits}f}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{_e(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{_e(c)}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def loss_svg(mean: list[float], peak: list[float], width: int = 360, height: int = 120) -> str:
+    """CLO's loss per iteration as an inline SVG: the mean term and the max term, each averaged over samples."""
+    curves = {k: [v for v in c if math.isfinite(v)] for k, c in (("mean", mean), ("max", peak))}
+    values = [v for c in curves.values() for v in c]
+    if not values:
+        return f"<p class=note>CLO loss curves: {NOT_RECORDED} (no finite values)</p>"
+    low, high = min(values), max(values)
+    span = (high - low) or 1.0
+    pad = 6
+
+    def points(c: list[float]) -> str:
+        n = max(1, len(c) - 1)
+        return " ".join(f"{pad + (width - 2 * pad) * i / n:.1f},{pad + (height - 2 * pad) * (high - v) / span:.1f}"
+                        for i, v in enumerate(c))
+    lines = "".join(f'<polyline class="{k}" fill="none" stroke-width="1.5" points="{points(c)}"/>'
+                    for k, c in curves.items() if c)
+    return (f'<svg class=loss width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" '
+            f'aria-label="CLO loss per iteration">{lines}</svg>'
+            f'<p class=legend><span class=kmean>&#9644; mean term</span> <span class=kmax>&#9644; max term</span>, '
+            f'averaged over the class\'s samples, {len(curves["mean"] or curves["max"])} iterations; '
+            f'from {_num(high, 4)} (top) to {_num(low, 4)} (bottom)</p>')
+
+
+CSS = """
+body{font-family:system-ui,sans-serif;margin:1.5em auto;max-width:1100px;padding:0 1em;color:#222}
+h1{font-size:1.5em}h2{margin-top:1.6em;border-bottom:1px solid #ccc}h3{margin-top:1.4em}
+table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:.2em .5em;text-align:left;
+vertical-align:top}th{background:#f3f3f3}code{font-size:.9em}
+.note{color:#8a4b00}.pair{display:flex;gap:2em;flex-wrap:wrap}.panel h4{margin:.3em 0}
+.grid{display:flex;flex-wrap:wrap;gap:6px}.cell{text-align:center;font-size:.8em}
+.cell img{width:96px;height:96px;object-fit:contain;image-rendering:pixelated;display:block;background:#eee}
+svg.loss{background:#fafafa;border:1px solid #ddd}polyline.mean,.kmean{stroke:#1f77b4;color:#1f77b4}
+polyline.max,.kmax{stroke:#d62728;color:#d62728}.legend{font-size:.85em}
+nav ul{columns:4;list-style:none;padding:0}
+"""
+
+
+def render(run: RunImages, latents: dict[str, dict], thumbs: dict[str, dict[str, bytes]], missing: list[str]) -> str:
+    """The page (``missing`` receives what the folder did not record)."""
+    m = run.manifest
+    gen = m.get("generator") or {}
+    config = m.get("config") or {}
+    names = dict(zip(run.classes, m.get("class_names") or run.classes))
+    count = sum(len(v) for v in run.images.values())
+    ipc = config.get("ipc", count // max(1, len(run.classes)))
+    title = f"cao2 run {m.get('run_id', '')}: {m.get('dataset', '?')}, IPC {ipc}"
+    clf = m.get("classifier")
+    setup = [["generator", f"{gen.get('name', NOT_RECORDED)} {gen.get('version', '')} "
+                           f"({gen.get('distribution', '')})"],
+             ["dataset", m.get("dataset", NOT_RECORDED)], ["IPC", ipc],
+             ["profile", config.get("profile", NOT_RECORDED)],
+             ["seed", (m.get("seeds") or {}).get("run_seed", config.get("seed", NOT_RECORDED))],
+             ["classes", len(run.classes)], ["images", count],
+             ["classifier (judge)", NOT_RECORDED if not clf else f"{clf.get('source')} ({clf.get('input', '')})"]]
+    hashes = {**_hashes(gen, "generator."), **_hashes(clf or {}, "classifier.")}
+    versions = m.get("versions") or {}
+    parts = [f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{_e(title)}</title>"
+             f"<meta name=viewport content='width=device-width'><style>{CSS}</style></head><body>",
+             f"<h1>{_e(title)}</h1>",
+             "<p>CaO2: OSS kept the judge's most confident samples of a generated pool, CLO optimized their latents. "
+             "Each class shows the kept images after CLO (the set as written) beside the same samples before CLO, "
+             f"with the judge's confidence at selection under each. Note: {_e(REJECTED)}.</p>",
+             "<h2 id=run>What was run</h2>", _table(["", ""], [[k, v] for k, v in setup]),
+             "<h3 id=hashes>Checkpoints (sha256)</h3>",
+             _table(["file", "sha256"], [[k, v] for k, v in sorted(hashes.items())]) if hashes
+             else f"<p class=note>{NOT_RECORDED}</p>",
+             "<h3 id=settings>Settings</h3>",
+             _table(["option", "value"], [[k, json.dumps(v)] for k, v in config.items()]),
+             "<h3 id=versions>Versions</h3>",
+             _table(["package", "version"], [[k, v] for k, v in versions.items()]) if versions
+             else f"<p class=note>{NOT_RECORDED}</p>",
+             "<h2 id=evaluation>Evaluation</h2>", _evaluations(run.root),
+             "<h2 id=classes>Classes</h2><nav><ul>",
+             *[f'<li><a href="#class-{_e(cid)}">{_e(cid)} {_e(names[cid])}</a></li>' for cid in run.classes],
+             "</ul></nav>"]
+    for cid in run.classes:
+        parts.append(_class_section(run, cid, names[cid], latents[cid], thumbs.get(cid), missing))
+    parts.append(f"<footer><p>Written by <code>cao2 report</code> from {_e(run.root.name)}/manifest.json and the "
+                 "run's latents; rerun it after a resume or a new evaluation.</p></footer></body></html>\n")
+    return "\n".join(parts)
+
+
+def _class_section(run: RunImages, cid: str, name: str, t: dict, thumbs: dict | None, missing: list[str]) -> str:
+    scores = t["scores"].tolist() if "scores" in t else None
+    if scores is None:
+        missing.append(f"{cid}: scores")
+    out = [f'<section id="class-{_e(cid)}"><h3>{_e(cid)} {_e(name)}</h3><div class=pair>']
+    after, before = [], []
+    for i, path in enumerate(run.images[cid]):
+        conf = f"confidence {_num(scores[i])}" if scores is not None and i < len(scores) else \
+            f"confidence {NOT_RECORDED}"
+        alt = f"{name} {path.stem}"
+        after.append(f'<div class=cell><img loading="lazy" src="../images/{_e(cid)}/{_e(path.name)}" '
+                     f'alt="{_e(alt)} after CLO"><span>{_e(conf)}</span></div>')
+        if thumbs is not None and path.name in thumbs:
+            before.append(f'<div class=cell><img loading="lazy" src="{BEFORE}/{_e(cid)}/{_e(path.name)}" '
+                          f'alt="{_e(alt)} before CLO"><span>{_e(conf)}</span></div>')
+    out.append(f"<div class=panel><h4>after CLO</h4><div class=grid>{''.join(after)}</div></div>")
+    if before:
+        out.append(f"<div class=panel><h4>before CLO</h4><div class=grid>{''.join(before)}</div></div>")
+    else:
+        missing.append(f"{cid}: latents before CLO")
+        out.append(f"<div class=panel><h4>before CLO</h4><p class=note>{NOT_RECORDED}: this folder has no "
+                   "latents_init for the class</p></div>")
+    out.append("</div>")
+    if "clo_loss_mean" in t and "clo_loss_max" in t and t["clo_loss_mean"].numel():
+        mean = t["clo_loss_mean"].double().reshape(len(t["clo_loss_mean"]), -1).mean(0).tolist()
+        peak = t["clo_loss_max"].double().reshape(len(t["clo_loss_max"]), -1).mean(0).tolist()
+        out.append("<h4>CLO loss</h4>" + loss_svg(mean, peak))
+    else:
+        missing.append(f"{cid}: clo_loss curves")
+        out.append(f"<h4>CLO loss</h4><p class=note>{NOT_RECORDED}: this run folder has no clo_loss curves "
+                   "(written by cao2 versions that record them)</p>")
+    out.append(f"<p class=note>Rejected pool samples: {_e(REJECTED)}.</p></section>")
+    return "".join(out)
+
+
+def _evaluations(root: Path) -> str:
+    parts = []
+    path = root / EVAL_FOLDER / "eval.json"
+    if path.is_file():
+        with _readable(path) as data:
+            s, settings = data["summary"], data["config"]["settings"]
+            rows = [[key, s[key].get("what", ""), _num(s[key]["mean"], 2), _num(s[key]["std"], 2)]
+                    for key in ("headline", "final_acc", "best_epoch_acc") if key in s]
+            parts.append(f"<h3>cao2 eval (eval/eval.json), protocol {_e(settings.get('protocol'))}, "
+                         f"{_e(s.get('repeats'))} students</h3>"
+                         + _table(["accuracy", "what", "mean %", "std"], rows))
+        if not parts:
+            parts.append("<p class=note>eval/eval.json is not readable as a cao2 eval report</p>")
+    path = root / EVAL_FOLDER / "compare" / "compare.json"
+    if path.is_file():
+        with _readable(path) as data:
+            rows = data["protocols"]
+            ranked = any("ddrs" in r for r in rows)
+            header = ["protocol", "distilled %", "random real %", "difference"] + (["IOR", "HLR", "DDRS"] if ranked
+                                                                                   else [])
+            body = [[r["protocol"], _num(r["distilled"]["mean"], 2), _num(r["random_real"]["mean"], 2),
+                     f"{r['difference']:+.2f}"] + ([_num(r.get("ior"), 2), _num(r.get("hlr"), 2),
+                                                    _num(r.get("ddrs"), 3)] if ranked else []) for r in rows]
+            parts.append("<h3>cao2 compare (eval/compare/compare.json)</h3>" + _table(header, body)
+                         + ("" if ranked else f"<p class=note>DD-Ranking's IOR, HLR, DDRS: {NOT_RECORDED} "
+                            "(compare without a full-data accuracy)</p>"))
+    if not parts:
+        parts.append(f"<p class=note>No evaluation was found under {EVAL_FOLDER}/ (run <code>cao2 eval</code> or "
+                     "<code>cao2 compare</code>, then rerun <code>cao2 report</code>).</p>")
+    return "\n".join(parts)
