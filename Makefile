@@ -22,10 +22,12 @@ $(STAMP): pyproject.toml setup.py Makefile
 	touch $(STAMP)
 
 # distill the MNIST world (IPC 10), then score it against random real digits of the same IPC under hard labels
-# and under soft labels from the world's judge: two ConvNet-3 per set and protocol, 50 epochs each; one table
+# and under soft labels from the world's judge: two ConvNet-3 per set and protocol, 50 epochs each; one table;
+# then the run's report, a static page to open in a browser
 demo: $(STAMP)
 	$(BIN)/cao2 run --out out/demo --overwrite
 	$(BIN)/cao2 compare --data out/demo --protocols hard,rded --epochs 50 --repeat 2 --quiet
+	$(BIN)/cao2 report out/demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

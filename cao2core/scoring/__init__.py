@@ -1,4 +1,4 @@
-"""Scoring a set (``cao2 eval``, ``cao2core.evaluate``): train students on it and test them on real held-out data.
+"""Scoring a set (``cao2 eval``, the API's ``evaluate``): train students on it and test them on real held-out data.
 
 Modules, in the order an evaluation uses them: ``evaluation`` (``evaluate`` and its ``check``), ``data`` (label
 spaces, folder layouts, image sets), ``students`` (ConvNet-D in timm's registry, student construction), ``augment``
