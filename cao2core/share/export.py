@@ -215,14 +215,15 @@ def _licence(manifest: dict) -> tuple[str, str]:
     return MODEL_LICENCES.get(gen.get("name"), unknown)
 
 
-def _hashes(node, prefix: str = "") -> dict[str, str]:
+def checkpoint_hashes(node, prefix: str = "") -> dict[str, str]:
+    """Every ``sha256`` in a manifest entry, by its dotted path (``generator.transformer``)."""
     found = {}
     if isinstance(node, dict):
         for k, v in node.items():
             if k == "sha256" and isinstance(v, str):
                 found[prefix.rstrip(".") or "file"] = v
             else:
-                found.update(_hashes(v, f"{prefix}{k}."))
+                found.update(checkpoint_hashes(v, f"{prefix}{k}."))
     return found
 
 
@@ -231,13 +232,13 @@ def evaluations(root: Path) -> list[tuple[str, str, str]]:
     found = []
     report = root / EVAL_FOLDER / "eval.json"
     if report.is_file():
-        with _readable(report) as data:
+        with tolerant_report(report) as data:
             h = data["summary"]["headline"]
             found.append(("cao2 eval (distilled)", data["config"]["settings"]["protocol"],
                           f"{h['mean']:.2f} ± {h['std']:.2f}"))
     report = root / EVAL_FOLDER / "compare" / "compare.json"
     if report.is_file():
-        with _readable(report) as data:
+        with tolerant_report(report) as data:
             for row in data["protocols"]:
                 figure = (f"{row['distilled']['mean']:.2f} (random real {row['random_real']['mean']:.2f}, "
                           f"difference {row['difference']:+.2f}")
@@ -247,7 +248,7 @@ def evaluations(root: Path) -> list[tuple[str, str, str]]:
     return found
 
 
-class _readable:
+class tolerant_report:
     """A JSON report, or an empty dict when it is damaged: a card or a page shows what it can read."""
 
     def __init__(self, path: Path):
@@ -281,7 +282,7 @@ def dataset_card(run: RunImages) -> str:
               "size_categories:", f"- {'n<1K' if count < 1000 else '1K<n<10K' if count < 10000 else '10K<n<100K'}",
               "configs:", "- config_name: default", "  data_files:", f"  - split: {SPLIT}",
               f"    path: {_yaml(SPLIT + '/**')}", "---", ""]
-    hashes = {**_hashes(gen, "generator."), **_hashes(m.get("classifier") or {}, "classifier.")}
+    hashes = {**checkpoint_hashes(gen, "generator."), **checkpoint_hashes(m.get("classifier") or {}, "classifier.")}
     lines = [f"# {title}", "",
              f"{count} images, {len(run.classes)} classes of `{m.get('dataset')}`, distilled by "
              f"[cao2](https://arxiv.org/abs/2506.22637) (CaO2: OSS selects the judge's most confident samples of a "

@@ -23,7 +23,7 @@ from pathlib import Path
 from ..errors import UserError, reason
 from ..store.files import new_folder
 from ..store.layout import EVAL_FOLDER, REPORT_FOLDER
-from .export import RunImages, _hashes, _readable, open_run
+from .export import RunImages, checkpoint_hashes, tolerant_report, open_run
 
 PAGE = "index.html"
 BEFORE = "before"
@@ -224,7 +224,7 @@ def render(run: RunImages, latents: dict[str, dict], thumbs: dict[str, dict[str,
              ["seed", (m.get("seeds") or {}).get("run_seed", config.get("seed", NOT_RECORDED))],
              ["classes", len(run.classes)], ["images", count],
              ["classifier (judge)", NOT_RECORDED if not clf else f"{clf.get('source')} ({clf.get('input', '')})"]]
-    hashes = {**_hashes(gen, "generator."), **_hashes(clf or {}, "classifier.")}
+    hashes = {**checkpoint_hashes(gen, "generator."), **checkpoint_hashes(clf or {}, "classifier.")}
     versions = m.get("versions") or {}
     parts = [f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{_e(title)}</title>"
              f"<meta name=viewport content='width=device-width'><style>{CSS}</style></head><body>",
@@ -291,7 +291,7 @@ def _evaluations(root: Path) -> str:
     parts = []
     path = root / EVAL_FOLDER / "eval.json"
     if path.is_file():
-        with _readable(path) as data:
+        with tolerant_report(path) as data:
             s, settings = data["summary"], data["config"]["settings"]
             rows = [[key, s[key].get("what", ""), _num(s[key]["mean"], 2), _num(s[key]["std"], 2)]
                     for key in ("headline", "final_acc", "best_epoch_acc") if key in s]
@@ -302,7 +302,7 @@ def _evaluations(root: Path) -> str:
             parts.append("<p class=note>eval/eval.json is not readable as a cao2 eval report</p>")
     path = root / EVAL_FOLDER / "compare" / "compare.json"
     if path.is_file():
-        with _readable(path) as data:
+        with tolerant_report(path) as data:
             rows = data["protocols"]
             ranked = any("ddrs" in r for r in rows)
             header = ["protocol", "distilled %", "random real %", "difference"] + (["IOR", "HLR", "DDRS"] if ranked
