@@ -151,3 +151,23 @@ def strict_problem(module: torch.nn.Module, state: dict) -> str:
             more = f" and {len(items) - 2} more" if len(items) > 2 else ""
             parts.append(f"{label} {', '.join(items[:2])}{more}")
     return "; ".join(parts)
+
+
+def read_state_dict(path: Path, what: str = "") -> dict:
+    """A checkpoint's state dict: safetensors, or a torch file read with ``weights_only`` (no pickle runs); a
+    training checkpoint's ``ema`` entry is the weights (the EMA is what these models sample with). Anything else,
+    or a non-floating weight, is one UserError naming the file; ``what`` says which files are expected."""
+    try:
+        if Path(path).suffix == ".safetensors":
+            from safetensors.torch import load_file
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise UserError(f"cannot read checkpoint {path}: {load_error(exc)}") from None
+    if isinstance(state, dict) and isinstance(state.get("ema"), dict):
+        state = state["ema"]
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{path} is not a state dict of tensors" + (f" ({what})" if what else ""))
+    require_floating(state, path)
+    return state

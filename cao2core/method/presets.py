@@ -46,6 +46,9 @@ _SIT_SAMPLER = dict(generator="sit", sampler="sde", sample_steps=250, guidance=1
 _REPA_SAMPLER = dict(generator="sit", sampler="sde", sample_steps=250, guidance=1.8,
                      gen_opt=["family=repa", "guidance_high=0.7"])
 _DIT_SELECTION_CLO = dict(select="confidence", clo_iters=100, clo_lr=6e-4, clo_lambda=10.0, condition="null")
+# the DiT presets' T-hat at their 50 steps on DiT's 1000-step scale; fixed for sit, whose levels are that scale
+# whatever its own sampler's step count
+_SIT_T_HAT = derived_tmax(50, 4, "default")        # 224
 
 
 @dataclass(frozen=True)
@@ -74,14 +77,14 @@ def _sit_presets(family: str, model: str, sampler_text: str, sampler: dict) -> l
     return [
         Preset(f"woof-{family}", f"ImageWoof with {model}, {sampler_text}; as woof: pool x4, easy order, T-hat 224 "
                                  "on DiT's scale, null label",
-               dict(_DIT_SELECTION_CLO, **sampler, dataset="woof", pool_factor=4, order="easy", clo_tmax=_T11)),
+               dict(_DIT_SELECTION_CLO, **sampler, dataset="woof", pool_factor=4, order="easy", clo_tmax=_SIT_T_HAT)),
         Preset(f"nette-{family}", f"ImageNette with {model}, {sampler_text}; as nette: pool x2, easy order, "
                                   "0 CLO iterations (selection only)",
                dict(_DIT_SELECTION_CLO, **sampler, dataset="nette", pool_factor=2, order="easy", clo_iters=0,
-                    clo_tmax=_T11, condition="class")),
+                    clo_tmax=_SIT_T_HAT, condition="class")),
         Preset(f"in1k-{family}", f"ImageNet-1K with {model}, {sampler_text}; as in1k-dit: pool x4, easy order, "
                                  "T-hat 224 on DiT's scale, null label",
-               dict(_DIT_SELECTION_CLO, **sampler, dataset="in1k", pool_factor=4, order="easy", clo_tmax=_T11)),
+               dict(_DIT_SELECTION_CLO, **sampler, dataset="in1k", pool_factor=4, order="easy", clo_tmax=_SIT_T_HAT)),
     ]
 
 

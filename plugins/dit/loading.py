@@ -74,7 +74,7 @@ def resolve(model: str | None, vae: str | None, dataset: str | None) -> tuple[st
 def load_transformer(source: str, num_heads: int | None = None) -> DiTTransformer2DModel:
     path = Path(source)
     if path.is_file():
-        state = _read_state_dict(path)
+        state = weights.read_state_dict(path)
         if not convert.is_original_layout(state):
             raise UserError(f"{path} is not a DiT checkpoint in the original facebookresearch layout "
                             "(no x_embedder / y_embedder entries); is it the right file?")
@@ -150,23 +150,6 @@ def _quiet_diffusers():
         yield
     finally:
         dlog.set_verbosity(level)
-
-
-def _read_state_dict(path: Path) -> dict:
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise UserError(f"cannot read checkpoint {path}: {weights.load_error(exc)}") from None
-    if isinstance(state, dict) and "ema" in state and isinstance(state["ema"], dict):
-        state = state["ema"]      # training checkpoints keep the EMA weights, which DiT samples with
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UserError(f"{path} is not a state dict of tensors")
-    weights.require_floating(state, path)
-    return state
 
 
 def _load_strict(model: torch.nn.Module, state: dict, source) -> None:

@@ -34,20 +34,8 @@ PROJECTOR_PREFIX = "projectors."
 
 
 def read_state_dict(path: Path) -> dict:
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise UserError(f"cannot read checkpoint {path}: {weights.load_error(exc)}") from None
-    if isinstance(state, dict) and isinstance(state.get("ema"), dict):
-        state = state["ema"]
-    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UserError(f"{path} is not a state dict of tensors (SiT-XL-2-256.pt, REPA's last.pt or a training "
-                        "checkpoint's 'ema')")
-    weights.require_floating(state, path)
+    """SiT's or REPA's weights (a training checkpoint's ``ema``), REPA's legacy block numbering made current."""
+    state = weights.read_state_dict(path, "SiT-XL-2-256.pt, REPA's last.pt or a training checkpoint's 'ema'")
     return _renumber_legacy(dict(state))
 
 
