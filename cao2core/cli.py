@@ -468,7 +468,7 @@ def show_plugins(verbose: bool = False) -> int:
                 choices = f" ({'|'.join(opt.choices)})" if opt.choices else ""
                 print(f"    {key}{choices}: {opt.help} [default: {opt.default}]")
     for name, reason in sorted(host.broken.items()):
-        print(f"{name} [generator, BROKEN]")
+        print(f"{name} [{'plugin' if name in host.broken_cross_cutting else 'generator'}, BROKEN]")
         print(f"  {reason}")
     if verbose:
         print("generic flags read by only some generators: --timestep-convention (dit), --sampler (dit, sd, sit); "

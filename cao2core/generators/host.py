@@ -56,6 +56,7 @@ class Host:
         self.dists: dict[str, tuple[str | None, str]] = {}           # name -> (distribution, version)
         self.contracts: dict[str, tuple[int, int]] = {}              # name -> the contract version it states
         self.broken: dict[str, str] = {}
+        self.broken_cross_cutting: set[str] = set()   # which of ``broken`` are cross-cutting plugins
         self._cross_cutting = list(importlib.metadata.entry_points(group=PLUGIN_GROUP)) if load_entry_points else []
         if load_entry_points:
             self._discover(importlib.metadata.entry_points(group=GENERATOR_GROUP))
@@ -127,6 +128,7 @@ class Host:
                               distribution=_dist_name(ep))
             except UserError as exc:
                 self.broken[ep.name] = str(exc)
+                self.broken_cross_cutting.add(ep.name)
                 print(f"cao2: warning: cross-cutting plugin {ep.name!r} is skipped: {exc}", file=sys.stderr)
 
     def load_all(self) -> None:

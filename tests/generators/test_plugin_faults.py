@@ -187,6 +187,15 @@ def test_broken_cross_cutting_plugin_is_reported_and_skipped(monkeypatch, tmp_pa
     assert "cross-cutting plugin 'tracer' is skipped" in err and "tracing backend missing" in err
 
 
+
+def test_a_broken_cross_cutting_plugin_is_listed_as_a_plugin(monkeypatch, tmp_path, capsys):
+    (tmp_path / "bad_tracer.py").write_text("raise ImportError('tracing backend missing')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    _entry_points_with(monkeypatch, {"cao2.plugins": [("tracer", "bad_tracer", "cao2-tracer")]})
+    assert main(["plugins", "--verbose"]) == 0
+    out = capsys.readouterr().out
+    assert "tracer [plugin, BROKEN]" in out and "tracer [generator, BROKEN]" not in out
+
 def test_a_third_party_dit_does_not_replace_the_builtin(monkeypatch, tmp_path, capsys, tiny_args):
     (tmp_path / "fake_dit.py").write_text("")
     monkeypatch.syspath_prepend(str(tmp_path))
