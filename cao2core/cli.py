@@ -10,7 +10,6 @@ import argparse
 import os
 import sys
 from dataclasses import MISSING, fields
-from pathlib import Path
 
 from . import __version__
 from .config import COUNT_WORDS, EvalConfig, RunConfig, base_type, resolve_run_config

@@ -34,7 +34,6 @@ from torch import nn
 
 from ..generators import weights
 from ..errors import UserError
-from ..generators.hookspecs import CLASSIFIER_INPUTS
 from .labels import LabelSpace
 
 

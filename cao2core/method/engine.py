@@ -31,6 +31,7 @@ from ..generators.host import Generator, Host
 from .pools import ImagePool, SampledPool, batches, in_chunks
 from ..generators.seeding import STREAMS, unit_generator
 from ..store import MANIFEST, Store, to_uint8
+from ..store.identity import file_hashes
 
 PREVIEW_CLASSES, PREVIEW_IMAGES = 16, 8
 
@@ -493,15 +494,7 @@ def run_identity(cfg: RunConfig, gen: Generator, description: dict, classifier: 
     generator's description reports, the classifier, the class list and accuracy files, the refined images), the
     generator plugin's distribution and version, the cross-cutting plugins and cao2's version. A run resumes an
     output only if this is unchanged."""
-    files = {}
-
-    def hashes(d: dict, prefix: str) -> None:
-        for k, v in d.items():
-            if isinstance(v, dict):
-                hashes(v, f"{prefix}{k}.")
-            elif k == "sha256":
-                files[prefix.rstrip(".")] = v
-    hashes(description, "generator.")
+    files = file_hashes(description, "generator.")
     if classifier is not None:
         files["classifier"] = classifier.sha256 or classifier.source
     for flag in ("classifier_classes", "class_accuracy"):

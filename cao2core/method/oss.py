@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ..config import ORDERS, STRATEGIES  # noqa: F401  (the selection strategies and orders the options offer)
+from ..config import ORDERS     # the orders the options table offers
 
 
 def select_confidence(probs: torch.Tensor, target: int, ipc: int, order: str = "easy") -> torch.Tensor:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError, reason
+from ..store.identity import file_hashes
 from ..store.layout import EVAL_FOLDER, MANIFEST
 
 FORMATS = ("hf", "rded", "tensors")
@@ -215,16 +216,9 @@ def _licence(manifest: dict) -> tuple[str, str]:
     return MODEL_LICENCES.get(gen.get("name"), unknown)
 
 
-def checkpoint_hashes(node, prefix: str = "") -> dict[str, str]:
-    """Every ``sha256`` in a manifest entry, by its dotted path (``generator.transformer``)."""
-    found = {}
-    if isinstance(node, dict):
-        for k, v in node.items():
-            if k == "sha256" and isinstance(v, str):
-                found[prefix.rstrip(".") or "file"] = v
-            else:
-                found.update(checkpoint_hashes(v, f"{prefix}{k}."))
-    return found
+def checkpoint_hashes(record, prefix: str = "") -> dict[str, str]:
+    """The sha256 strings of a manifest entry by dotted path, for a card or a page."""
+    return {k: v for k, v in file_hashes(record, prefix).items() if isinstance(v, str)}
 
 
 def evaluations(root: Path) -> list[tuple[str, str, str]]:

@@ -29,3 +29,15 @@ def identity_change(old: dict, new: dict) -> str:
     more = f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""
     return f"{key} was {short(la.get(key))}, now {short(lb.get(key))}{more}"
 
+
+def file_hashes(record, prefix: str = "") -> dict:
+    """Every ``sha256`` entry of a nested record (a generator's description, a manifest entry) by its dotted path:
+    ``{"generator.transformer": "4d57…"}``. What a run's identity and a shared set's card list as files read."""
+    found = {}
+    if isinstance(record, dict):
+        for key, value in record.items():
+            if isinstance(value, dict):
+                found.update(file_hashes(value, f"{prefix}{key}."))
+            elif key == "sha256":
+                found[prefix.rstrip(".") or "file"] = value
+    return found

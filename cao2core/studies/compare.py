@@ -126,7 +126,7 @@ def compare(data: str, protocols: list[str] = DEFAULT_PROTOCOLS, settings: EvalC
     hard-label accuracy (``full_real_acc`` in %, or ``full_real``: measured with the same students on the whole
     training set), each protocol also gets DD-Ranking's IOR, HLR and DDRS (``weight``: w of IOR)."""
     from ..scoring import data as eval_data
-    from ..scoring.evaluation import check, evaluate
+    from ..scoring.evaluation import check
     from ..scoring.report import reuse_or_evaluate
     from ..store.files import write_files
 

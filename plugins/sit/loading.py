@@ -17,8 +17,6 @@ import re
 import sys
 from pathlib import Path
 
-import torch
-
 from cao2core.errors import UserError
 from cao2core.generators import weights
 
