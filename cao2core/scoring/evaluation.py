@@ -204,8 +204,9 @@ def evaluate(config: EvalConfig, log: Callable[[str], None] | None = None, comma
         raise UserError(f"--out {out} exists and is not a folder; choose another --out")
     if distilled is not None:
         check_apart(config.data, "--data", out, "--out", distilled.root / "eval" if distilled.is_run else None)
-    if config.train:
-        check_apart(config.train, "--train", out, "--out")
+    for flag, folder in (("--train", config.train), ("--val", config.val)):
+        if folder:      # a report inside the validation images would be read as test data by the next eval
+            check_apart(folder, flag, out, "--out")
     check_writable(out, "--out")
 
     # --- train ---

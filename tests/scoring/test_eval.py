@@ -355,3 +355,10 @@ def test_output_inside_the_data_is_refused(tmp_path, digits, mnist_val):
     fails(["--data", folder, "--val", mnist_val, "--out", folder / "eval", *QUICK], "is inside --data")
     fails(["--data", folder, "--val", mnist_val, "--out", tmp_path, *QUICK], "--data")
     assert sorted(p.name for p in folder.iterdir()) == [str(d) for d in range(10)]
+
+
+def test_output_inside_the_validation_data_is_refused(tmp_path, digits, mnist_val):
+    folder = write_digits(tmp_path / "set", digits, 0, 2)
+    before = sorted(p.name for p in Path(mnist_val).iterdir())
+    fails(["--data", folder, "--val", mnist_val, "--out", Path(mnist_val) / "eval", *QUICK], "is inside --val")
+    assert sorted(p.name for p in Path(mnist_val).iterdir()) == before
