@@ -242,8 +242,9 @@ class Generator:
                     f"{', '.join(map(str, shown[:5]))}{', ...' if len(shown) > 5 else ''})")
             if self.sampling:
                 flags = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in self.sampling.items())
-                raise UserError(f"{what} at {flags}: lower --guidance or change the sampling flags (at ordinary "
-                                "values, report it to the plugin's authors)")
+                advice = "lower --guidance" if "guidance" in self.sampling else f"change {flags}"
+                raise UserError(f"{what} at {flags}: {advice} (at ordinary values, report it to the plugin's "
+                                "authors)")
             raise PluginError(f"{what} at the plugin's own sampling settings; report it to the plugin's authors")
         return out
 
