@@ -24,6 +24,7 @@ from .host import Generator, Host
 from .seeding import unit_generators
 
 CPU = torch.device("cpu")
+PIXEL_WARNING = 10      # decoded values beyond this are no pixels in [-1, 1] that went a little over
 
 
 class GeneratorUnderTest:
@@ -139,11 +140,15 @@ def check_snapshots(k: GeneratorUnderTest) -> None:
 
 
 def check_decode(k: GeneratorUnderTest) -> None:
+    """The rule ``cao2 run`` applies to every decode, applied by the same host check (``contract.pixel_problem``):
+    (B, C, H, W) float, C 1 or 3, finite. Values far outside [-1, 1] pass, as in a run, which clamps them when it
+    writes the images, but warn (uint8 0..255 by mistake?)."""
     z = k.sample(k.labels(2), [0, 1]).latents
-    pixels = k.gen.decode(handle=k.handle, latents=z)
-    assert torch.isfinite(pixels).all(), "cao2_decode returned NaN or Inf for sampled latents"
-    assert pixels.abs().max() < 10, (f"cao2_decode should return pixels in about [-1, 1], got values up to "
-                                     f"{float(pixels.abs().max()):.3g} (uint8 0..255 or [0, 1] by mistake?)")
+    pixels = k.gen.decode(handle=k.handle, latents=z)       # a PluginError names what breaks the rule
+    top = float(pixels.abs().max())
+    if top > PIXEL_WARNING:
+        warnings.warn(f"cao2_decode returned pixels up to {top:.3g}; they should be in about [-1, 1] (cao2 clamps "
+                      "them when it writes the images): uint8 0..255 by mistake?", stacklevel=2)
 
 
 def check_encode(k: GeneratorUnderTest) -> None:

@@ -2,11 +2,13 @@
 
 A plugin that breaks the contract gets one line naming the plugin, the hook, what was expected and what came
 back, instead of a traceback three calls later or, worse, wrong images written with exit 0. The checks look at
-types, shapes and dtypes only (no values, no device synchronisation), so they cost nothing measurable.
+types, shapes and dtypes, and at values only where a wrong value would be written: the samples and the decoded
+pixels are checked to be finite (one device synchronisation per call), and a description to be strict JSON.
 """
 from __future__ import annotations
 
 import json
+import math
 
 import torch
 
@@ -16,6 +18,43 @@ from .hookspecs import CLASSIFIER_INPUTS, Corrupted, GenOption, LatentSpec, Pred
 
 class PluginError(UserError):
     """A plugin broke the contract or raised inside a hook."""
+
+
+# what cao2 writes decoded pixels as: one channel (a grey PNG) or three (RGB)
+PIXEL_CHANNELS = (1, 3)
+
+
+def pixel_problem(pixels: torch.Tensor, latents: torch.Tensor) -> str | None:
+    """What is wrong with ``pixels`` that ``cao2_decode`` made of ``latents``, by the rule both ``cao2 run`` and the
+    conformance kit apply, or None: (B, C, H, W) float with C 1 or 3, finite wherever the latents are. Values
+    outside [-1, 1] are no error: cao2 clamps them when it writes the images."""
+    problem = _float_tensor(pixels, (len(latents), None, None, None), "decoded pixels (B, C, H, W)")
+    if problem:
+        return problem
+    if pixels.shape[1] not in PIXEL_CHANNELS:
+        return (f"decoded pixels should have 1 (grey) or 3 (RGB) channels, got {pixels.shape[1]} in shape "
+                f"{tuple(pixels.shape)}")
+    # rows decoded from non-finite latents (CLO diverged) are the run's to record as failed, not the decoder's
+    broken = ~torch.isfinite(pixels).flatten(1).all(1)
+    if isinstance(latents, torch.Tensor) and latents.ndim and len(latents) == len(pixels):
+        broken &= torch.isfinite(latents.detach()).flatten(1).all(1).to(broken.device)
+    count = int(broken.sum())             # the one device synchronisation
+    if count:
+        return f"returned NaN or Inf pixels for {count} of {len(pixels)} finite latents"
+    return None
+
+
+def non_finite_key(value, path: str = "") -> str | None:
+    """The key (dotted, with [i] for list items) of the first NaN or Inf float in a JSON-like value, or None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return path or "(the value itself)"
+    if isinstance(value, dict):
+        items = ((f"{path}.{k}" if path else str(k), v) for k, v in value.items())
+    elif isinstance(value, (list, tuple)):
+        items = ((f"{path}[{i}]", v) for i, v in enumerate(value))
+    else:
+        return None
+    return next((found for key, v in items if (found := non_finite_key(v, key)) is not None), None)
 
 
 def _desc(value) -> str:
@@ -59,6 +98,14 @@ def check_spec(spec) -> str | None:
     return None
 
 
+def non_finite_samples(out: SampleOutput) -> list[int]:
+    """The rows of a checked ``cao2_sample`` return that hold NaN or Inf, in their latents or a snapshot."""
+    bad = ~torch.isfinite(out.latents).flatten(1).all(1)
+    for snapshot in out.snapshots.values():
+        bad |= ~torch.isfinite(snapshot).flatten(1).all(1).to(bad.device)
+    return bad.nonzero().flatten().tolist()   # the one device synchronisation
+
+
 def check(hook: str, result, args: dict, spec: LatentSpec | None) -> str | None:
     """The contract violation of ``result`` returned by ``hook`` called with ``args``, or None."""
     if hook == "cao2_load":
@@ -77,8 +124,12 @@ def check(hook: str, result, args: dict, spec: LatentSpec | None) -> str | None:
     if hook == "cao2_describe":
         if not isinstance(result, dict):
             return f"should return a dict for the manifest, got {_desc(result)}"
+        key = non_finite_key(result)
+        if key is not None:
+            return (f"returned NaN or Infinity at key {key!r}: the manifest is strict JSON, which has neither "
+                    "(record None, or the value as a string)")
         try:
-            json.dumps(result)
+            json.dumps(result, allow_nan=False)
         except (TypeError, ValueError) as exc:
             return f"should return JSON-serialisable values for the manifest ({exc})"
         return None
@@ -101,7 +152,7 @@ def check(hook: str, result, args: dict, spec: LatentSpec | None) -> str | None:
                 return problem
         return None
     if hook == "cao2_decode":
-        return _float_tensor(result, (len(args["latents"]), None, None, None), "decoded pixels (B, C, H, W)")
+        return pixel_problem(result, args["latents"])
     if hook == "cao2_encode":
         return _float_tensor(result, (len(args["pixels"]), *shape) if shape else None, "encoded latents")
     if hook == "cao2_condition":

@@ -179,7 +179,8 @@ def cao2_latent_spec(handle: Handle) -> LatentSpec:
 
 @hookspec(firstresult=True)
 def cao2_describe(handle: Handle) -> dict:
-    """Return what the manifest records about the loaded generator (checkpoints, sha256, resolved options)."""
+    """Return what the manifest records about the loaded generator (checkpoints, sha256, resolved options), as
+    strict JSON (no NaN or Infinity)."""
 
 
 @hookspec(firstresult=True)
@@ -199,7 +200,8 @@ def cao2_sample(handle: Handle, labels: torch.Tensor, generators: list[torch.Gen
 
 @hookspec(firstresult=True)
 def cao2_decode(handle: Handle, latents: torch.Tensor) -> torch.Tensor:
-    """Scaled latents -> pixels in [-1, 1] (not clamped), shape (B, C, H, W)."""
+    """Scaled latents -> pixels in [-1, 1] (not clamped), shape (B, C, H, W) with C 1 or 3, finite where the
+    latents are (``contract.pixel_problem``)."""
 
 
 @hookspec(firstresult=True)

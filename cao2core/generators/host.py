@@ -30,8 +30,13 @@ from ..errors import UserError
 GENERATOR_GROUP = "cao2.generators"
 PLUGIN_GROUP = "cao2.plugins"   # cross-cutting plugins (tracing, timing, hook wrappers)
 BUILTIN_DISTRIBUTION = "cao2"
-# errors that are not a plugin's fault: the engine handles them (the batch-size probe catches OOM)
-PASS_THROUGH = (UserError, KeyboardInterrupt, MemoryError, torch.cuda.OutOfMemoryError)
+# errors that are not a plugin's fault and already say what to do
+PASS_THROUGH = (UserError, KeyboardInterrupt)
+# running out of memory inside a hook is the batch's size, not the plugin's fault (torch.OutOfMemoryError is the
+# CUDA one under its newer name)
+OUT_OF_MEMORY = (MemoryError, torch.cuda.OutOfMemoryError)
+# the flags whose values shape what cao2_sample returns: a non-finite sample at a value the user set names it
+SAMPLING_FLAGS = ("guidance", "sample_steps", "sampler")
 
 
 @dataclass
@@ -149,12 +154,18 @@ class Host:
                 for n, _ in self.pm.list_name_plugin() if n not in self.generators}
 
     def describe(self) -> list[PluginInfo]:
+        """What `cao2 plugins` lists; a generator whose listing hook (``cao2_options``) fails is moved to
+        ``broken`` with its one-line reason, and the others are still listed."""
         self.load_all()
         out = []
         for name, plugin in self.pm.list_name_plugin():
             hooks = sorted(c.name for c in self.pm.get_hookcallers(plugin) or [])
             kind = "generator" if name in self.generators else "plugin"
-            options = Generator(self, name).options() if kind == "generator" else {}
+            try:
+                options = Generator(self, name).options() if kind == "generator" else {}
+            except UserError as exc:
+                self.broken[name] = str(exc)
+                continue
             out.append(PluginInfo(name, kind, self.dists[name][1], hooks, self.dists[name][0], options,
                                   self.contracts[name]))
         return sorted(out, key=lambda p: (p.kind, p.name))
@@ -182,6 +193,7 @@ class Generator:
         self._callers = {h: host.pm.subset_hook_caller(h, remove_plugins=others)
                          for h in hookspecs.REQUIRED_HOOKS + hookspecs.OPTIONAL_HOOKS}
         self.spec: LatentSpec | None = None      # set by the first checked latent_spec call
+        self.sampling: dict[str, Any] = {}       # the sampling flags the user set, from the last load
 
     def implements(self, hook: str) -> bool:
         return _implements(self._pm, self._plugin, hook)
@@ -194,6 +206,7 @@ class Generator:
         plugin's fault, not the user's: a ``PluginError`` names the plugin."""
         received = self.received_options(options)
         self._refuse_unknown(received, self.options())
+        self.sampling = {k: received[k] for k in SAMPLING_FLAGS if received.get(k) is not None}
         try:
             return self._call("cao2_load", options=received, device=device)
         except PluginError:
@@ -216,8 +229,24 @@ class Generator:
 
     def sample(self, *, handle: Handle, labels: torch.Tensor, generators: list[torch.Generator],
                snapshot_steps: list[int], progress: Callable[[], None] | None = None) -> SampleOutput:
-        return self._call("cao2_sample", handle=handle, labels=labels, generators=generators,
-                          snapshot_steps=snapshot_steps, progress=progress)
+        """``cao2_sample``, its samples checked to be finite: a NaN or Inf sample stops the run here, blamed on the
+        sampling flags the user set (``--guidance 1e30``), else on the plugin, before selection decodes it or CLO
+        is blamed for it."""
+        out = self._call("cao2_sample", handle=handle, labels=labels, generators=generators,
+                         snapshot_steps=snapshot_steps, progress=progress)
+        bad = contract.non_finite_samples(out)
+        if bad:
+            shown = sorted(set(labels[bad].tolist()))
+            what = (f"non-finite samples from generator plugin {self.label} cao2_sample (NaN or Inf in {len(bad)} of "
+                    f"{len(labels)} samples, of generator label{'s' * (len(shown) > 1)} "
+                    f"{', '.join(map(str, shown[:5]))}{', ...' if len(shown) > 5 else ''})")
+            if self.sampling:
+                flags = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in self.sampling.items())
+                advice = "lower --guidance" if "guidance" in self.sampling else f"change {flags}"
+                raise UserError(f"{what} at {flags}: {advice} (at ordinary values, report it to the plugin's "
+                                "authors)")
+            raise PluginError(f"{what} at the plugin's own sampling settings; report it to the plugin's authors")
+        return out
 
     def decode(self, *, handle: Handle, latents: torch.Tensor) -> torch.Tensor:
         return self._call("cao2_decode", handle=handle, latents=latents)
@@ -265,8 +294,14 @@ class Generator:
                 raise UserError(f"--gen-opt {key}={text}: {self.name} takes one of {', '.join(opt.choices)}")
             try:
                 out[key] = opt.parse(text) if isinstance(text, str) else text
-            except (ValueError, TypeError) as exc:
+            except ValueError as exc:         # the contract's word for bad text (GenOption.parse)
                 raise UserError(f"--gen-opt {key}={text}: {self.name} cannot read it ({exc}); {opt.help}") from None
+            except PASS_THROUGH:
+                raise
+            except Exception as exc:          # anything else is the parser's own bug, whatever the text
+                raise PluginError(f"generator plugin {self.label}: the parser of --gen-opt {key} raised "
+                                  f"{type(exc).__name__} on the value {text!r}: {_first_line(exc)}; report it to "
+                                  "the plugin's authors (--debug shows the traceback)") from exc
         return out
 
     def _refuse_unknown(self, options: dict, declared: dict[str, GenOption]) -> None:
@@ -298,6 +333,13 @@ class Generator:
             result = self._callers[hook](**kwargs)
         except PASS_THROUGH:
             raise
+        except OUT_OF_MEMORY as exc:
+            raise UserError(f"out of memory in {self.label} {hook}: lower --batch-size (--debug shows the "
+                            "traceback)") from exc
+        except SystemExit as exc:         # a plugin must not end cao2, least of all with its own exit code
+            raise PluginError(f"generator plugin {self.label}: {hook} called sys.exit({exc.code!r}); a plugin must "
+                              "raise instead: report it to the plugin's authors (--debug shows the traceback)"
+                              ) from exc
         except Exception as exc:
             where = f" (or a cross-cutting plugin wrapping it: {', '.join(self.wrapped_by)})" if self.wrapped_by else ""
             raise PluginError(f"generator plugin {self.label}: {hook}{where} raised {type(exc).__name__}: "
@@ -399,20 +441,29 @@ def _load(ep: importlib.metadata.EntryPoint) -> Any:
                         f"{type(exc).__name__}: {_first_line(exc)}; reinstall or uninstall it") from None
 
 
+def _hook_arguments(hook: str) -> tuple[str, ...]:
+    spec = getattr(hookspecs, hook)
+    return spec.__code__.co_varnames[:spec.__code__.co_argcount]
+
+
 def _validation_hint(exc: pluggy.PluginValidationError) -> str:
+    """pluggy's refusal in one line, with what to change: the unknown arguments of a hook and the ones it takes,
+    or the hook a misspelled name is close to."""
     text = " ".join(str(exc).split())
     names = [n for n in dir(hookspecs) if n.startswith("cao2_")]
-    for word in text.replace("'", " ").split():
-        if word.startswith("cao2_") and word not in names:
-            close = difflib.get_close_matches(word, names, n=1)
-            if close:
-                return f"{text} (did you mean {close[0]}?)"
-    if "argument" in text.lower():
-        for name in names:
-            if name in text:
-                spec = getattr(hookspecs, name)
-                args = spec.__code__.co_varnames[:spec.__code__.co_argcount]
-                return f"{text} ({name} may take: {', '.join(args)})"
+    hook = re.search(r"for hook '(\w+)'", text)
+    unknown = re.search(r"Argument\(s\) \{(.*?)\} are declared in the hookimpl", text)
+    if hook and unknown and hook.group(1) in names:
+        args = _hook_arguments(hook.group(1))
+        bad = re.findall(r"'(\w+)'", unknown.group(1))
+        near = [f"{c[0]} for {b!r}" for b in bad if (c := difflib.get_close_matches(b, args, n=1))]
+        return (f"{hook.group(1)} has no argument {', '.join(map(repr, bad))}; it takes {', '.join(args)} (any "
+                f"subset, by these names){' (did you mean ' + '; '.join(near) + '?)' if near else ''}")
+    unknown_hook = re.search(r"unknown hook '(\w+)'", text)
+    if unknown_hook:
+        close = difflib.get_close_matches(unknown_hook.group(1), names, n=1)
+        if close:
+            return f"{text} (did you mean {close[0]}?)"
     return text
 
 
@@ -421,9 +472,13 @@ def _missing_hint(plugin: Any, missing: list[str]) -> str:
     if bare:
         return (f" ({', '.join(bare)} is defined but not marked: decorate it with "
                 "@hookimpl from cao2core.generators.hookspecs)")
-    near = [f"{h} (found {c[0]})" for h in missing
-            if (c := difflib.get_close_matches(h, [n for n in dir(plugin) if n.startswith("cao2")], n=1))]
-    return f" (misspelled? {'; '.join(near)})" if near else ""
+    # a misspelling is a name no hook has: the plugin's other hooks (cao2_decode for cao2_describe) are no hint
+    spelled = [n for n in dir(plugin) if n.startswith("cao2") and not hasattr(hookspecs, n)]
+    near = [f"{h} (found {c[0]})" for h in missing if (c := difflib.get_close_matches(h, spelled, n=1))]
+    if near:
+        return f" (misspelled? {'; '.join(near)})"
+    return (" (add " + "; ".join(f"@hookimpl def {h}({', '.join(_hook_arguments(h))})" for h in missing)
+            + ": docs/plugins.md, The hooks)")
 
 
 def _first_line(exc: BaseException) -> str:

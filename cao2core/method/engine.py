@@ -311,10 +311,12 @@ def optimize_latents(job: Job, cids: list[str], labels: list[int], kept, latents
     row's loss terms per iteration ({"mean", "max"}: (rows, iters))."""
     cfg = job.cfg
     rows = [(cid, label, i) for cid, label, (keep, _) in zip(cids, labels, kept) for i in range(len(keep))]
-    # a non-finite sample is the generator's fault, not CLO's: checked on the device, one sync per group
+    # a non-finite start is the generator's fault, not CLO's: checked on the device, one sync per group (a
+    # sampled pool's were refused where cao2_sample returned them; what is left is an image cao2_encode broke)
     finite = torch.isfinite(latents_init.flatten(1)).all(1).tolist()
-    bad = {rows[k][0]: (f"non-finite samples from the generator ({job.gen.label}, cao2_sample): NaN or Inf in "
-                        f"sample {rows[k][2]}") for k in range(len(rows)) if not finite[k]}
+    made_by = "cao2_encode" if job.cfg.images else "cao2_sample"
+    bad = {rows[k][0]: (f"non-finite latents from the generator ({job.gen.label}, {made_by}): NaN or Inf in "
+                        f"pool item {rows[k][2]}") for k in range(len(rows)) if not finite[k]}
     first_bad: dict[str, dict[int, int]] = {}
     latents, curves = [], {"mean": [], "max": []}
     for idx in batches(range(len(rows)), cfg.batch_size):

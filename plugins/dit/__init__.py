@@ -108,6 +108,7 @@ def cao2_load(options: dict, device: torch.device) -> DiTHandle:
     if convention not in CONVENTIONS:
         raise UserError(f"unknown --timestep-convention {convention!r}; use one of {', '.join(CONVENTIONS)}")
     t_src, v_src, defaults = loading.resolve(options.get("model"), options.get("vae"), options.get("dataset"))
+    steps = _sample_steps(options, defaults)      # before the weights load: a wrong count costs nothing
     sampler = options.get("sampler") or defaults.get("sampler", "ddpm")
     if sampler not in sampling.SAMPLERS:
         raise UserError(f"unknown --sampler {sampler!r} for dit; use one of {', '.join(sampling.SAMPLERS)}")
@@ -137,10 +138,23 @@ def cao2_load(options: dict, device: torch.device) -> DiTHandle:
         alphas_cumprod=sampling.alphas_cumprod().to(device),
         label_space=defaults.get("label_space") or ("in1k" if n == 1000 else None),
         guidance=float(guidance if guidance is not None else defaults.get("guidance", 2.7)),
-        steps=int(options.get("sample_steps") or defaults.get("sample_steps", 50)),
+        steps=steps,
         sampler=sampler, convention=convention, dtype=dtype,
         sources={"transformer": t_src, "vae": v_src}, autocast=autocast, compiled=compiled,
         compile_mode=compile_mode, timestep_freqs=freqs, cfg_channels=cfg_channels, profile=profile)
+
+
+def _sample_steps(options: dict, defaults: dict) -> int:
+    """The sampler's step count: ``--sample-steps``, else the world's cao2.json, else DiT's 50; DiT respaces its
+    1000-step schedule, so 1 to 1000 (``respacing.space_timesteps``)."""
+    if options.get("sample_steps") is not None:
+        steps, origin = options["sample_steps"], "--sample-steps"
+    else:
+        steps, origin = defaults.get("sample_steps", 50), f"sample_steps in {defaults.get(loading.SOURCE_KEY)}"
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= sampling.TRAIN_STEPS:
+        raise UserError(f"{origin} {steps!r}: DiT keeps sampler steps out of its {sampling.TRAIN_STEPS}-step "
+                        f"schedule; give a whole number from 1 to {sampling.TRAIN_STEPS}")
+    return steps
 
 
 def _cfg_channels(value, profile: str, channels: int) -> int | None:

@@ -45,6 +45,31 @@ def world_dir(name: str) -> Path | None:
     return d if (d / "transformer").is_dir() else None
 
 
+# the cao2.json keys the dit plugin reads, and their JSON types
+DEFAULT_TYPES = {"label_space": str, "sampler": str, "timestep_freqs": str, "sample_steps": int,
+                 "guidance": (int, float)}
+DEFAULT_TYPE_WORDS = {str: "a string", int: "a whole number", (int, float): "a number"}
+SOURCE_KEY = "_file"     # where read_defaults records the file the defaults came from, for messages naming it
+
+
+def read_defaults(path: Path) -> dict:
+    """A world folder's cao2.json (sampling defaults, label space): a JSON object, else one line naming the file."""
+    try:
+        defaults = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path} cannot be read ({exc}); fix its permissions or remove it") from None
+    except ValueError as exc:
+        raise UserError(f"{path} is not valid JSON ({exc}); fix it or remove it to use DiT's defaults") from None
+    if not isinstance(defaults, dict):
+        raise UserError(f"{path} should hold a JSON object of defaults (label_space, sample_steps, ...), got "
+                        f"{type(defaults).__name__}; fix it or remove it")
+    for key, kinds in DEFAULT_TYPES.items():
+        value = defaults.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, kinds)):
+            raise UserError(f"{path}: {key} is {value!r}; it should be {DEFAULT_TYPE_WORDS[kinds]}")
+    return {**defaults, SOURCE_KEY: str(path)}
+
+
 def resolve(model: str | None, vae: str | None, dataset: str | None) -> tuple[str, str, dict]:
     """Return (transformer source, vae source, defaults from a cao2.json beside them)."""
     if model is None:
@@ -57,7 +82,7 @@ def resolve(model: str | None, vae: str | None, dataset: str | None) -> tuple[st
     defaults: dict = {}
     if path.is_dir():
         if (path / "cao2.json").is_file():
-            defaults = json.loads((path / "cao2.json").read_text())
+            defaults = read_defaults(path / "cao2.json")
         if (path / "transformer").is_dir():            # a DiTPipeline folder (model_index.json) or a world
             return str(path / "transformer"), vae or str(path / "vae"), defaults
         if (path / "config.json").is_file():           # a transformer folder on its own

@@ -37,9 +37,13 @@ def read_defaults(folder: Path) -> dict:
     if not path.is_file():
         return {}
     try:
-        return json.loads(path.read_text())
+        defaults = json.loads(path.read_text())
     except ValueError as exc:
-        raise UserError(f"{path} is not valid JSON ({exc})") from None
+        raise UserError(f"{path} is not valid JSON ({exc}); fix it or remove it") from None
+    if not isinstance(defaults, dict):
+        raise UserError(f"{path} should hold a JSON object (mar, vae, sampling defaults), got "
+                        f"{type(defaults).__name__}; fix it or remove it")
+    return defaults
 
 
 def mar_config(spec: str | dict | None, fallback: str = "mar_base") -> tuple[str, MARConfig]:

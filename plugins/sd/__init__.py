@@ -150,13 +150,21 @@ def cao2_load(options: dict, device: torch.device) -> SDHandle:
 
     folder = loading.resolve(options.get("model"), variant)
     index = loading.check_index(folder)
+    # the sampler and its step count are checked on the scheduler's config before any weights load
+    shipped_cls, scheduler_config, scheduler_file = loading.load_scheduler_config(folder / "scheduler")
+    sampler_cls = sampling.scheduler_class(options.get("sampler"), shipped_cls)
+    steps = int(options.get("sample_steps") or DEFAULT_STEPS)
+    most = scheduler_config.get("num_train_timesteps", 1000)
+    if not 1 <= steps <= most:
+        raise UserError(f"--sample-steps {steps}: the scheduler of {folder} has {most} training timesteps to sample "
+                        f"with; give 1 to {most}")
+    loop_steps = sampling.loop_steps(sampler_cls, scheduler_config, steps)
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     unet = loading.load_diffusers(UNet2DConditionModel, folder / "unet", "unet", variant)
     vae_folder = loading.resolve_vae(options.get("vae"), folder, variant)
     vae = loading.load_diffusers(AutoencoderKL, vae_folder, "vae", variant)
     text_encoder = loading.load_text_encoder(folder / "text_encoder", variant)
     tokenizer = loading.load_tokenizer(folder / "tokenizer", index["tokenizer"][1])
-    shipped_cls, scheduler_config, scheduler_file = loading.load_scheduler_config(folder / "scheduler")
     _check_parts(unet.module, vae.module, text_encoder.module, folder)
 
     for part in (unet, vae, text_encoder):
@@ -174,8 +182,6 @@ def cao2_load(options: dict, device: torch.device) -> SDHandle:
     if size[0] % f or size[1] % f:
         raise UserError(f"--gen-opt size={size[0]}x{size[1]}: both sides must be multiples of {f} (the VAE's "
                         "downsampling)")
-    sampler_cls = sampling.scheduler_class(options.get("sampler"), shipped_cls)
-    steps = int(options.get("sample_steps") or DEFAULT_STEPS)
     guidance = options.get("guidance")
     records = {"model": str(folder), "label_space": names.space.name, "unet": unet.record(),
                "text_encoder": text_encoder.record(), "tokenizer": tokenizer.record(), "vae": vae.record(),
@@ -188,7 +194,7 @@ def cao2_load(options: dict, device: torch.device) -> SDHandle:
         train_scheduler=DDPMScheduler.from_config(scheduler_config), size=size,
         store_size=_option(options, "store_size"),
         guidance=float(DEFAULT_GUIDANCE if guidance is None else guidance), steps=steps,
-        loop_steps=sampling.loop_steps(sampler_cls, scheduler_config, steps),
+        loop_steps=loop_steps,
         eta=float(_option(options, "eta", 0.0)), dtype=dtype, records=records, autocast=autocast,
         compiled=compiling.compiled(unet.module, compile_mode) if compile_mode != "none" else None,
         compile_mode=compile_mode)

@@ -88,3 +88,35 @@ def test_the_kit_reports_a_contract_violation_in_words():
     failures = check_generator(_broken(cao2_decode=lambda handle, latents: ((latents + 1) * 127.5).to(torch.uint8)))
     assert any("check_decode: generator plugin broken" in f and "cao2_decode decoded pixels" in f
                and "should be floating point" in f for f in failures), failures
+
+
+def test_the_kit_and_the_run_apply_one_pixel_rule(tmp_path, capsys):
+    """Pixels beyond [-1, 1] that a run clamps pass the kit too (with a warning); a channel count the run cannot
+    write as a PNG fails both."""
+    from cao2core.cli import main
+    from cao2core.generators.host import Host
+    from cao2core.method import engine
+    overshoot = _broken(cao2_decode=lambda handle, latents: latents * 40)
+    with pytest.warns(UserWarning, match="cao2 clamps them"):
+        failures = check_generator(overshoot)
+    assert not any("check_decode" in f for f in failures), failures
+    four = _broken(cao2_decode=lambda handle, latents: latents.expand(-1, 4, -1, -1))
+    assert any("check_decode" in f and "1 (grey) or 3 (RGB) channels, got 4" in f for f in check_generator(four))
+
+    def host_with(module):
+        def make():
+            h = Host()
+            h.register(module, "broken", kind="generator")
+            return h
+        return make
+    args = ["run", "--generator", "broken", "--select", "none", "--classes", "2", "--ipc", "1", "--condition",
+            "class", "--clo-iters", "1", "--no-progress", "--device", "cpu"]
+    engine_host = engine.Host
+    try:
+        engine.Host = host_with(overshoot)
+        assert main([*args, "--out", str(tmp_path / "a")]) == 0
+        engine.Host = host_with(four)
+        assert main([*args, "--out", str(tmp_path / "b")]) != 0
+    finally:
+        engine.Host = engine_host
+    assert "1 (grey) or 3 (RGB) channels, got 4" in capsys.readouterr().err

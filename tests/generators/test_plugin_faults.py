@@ -118,15 +118,121 @@ def test_debug_shows_the_traceback(install, tmp_path, capsys, monkeypatch):
     assert isinstance(info.value.__cause__, FileNotFoundError)
 
 
-def test_nan_pool_fails_the_class_and_names_the_generator(install, tmp_path, capsys):
-    def nan_for_seven(handle, labels, generators, snapshot_steps):
-        out = cao2_toy.cao2_sample(handle, labels, generators, snapshot_steps)
-        return SampleOutput(latents=torch.where((labels == 7).view(-1, 1, 1, 1), float("nan"), out.latents))
-    install(faulty(cao2_sample=nan_for_seven))
-    err, out = run_faulty(tmp_path, capsys, "--clo-iters", "0")
-    assert "class 7" in err and "cao2_sample" in err and "non-finite" in err and "--clo-lr" not in err, err
-    assert sorted(p.name for p in (out / "images").iterdir()) == ["2"]          # the good class is written
-    assert not (out / "images" / "7").exists()
+def _nan_for_seven(handle, labels, generators, snapshot_steps):
+    out = cao2_toy.cao2_sample(handle, labels, generators, snapshot_steps)
+    return SampleOutput(latents=torch.where((labels == 7).view(-1, 1, 1, 1), float("nan"), out.latents))
+
+
+def test_a_nan_pool_stops_the_run_blaming_the_sampler_not_clo(install, tmp_path, capsys):
+    install(faulty(cao2_sample=_nan_for_seven))
+    err, out = run_faulty(tmp_path, capsys, "--clo-iters", "1")
+    assert ("non-finite samples from generator plugin faulty (cao2-faulty 9.9) cao2_sample" in err
+            and "generator label 7" in err and "report it to the plugin's authors" in err), err
+    assert "clo" not in err.lower(), err
+    assert not (out / "images" / "7").exists() and not (out / "latents" / "7.safetensors").exists()
+
+
+def test_a_nan_pool_at_a_sampling_flag_blames_the_flag(install, tmp_path, capsys):
+    install(faulty(cao2_sample=_nan_for_seven))
+    err, out = run_faulty(tmp_path, capsys, "--guidance", "1e30")
+    assert "cao2_sample" in err and "at --guidance 1e+30: lower --guidance" in err, err
+    _no_class_written(out)
+
+
+def test_guidance_too_large_for_a_real_sampler_is_one_line_before_anything_is_written(tiny_args, capsys):
+    out = Path(tiny_args[tiny_args.index("--out") + 1])
+    assert main(["run", *tiny_args, "--guidance", "1e30"]) != 0
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "generator plugin dit" in err and "cao2_sample" in err, err
+    assert "--guidance 1e+30: lower --guidance" in err and "--clo-lr" not in err, err
+    _no_class_written(out)
+
+
+def _decode_nan_for_seven(handle, latents):
+    # the toy's latents are its pixels; class 7's mean sits at the top of the range
+    pixels = cao2_toy.cao2_decode(handle, latents)
+    return torch.where(pixels.flatten(1).mean(1).view(-1, 1, 1, 1) > 0.3, float("nan"), pixels)
+
+
+@pytest.mark.parametrize("decode,match", [
+    (lambda handle, latents: torch.full_like(latents, float("nan")), "returned NaN or Inf pixels for 2 of 2 finite"),
+    (lambda handle, latents: latents.expand(-1, 2, -1, -1), "should have 1 (grey) or 3 (RGB) channels, got 2"),
+    (lambda handle, latents: latents.expand(-1, 4, -1, -1), "should have 1 (grey) or 3 (RGB) channels, got 4"),
+])
+def test_a_decode_the_store_cannot_write_is_refused_before_anything_is_written(install, tmp_path, capsys, decode,
+                                                                               match):
+    install(faulty(cao2_decode=decode))
+    err, out = run_faulty(tmp_path, capsys)
+    assert "generator plugin faulty (cao2-faulty 9.9): cao2_decode" in err and match in err, err
+    assert not (out / "manifest.json").exists()
+    _no_class_written(out)
+
+
+def test_decoding_latents_clo_broke_is_not_blamed_on_the_decoder(install, tmp_path, capsys):
+    """CLO's own divergence fails its class (the engine's record), the decoder passes NaN in, NaN out."""
+    from cao2core.generators.contract import pixel_problem
+    latents = torch.zeros(3, 1, 4, 4)
+    latents[1] = float("nan")
+    assert pixel_problem(latents.clone(), latents) is None
+    pixels = latents.clone()
+    pixels[2] = float("inf")
+    assert "for 1 of 3 finite latents" in pixel_problem(pixels, latents)
+
+
+def test_a_nan_in_the_description_is_refused_naming_the_key(install, tmp_path, capsys):
+    def describe(handle):
+        return {"family": "toy", "sampler": {"steps": 3, "sigmas": [1.0, float("nan")]}}
+    install(faulty(cao2_describe=describe))
+    err, out = run_faulty(tmp_path, capsys)
+    assert "cao2_describe returned NaN or Infinity at key 'sampler.sigmas[1]'" in err, err
+    assert not (out / "manifest.json").exists()
+
+
+@pytest.mark.parametrize("error", [MemoryError(), torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate")])
+def test_out_of_memory_in_a_hook_says_lower_the_batch_size(install, tmp_path, capsys, error):
+    def predict(handle, corrupted, condition):
+        raise error
+    install(faulty(cao2_predict=predict))
+    err, out = run_faulty(tmp_path, capsys)
+    assert err == ("cao2: error: out of memory in faulty (cao2-faulty 9.9) cao2_predict: lower --batch-size "
+                   "(--debug shows the traceback)"), err
+    _no_class_written(out)
+
+
+def test_sys_exit_in_a_hook_is_one_line_naming_plugin_and_hook(install, tmp_path, capsys):
+    def sample(handle, labels, generators, snapshot_steps):
+        sys.exit(3)
+    install(faulty(cao2_sample=sample))
+    err, out = run_faulty(tmp_path, capsys)
+    assert "generator plugin faulty (cao2-faulty 9.9): cao2_sample called sys.exit(3)" in err, err
+    _no_class_written(out)
+
+
+class _OddError(Exception):
+    pass
+
+
+@pytest.mark.parametrize("error", [TypeError("unhashable"), KeyError("mode"), _OddError("no such preset")])
+def test_an_option_parser_that_breaks_is_blamed_on_the_plugin(install, tmp_path, capsys, error):
+    from cao2core.generators.hookspecs import GenOption
+
+    def parse(text):
+        raise error
+
+    def options():
+        return {"mode": GenOption("a mode", parse=parse)}
+    install(faulty(cao2_options=options))
+    err, out = run_faulty(tmp_path, capsys, "--gen-opt", "mode=fast")
+    assert ("generator plugin faulty (cao2-faulty 9.9): the parser of --gen-opt mode raised "
+            f"{type(error).__name__} on the value 'fast'") in err, err
+    assert not out.exists()
+
+
+def test_an_unreadable_option_value_is_still_the_users(install, tmp_path, capsys):
+    from cao2core.generators.hookspecs import GenOption
+    install(faulty(cao2_options=lambda: {"scale": GenOption("a scale", parse=float)}))
+    err, _ = run_faulty(tmp_path, capsys, "--gen-opt", "scale=big")
+    assert err.startswith("cao2: error: --gen-opt scale=big: faulty cannot read it"), err
 
 
 def test_the_other_generators_keep_working_beside_a_broken_one(install, tiny_args, tmp_path):
@@ -137,8 +243,14 @@ def test_the_other_generators_keep_working_beside_a_broken_one(install, tiny_arg
 def test_misspelled_argument_and_hook_names_get_a_hint():
     from cao2core.errors import UserError
     host = Host(load_entry_points=False)
-    with pytest.raises(UserError, match=r"cao2_sample may take: handle, labels, generators, snapshot_steps"):
-        host.register(faulty(cao2_sample=lambda handle, lables, generators, snapshot_steps: None), "a")
+
+    def cao2_sample(handle, lables, generators, snapshot_steps):       # the hook's own name, as a plugin writes it
+        return None
+    with pytest.raises(UserError) as info:
+        host.register(faulty(cao2_sample=cao2_sample), "a")
+    assert ("cao2_sample has no argument 'lables'; it takes handle, labels, generators, snapshot_steps, progress"
+            in str(info.value) and "did you mean labels for 'lables'" in str(info.value)), info.value
+    assert "did you mean cao2_sample" not in str(info.value)
     m = faulty("b")
     m.cao2_smaple = hookimpl(lambda handle, labels, generators, snapshot_steps: None)
     with pytest.raises(UserError, match="did you mean cao2_sample"):
@@ -147,6 +259,40 @@ def test_misspelled_argument_and_hook_names_get_a_hint():
     m.cao2_decode = lambda handle, latents: latents          # not marked
     with pytest.raises(UserError, match="cao2_decode is defined but not marked"):
         host.register(m, "c")
+
+
+def test_a_missing_hook_gets_a_hint_naming_it():
+    from cao2core.errors import UserError
+    host = Host(load_entry_points=False)
+    m = faulty("d")
+    del m.cao2_describe                     # cao2_decode, a hook it does implement, is no misspelling of it
+    with pytest.raises(UserError) as info:
+        host.register(m, "d")
+    assert str(info.value) == ("generator plugin 'd' lacks required hooks: cao2_describe (add @hookimpl def "
+                               "cao2_describe(handle): docs/plugins.md, The hooks)")
+    m = faulty("e")
+    del m.cao2_describe
+    m.cao2_descibe = lambda handle: {}      # unmarked and misspelled
+    with pytest.raises(UserError, match=r"misspelled\? cao2_describe \(found cao2_descibe\)"):
+        host.register(m, "e")
+
+
+def test_plugins_lists_the_others_when_a_listing_hook_raises(install, monkeypatch, capsys):
+    import cao2core.generators.host as plugins
+
+    def options():
+        raise KeyError("presets")
+    real = plugins.Host
+
+    class WithFaulty(real):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            self.register(faulty(cao2_options=options), "faulty", version="9.9", distribution="cao2-faulty")
+    monkeypatch.setattr(plugins, "Host", WithFaulty)
+    assert main(["plugins", "--verbose"]) == 0
+    out = capsys.readouterr().out
+    assert "faulty [generator, BROKEN]" in out and "cao2_options raised KeyError: 'presets'" in out, out
+    assert "dit 0.1.0 [generator]" in out and "mar 0.1.0 [generator]" in out, out
 
 
 def _entry_points_with(monkeypatch, extra: dict):

@@ -115,3 +115,11 @@ def test_bad_generator_options(mar_world, tmp_path, capsys, opt, match):
 def test_missing_checkpoint(tmp_path, capsys):
     run_fails(["--model", str(tmp_path / "checkpoint-last.pth"), "--vae", "kl16.ckpt"], capsys, "not found",
               tmp_path / "o")
+
+
+@pytest.mark.parametrize("text,match", [("[1, 2]", "should hold a JSON object"), ('{"mar": ', "is not valid JSON")])
+def test_a_broken_world_cao2_json_names_the_file(tmp_path, text, match):
+    (tmp_path / "cao2.json").write_text(text)
+    with pytest.raises(UserError, match=match) as info:
+        loading.read_defaults(tmp_path)
+    assert str(tmp_path / "cao2.json") in str(info.value)

@@ -153,3 +153,14 @@ def test_cli_refuses_an_unknown_gen_opt_in_one_line(base, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and "unknown --gen-opt colour for sd" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_more_sample_steps_than_the_schedule_is_refused_before_the_weights_load(base, monkeypatch):
+    from cao2_sd import loading as sd_loading
+
+    def refuse(*a, **k):
+        raise AssertionError("weights were loaded before the step count was checked")
+    monkeypatch.setattr(sd_loading, "load_diffusers", refuse)
+    model, shapes = base
+    one_line_error(model, shapes, "--sample-steps 5000: the scheduler of", sample_steps=5000)
+    one_line_error(model, shapes, f"give 1 to {SCHEDULER.get('num_train_timesteps', 1000)}", sample_steps=5000)
