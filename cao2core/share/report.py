@@ -240,7 +240,7 @@ polyline.max,.kmax{stroke:#d62728;color:#d62728}.legend{font-size:.85em}
 nav ul{columns:4;list-style:none;padding:0}
 .pool .cell{width:88px}.pool .cell img{width:64px;height:64px;margin:0 auto 2px}.pool .cell span{display:block}
 .kept img,.swatch.kept{outline:3px solid #2ca02c}.wrong img,.swatch.wrong{outline:3px solid #d62728}
-.out img,.swatch.out{outline:3px dashed #999}.wrong img,.out img{opacity:.55}.mark{font-weight:600}
+.out img,.swatch.out{outline:3px dashed #999}.out img{opacity:.5}.mark{font-weight:600}
 .kept .mark{color:#2ca02c}.wrong .mark{color:#d62728}.out .mark{color:#777}.says{color:#d62728}
 .swatch{display:inline-block;width:.9em;height:.9em;margin:0 .3em 0 .8em;vertical-align:middle}
 .nothumb{width:64px;height:64px;margin:0 auto 2px;background:#eee;font-size:.7em;color:#777}
@@ -374,7 +374,8 @@ def _judge_names(run: RunImages) -> dict[int, str]:
 
 POOL_LEGEND = ("<p class=legend><span class='swatch kept'></span> kept (#: selection order) "
                "<span class='swatch wrong'></span> rejected: wrong class (the judge's top class is another) "
-               "<span class='swatch out'></span> rejected: not in the kept quantile (ranked out). Under each "
+               "<span class='swatch out'></span> rejected: not in the kept quantile (ranked out by its score; with "
+               "--select stability every rejection, as stability does not check the class). Under each "
                "sample: the score OSS ranked by (confidence: the judge's probability of the class; stability: the "
                "agreement of its answers one sampler step apart); where the judge's top class is another, its "
                "name and probability.</p>")
@@ -392,16 +393,16 @@ def _pool_panel(run: RunImages, cid: str, t: dict, base: str) -> str:
                t["pool_rank"].tolist(), t["pool_reason"].tolist())
     for i, (score, pred, prob, rank, why) in enumerate(rows):
         kind = "kept" if rank >= 0 else "wrong" if why == WRONG_CLASS else "out"
-        mark = {"kept": f"kept #{rank + 1}", "wrong": "&#10007; wrong class",
-                "out": "&#10007; not in the kept quantile"}[kind]
+        why = {"kept": f"kept #{rank + 1}", "wrong": "\u2717 wrong class", "out": "\u2717 not in the kept quantile"}
+        mark = {**why, "out": "\u2717 ranked out"}[kind]      # short under the image; the title says it whole
         says = (f"<span class=says>judge: {_e(judge.get(pred, f'output {pred}'))} {_num(prob, 2)}</span>"
                 if pred != target else "")
         label = f"{'p' if select == 'confidence' else 'stab.'} {_num(score)}"
-        alt = f"pool sample {i}: {label}, {html.unescape(mark)}"
+        alt = f"pool sample {i}: {label}, {why[kind]}"
         picture = (f'<img loading="lazy" src="{_e(base)}{i}.png" alt="{_e(alt)}">' if i in shown else
                    "<div class=nothumb>thumbnail not stored (budget)</div>")
         cells.append(f'<div class="cell {kind}" title="{_e(alt)}">{picture}<span>{i}: {_e(label)}</span>'
-                     f"<span class=mark>{mark}</span>{says}</div>")
+                     f"<span class=mark>{_e(mark)}</span>{says}</div>")
     return f"<div class='grid pool'>{''.join(cells)}</div>"
 
 
