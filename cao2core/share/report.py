@@ -238,7 +238,7 @@ vertical-align:top}th{background:#f3f3f3}code{font-size:.9em}
 svg.loss{background:#fafafa;border:1px solid #ddd}polyline.mean,.kmean{stroke:#1f77b4;color:#1f77b4}
 polyline.max,.kmax{stroke:#d62728;color:#d62728}.legend{font-size:.85em}
 nav ul{columns:4;list-style:none;padding:0}
-.pool .cell{width:88px}.pool .cell img{width:64px;height:64px;margin:0 auto 2px}.pool .cell span{display:block}
+.pool .cell{width:100px}.pool .cell img{width:64px;height:64px;margin:0 auto 2px}.pool .cell span{display:block}
 .kept img,.swatch.kept{outline:3px solid #2ca02c}.wrong img,.swatch.wrong{outline:3px solid #d62728}
 .out img,.swatch.out{outline:3px dashed #999}.out img{opacity:.5}.mark{font-weight:600}
 .kept .mark{color:#2ca02c}.wrong .mark{color:#d62728}.out .mark{color:#777}.says{color:#d62728}
