@@ -38,7 +38,7 @@ NOT_RECORDED = "not recorded"
 POOL_KEYS = ("pool_score", "pool_pred", "pool_pred_prob", "pool_rank", "pool_reason", "pool_thumbs",
              "pool_thumb_index")
 POOL_INLINE_MAX = 4000      # pool thumbnails of the whole run shown on the one page; beyond, a page per class
-KEPT, WRONG_CLASS = 0, 1    # pool_reason's codes (cao2core.method.oss.REASONS, also in each class's record)
+WRONG_CLASS = 1             # pool_reason's code (cao2core.method.oss.REASONS, also in each class's record)
 
 
 @dataclass
@@ -86,8 +86,10 @@ def report(out: str | Path, device: str = "auto") -> ReportResult:
         page = render(run, latents, thumbs, missing, pool_pages)
         (staging / PAGE).write_text(page, encoding="utf-8")
         if pool_pages:
+            judge = _judge_names(run)
             for cid in pools:
-                (staging / POOL / f"{cid}.html").write_text(pool_page(run, cid, latents[cid]), encoding="utf-8")
+                (staging / POOL / f"{cid}.html").write_text(pool_page(run, cid, latents[cid], judge),
+                                                            encoding="utf-8")
         old = None
         if target.exists():
             old = new_folder(run.root, f".{REPORT_FOLDER}.")
@@ -287,15 +289,16 @@ def render(run: RunImages, latents: dict[str, dict], thumbs: dict[str, dict[str,
              "<h2 id=classes>Classes</h2>", POOL_LEGEND, "<nav><ul>",
              *[f'<li><a href="#class-{_e(cid)}">{_e(cid)} {_e(names[cid])}</a></li>' for cid in run.classes],
              "</ul></nav>"]
+    judge = _judge_names(run)
     for cid in run.classes:
-        parts.append(_class_section(run, cid, names[cid], latents[cid], thumbs.get(cid), missing, pool_pages))
+        parts.append(_class_section(run, cid, names[cid], latents[cid], thumbs.get(cid), missing, pool_pages, judge))
     parts.append(f"<footer><p>Written by <code>cao2 report</code> from {_e(run.root.name)}/manifest.json and the "
                  "run's latents; rerun it after a resume or a new evaluation.</p></footer></body></html>\n")
     return "\n".join(parts)
 
 
 def _class_section(run: RunImages, cid: str, name: str, t: dict, thumbs: dict | None, missing: list[str],
-                   pool_pages: bool = False) -> str:
+                   pool_pages: bool = False, judge: dict[int, str] | None = None) -> str:
     scores = t["scores"].tolist() if "scores" in t else None
     if scores is None:
         missing.append(f"{cid}: scores")
@@ -326,12 +329,12 @@ def _class_section(run: RunImages, cid: str, name: str, t: dict, thumbs: dict | 
         missing.append(f"{cid}: clo_loss curves")
         out.append(f"<h4>CLO loss</h4><p class=note>{NOT_RECORDED}: this run folder has no clo_loss curves "
                    "(written by cao2 versions that record them)</p>")
-    out.append(_pool_section(run, cid, t, missing, pool_pages))
+    out.append(_pool_section(run, cid, t, missing, pool_pages, _judge_names(run) if judge is None else judge))
     out.append("</section>")
     return "".join(out)
 
 
-def pool_problem(t: dict) -> str | None:
+def _pool_problem(t: dict) -> str | None:
     """Why the pool tensors of a class's latents file are not those cao2 writes (None: they are)."""
     size = t["pool_score"].shape
     if len(size) != 1 or any(t[k].shape != size for k in ("pool_pred", "pool_pred_prob", "pool_rank",
@@ -357,7 +360,7 @@ def _pool_missing(run: RunImages, cid: str, t: dict) -> str | None:
     if not isinstance(record, dict) or not all(k in t for k in POOL_KEYS):
         return ("this run folder was written by a cao2 version that did not record the pool (rerun `cao2 run` "
                 "into a new --out to see it)")
-    problem = pool_problem(t)
+    problem = _pool_problem(t)
     return f"latents/{cid}.safetensors is damaged: {problem}" if problem else None
 
 
@@ -381,18 +384,17 @@ POOL_LEGEND = ("<p class=legend><span class='swatch kept'></span> kept (#: selec
                "name and probability.</p>")
 
 
-def _pool_panel(run: RunImages, cid: str, t: dict, base: str) -> str:
+def _pool_panel(run: RunImages, cid: str, t: dict, base: str, judge: dict[int, str]) -> str:
     """Every pool sample in pool order: its thumbnail (from ``base``) or a note where the budget left it out,
-    its score, and kept (with its order) or why not."""
+    its score, and kept (with its order) or why not; ``judge`` names the judge's classes (``_judge_names``)."""
     record = run.manifest["classes"][cid]["pool_record"]
     target, select = record.get("target"), record.get("select", "confidence")
-    judge = _judge_names(run)
     shown = set(t["pool_thumb_index"].tolist())
     cells = []
     rows = zip(t["pool_score"].tolist(), t["pool_pred"].tolist(), t["pool_pred_prob"].tolist(),
                t["pool_rank"].tolist(), t["pool_reason"].tolist())
-    for i, (score, pred, prob, rank, why) in enumerate(rows):
-        kind = "kept" if rank >= 0 else "wrong" if why == WRONG_CLASS else "out"
+    for i, (score, pred, prob, rank, reason) in enumerate(rows):
+        kind = "kept" if rank >= 0 else "wrong" if reason == WRONG_CLASS else "out"
         why = {"kept": f"kept #{rank + 1}", "wrong": "\u2717 wrong class", "out": "\u2717 not in the kept quantile"}
         mark = {**why, "out": "\u2717 ranked out"}[kind]      # short under the image; the title says it whole
         says = (f"<span class=says>judge: {_e(judge.get(pred, f'output {pred}'))} {_num(prob, 2)}</span>"
@@ -418,7 +420,8 @@ def _pool_summary(run: RunImages, cid: str, t: dict) -> str:
             f"class, {size - kept - wrong} not in the kept quantile{capped}.</p>")
 
 
-def _pool_section(run: RunImages, cid: str, t: dict, missing: list[str], pool_pages: bool) -> str:
+def _pool_section(run: RunImages, cid: str, t: dict, missing: list[str], pool_pages: bool,
+                  judge: dict[int, str]) -> str:
     why = _pool_missing(run, cid, t)
     if why:
         missing.append(f"{cid}: pool record")
@@ -426,17 +429,18 @@ def _pool_section(run: RunImages, cid: str, t: dict, missing: list[str], pool_pa
     head = "<h4>Pool</h4>" + _pool_summary(run, cid, t)
     if pool_pages:
         return head + f'<p><a href="{POOL}/{_e(cid)}.html">the pool, sample by sample</a></p>'
-    return head + _pool_panel(run, cid, t, f"{POOL}/{cid}/")
+    return head + _pool_panel(run, cid, t, f"{POOL}/{cid}/", judge)
 
 
-def pool_page(run: RunImages, cid: str, t: dict) -> str:
+def pool_page(run: RunImages, cid: str, t: dict, judge: dict[int, str]) -> str:
     """A class's pool panel as a page of its own, beside its thumbnails (report/pool/<cid>.html)."""
     names = dict(zip(run.classes, run.manifest.get("class_names") or run.classes))
     title = f"pool of {cid} {names.get(cid, '')}"
     return (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{_e(title)}</title>"
             f"<meta name=viewport content='width=device-width'><style>{CSS}</style></head><body>"
             f"<p><a href='../{PAGE}#class-{_e(cid)}'>back to the report</a></p><h1>{_e(title)}</h1>"
-            f"{_pool_summary(run, cid, t)}{POOL_LEGEND}{_pool_panel(run, cid, t, f'{cid}/')}</body></html>\n")
+            f"{_pool_summary(run, cid, t)}{POOL_LEGEND}{_pool_panel(run, cid, t, f'{cid}/', judge)}"
+            "</body></html>\n")
 
 
 def _evaluations(root: Path) -> str:

@@ -123,6 +123,21 @@ def test_pool_pages_for_a_large_run(finished_run, tmp_path, monkeypatch):
     assert found and found.groups() == ("4", "0"), dom[-2000:]
 
 
+def test_a_damaged_pool_record_is_said_not_shown(finished_run, tmp_path):
+    run = tmp_path / "damaged"
+    shutil.copytree(finished_run, run)
+    shutil.rmtree(run / "report", ignore_errors=True)
+    path = run / "latents" / "3.safetensors"
+    tensors = load_file(str(path))
+    tensors["pool_thumbs"] = tensors["pool_thumbs"].float()
+    save_file(tensors, str(path))
+    result = cao2core.report(str(run), device="cpu")
+    page = result.page.read_text()
+    assert ("not recorded: latents/3.safetensors is damaged: its pool thumbnails are not uint8 images"
+            in page) and "3: pool record" in result.missing
+    assert 'src="pool/3/' not in page and not (result.out / "pool" / "3").exists() and result.pool_thumbnails == 8
+
+
 def test_a_run_that_classified_nothing(tiny_world, tmp_path):
     out = tmp_path / "none"
     assert main(["run", "--model", str(tiny_world), "--classes", "4", "--ipc", "2", "--select", "none",
