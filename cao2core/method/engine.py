@@ -31,6 +31,7 @@ from ..generators.host import Generator, Host
 from .pools import ImagePool, SampledPool, batches, in_chunks
 from ..generators.seeding import STREAMS, unit_generator
 from ..store import MANIFEST, Store, to_uint8
+from ..store.images import thumbnails
 from ..store.identity import file_hashes
 
 PREVIEW_CLASSES, PREVIEW_IMAGES = 16, 8
@@ -279,28 +280,37 @@ def sample_pools(job: Job, cids: list[str], labels: list[int], bars: ProgressBar
 
 
 def select_samples(job: Job, group: list[int], cids: list[str], labels: list[int], pools
-                   ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """2. OSS: (kept pool indices in selection order, their scores) per class; the pool is classified after
-    decoding, as the classifier input says."""
+                   ) -> list[tuple[torch.Tensor, oss.Selection]]:
+    """2. OSS: (kept pool indices in selection order, their scores and the pool record) per class; the pool is
+    classified after decoding, as the classifier input says. Where it is classified (confidence, stability), the
+    record keeps what the judge said of every pool sample and small thumbnails of the final decode."""
     cfg = job.cfg
     if cfg.select in ("confidence", "stability"):
-        probs = classify(job.gen, job.handle, job.classifier, [p for p, _ in pools], cfg.batch_size)
+        probs, thumbs = classify(job.gen, job.handle, job.classifier, [p for p, _ in pools], cfg.batch_size,
+                                 oss.POOL_THUMB_PX)
         if cfg.select == "stability":
-            probs_before = classify(job.gen, job.handle, job.classifier, [b for _, b in pools], cfg.batch_size)
+            probs_before, _ = classify(job.gen, job.handle, job.classifier, [b for _, b in pools], cfg.batch_size)
     kept = []
     for k, (pos, cid, label) in enumerate(zip(group, cids, labels)):
         ipc = job.source.keep(cid)
-        if cfg.select == "confidence":
-            keep = oss.select_confidence(probs[k], job.targets[pos], ipc, cfg.order)
-            scores = oss.scores_of(probs[k], job.targets[pos])[keep]
-        elif cfg.select == "stability":
-            keep = oss.select_stability(probs_before[k], probs[k], ipc)
-            scores = oss.stability_of(probs_before[k], probs[k])[keep]
-        else:
-            keep = (oss.select_random(job.source.size(cid), ipc, unit_generator(cfg.seed, label, 0, "select"))
-                    if cfg.select == "random" else torch.arange(ipc))
-            scores = torch.full((ipc,), float("nan"))
-        kept.append((keep, scores))
+        if cfg.select in ("confidence", "stability"):
+            target = job.targets[pos]
+            if cfg.select == "confidence":
+                keep = oss.select_confidence(probs[k], target, ipc, cfg.order)
+                score = oss.scores_of(probs[k], target)
+            else:
+                keep = oss.select_stability(probs_before[k], probs[k], ipc)
+                score = oss.stability_of(probs_before[k], probs[k])
+            pool = oss.pool_record(probs[k], target, keep, score, cfg.select == "confidence", thumbs[k])
+            record = {"select": cfg.select, "fields": sorted(pool), "target": target,
+                      "reasons": {str(c): why for c, why in oss.REASONS.items()},
+                      "thumbnails": len(pool["pool_thumb_index"]), "thumbnail_px": oss.POOL_THUMB_PX,
+                      "capped": len(pool["pool_thumb_index"]) < len(score)}
+            kept.append((keep, oss.Selection(score[keep], pool, record)))
+            continue
+        keep = (oss.select_random(job.source.size(cid), ipc, unit_generator(cfg.seed, label, 0, "select"))
+                if cfg.select == "random" else torch.arange(ipc))
+        kept.append((keep, oss.Selection(torch.full((ipc,), float("nan")))))
     return kept
 
 
@@ -343,7 +353,7 @@ def store_classes(job: Job, store: Store, group, missing, kept, latents_init, la
     (written last); a class with non-finite values is recorded as failed instead."""
     first = 0
     cids = [job.space.ids[p] for p in group]
-    for pos, cid, (keep, scores) in zip(group, cids, kept):
+    for pos, cid, (keep, selection) in zip(group, cids, kept):
         ipc, rows_of = len(keep), slice(first, first + len(keep))
         first += ipc
         label = job.space.generator_labels[pos]
@@ -353,11 +363,15 @@ def store_classes(job: Job, store: Store, group, missing, kept, latents_init, la
             store.set_status(cid, {"status": "failed", "reason": bad[cid], "label": pos, "generator_label": label})
             continue
         tensors = {"latents": latents[rows_of], "latents_init": latents_init[rows_of],
-                   "labels": torch.full((ipc,), label), "scores": scores.float(), "pool_index": keep.long(),
-                   "clo_loss_mean": curves["mean"][rows_of], "clo_loss_max": curves["max"][rows_of]}
-        store.write_class(cid, pixels[rows_of], tensors, {
-            "name": job.space.names[pos], "label": pos, "generator_label": label, "condition": job.conditions[cid],
-            "pool": job.source.size(cid), "kept": ipc, "group": cids, "group_seconds": seconds, "rank": job.ranks.rank})
+                   "labels": torch.full((ipc,), label), "scores": selection.scores.float(), "pool_index": keep.long(),
+                   "clo_loss_mean": curves["mean"][rows_of], "clo_loss_max": curves["max"][rows_of],
+                   **selection.pool}
+        entry = {"name": job.space.names[pos], "label": pos, "generator_label": label,
+                 "condition": job.conditions[cid], "pool": job.source.size(cid), "kept": ipc, "group": cids,
+                 "group_seconds": seconds, "rank": job.ranks.rank}
+        if selection.record is not None:        # which pool fields latents/<class>.safetensors holds
+            entry["pool_record"] = selection.record
+        store.write_class(cid, pixels[rows_of], tensors, entry)
 
 
 def finish(job: Job, store: Store) -> RunResult:
@@ -379,13 +393,22 @@ def finish(job: Job, store: Store) -> RunResult:
     return RunResult(Path(job.cfg.out), completed, written, failed, ranks.rank, preview=preview)
 
 
-def classify(gen: Generator, handle, classifier: Classifier, pools: list[torch.Tensor], batch_size: int
-             ) -> list[torch.Tensor]:
-    """Classifier probabilities of each pool's decoded latents; the pools share chunks of --batch-size, so no
-    decode sees more."""
-    probs = in_chunks(lambda z: classifier.probs(gen.decode(handle=handle, latents=z)).cpu(), torch.cat(pools),
-                      batch_size)
-    return list(probs.split([len(p) for p in pools]))
+def classify(gen: Generator, handle, classifier: Classifier, pools: list[torch.Tensor], batch_size: int,
+             thumb_px: int = 0) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+    """Classifier probabilities of each pool's decoded latents and, with ``thumb_px``, each sample's thumbnail
+    (uint8 (h, w, C), longest side at most ``thumb_px``) from the same decode; the pools share chunks of
+    --batch-size, so no decode sees more."""
+    thumbs = []
+
+    def judge(z: torch.Tensor) -> torch.Tensor:
+        pixels = gen.decode(handle=handle, latents=z)
+        if thumb_px:
+            thumbs.append(thumbnails(pixels, thumb_px))
+        return classifier.probs(pixels).cpu()
+
+    sizes = [len(p) for p in pools]
+    probs = in_chunks(judge, torch.cat(pools), batch_size)
+    return list(probs.split(sizes)), list(torch.cat(thumbs).split(sizes)) if thumb_px else None
 
 
 def write_preview(store: Store, gen: Generator, handle, class_ids: list[str], device, batch_size: int) -> bool:

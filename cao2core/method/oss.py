@@ -10,6 +10,8 @@ sampler's state one step before the end and the final sample; correctness is not
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
 from ..config import ORDERS     # the orders the options table offers
@@ -43,3 +45,43 @@ def select_random(pool_size: int, ipc: int, generator: torch.Generator) -> torch
 def scores_of(probs: torch.Tensor, target: int) -> torch.Tensor:
     """Per-sample record for the store: the classifier's probability of the target class."""
     return probs[:, target]
+
+
+# --- the pool record: what OSS saw of every pool sample, stored with the class for `cao2 report` -------------------
+
+POOL_THUMB_PX = 32          # the longest side of a pool thumbnail (uint8): 3,072 bytes for RGB, 1,024 for grey
+POOL_THUMBS_MAX = 256       # thumbnails stored per class at most: 768 KiB of RGB; the kept samples come first
+KEPT, WRONG_CLASS, RANKED_OUT = 0, 1, 2
+REASONS = {KEPT: "kept", WRONG_CLASS: "wrong class", RANKED_OUT: "not in the kept quantile"}
+
+
+@dataclass
+class Selection:
+    """One class's selection as the store takes it: the kept samples' scores (selection order) and, where the
+    pool was classified, its record (``pool_record``'s tensors, and what the class's record says of them)."""
+
+    scores: torch.Tensor
+    pool: dict[str, torch.Tensor] = field(default_factory=dict)
+    record: dict | None = None
+
+
+def pool_record(probs: torch.Tensor, target: int, keep: torch.Tensor, score: torch.Tensor, checks_class: bool,
+                thumbs: torch.Tensor, thumbs_max: int | None = None) -> dict[str, torch.Tensor]:
+    """Per pool sample (P of them): ``pool_score`` (what OSS ranked by), ``pool_pred`` and ``pool_pred_prob`` (the
+    judge's top class and its probability, from ``probs`` (P, K)), ``pool_rank`` (position in the selection order,
+    -1: rejected), ``pool_reason`` (``REASONS``: a rejected sample is ``WRONG_CLASS`` when the selection checks the
+    class (``checks_class``: confidence) and the judge's top class is not ``target``, else ``RANKED_OUT``); and
+    ``pool_thumbs`` (T, h, w, C) of the samples ``pool_thumb_index`` (ascending): the kept ones first, then the
+    others in pool order, at most ``thumbs_max`` (default ``POOL_THUMBS_MAX``)."""
+    limit = POOL_THUMBS_MAX if thumbs_max is None else thumbs_max
+    size = len(probs)
+    pred_prob, pred = probs.max(dim=1)
+    rank = torch.full((size,), -1, dtype=torch.int32)
+    rank[keep] = torch.arange(len(keep), dtype=torch.int32)
+    wrong = (pred != target) & checks_class
+    reason = torch.where(rank >= 0, KEPT, torch.where(wrong, WRONG_CLASS, RANKED_OUT)).to(torch.uint8)
+    order = torch.cat([keep.long(), (rank < 0).nonzero().flatten()])[:limit]
+    shown = torch.sort(order).values
+    return {"pool_score": score.float(), "pool_pred": pred.int(), "pool_pred_prob": pred_prob.float(),
+            "pool_rank": rank, "pool_reason": reason, "pool_thumbs": thumbs[shown].contiguous(),
+            "pool_thumb_index": shown.int()}

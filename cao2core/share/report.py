@@ -3,11 +3,16 @@
     OUT/report/index.html              the page: CSS inline, no script, nothing fetched from the network
     OUT/report/before/<cid>/<i>.png    the kept latents decoded before CLO (small PNGs), beside the run's own
                                        images/<cid>/<i>.png (after CLO), which the page links by relative path
+    OUT/report/pool/<cid>/<i>.png      pool sample i's thumbnail as the run recorded it (``pool_thumbs``)
+    OUT/report/pool/<cid>.html         the class's pool panel, when the run holds too many thumbnails to show them
+                                       all on the one page (``POOL_INLINE_MAX``)
 
 The page says what was run (generator, its version and checkpoint hashes, dataset, IPC, profile, seed, versions,
 classifier), indexes the classes, shows per class the images after CLO beside the same samples before CLO with the
-judge's confidence under each and CLO's loss curves (an inline SVG), and the evaluations found under OUT/eval.
-What a folder does not hold (an older run's loss curves, the pool's rejected samples) is said, never invented.
+judge's confidence under each, CLO's loss curves (an inline SVG) and the pool OSS chose from (every recorded
+thumbnail with the judge's score, the kept ones in their order, the rejected ones marked with why), and the
+evaluations found under OUT/eval. What a folder does not hold (an older run's loss curves or pool record, a pool
+that was never classified) is said, never invented.
 The folder is written into a staging folder beside it and renamed into place; a refused report writes nothing.
 """
 from __future__ import annotations
@@ -28,20 +33,25 @@ from .export import RunImages, checkpoint_hashes, tolerant_report, open_run
 PAGE = "index.html"
 BEFORE = "before"
 THUMB_MAX = 128             # the longest side of a before-CLO thumbnail, in pixels
+POOL = "pool"
 NOT_RECORDED = "not recorded"
-REJECTED = "the pool's rejected samples are not recorded by this version"
+POOL_KEYS = ("pool_score", "pool_pred", "pool_pred_prob", "pool_rank", "pool_reason", "pool_thumbs",
+             "pool_thumb_index")
+POOL_INLINE_MAX = 4000      # pool thumbnails of the whole run shown on the one page; beyond, a page per class
+WRONG_CLASS = 1             # pool_reason's code (cao2core.method.oss.REASONS, also in each class's record)
 
 
 @dataclass
 class ReportResult:
-    """What ``report`` wrote: the report folder, its page, the number of classes and of before-CLO thumbnails,
-    and what the run folder did not record (said on the page)."""
+    """What ``report`` wrote: the report folder, its page, the number of classes, of before-CLO thumbnails and of
+    pool thumbnails, and what the run folder did not record (said on the page)."""
 
     out: Path
     page: Path
     classes: int
     thumbnails: int
     missing: list[str] = field(default_factory=list)
+    pool_thumbnails: int = 0
 
 
 def report(out: str | Path, device: str = "auto") -> ReportResult:
@@ -53,6 +63,8 @@ def report(out: str | Path, device: str = "auto") -> ReportResult:
     if target.exists() and not target.is_dir():
         raise UserError(f"{target} exists and is not a folder; move it away, then rerun `cao2 report {out}`")
     thumbs = _decode_before(run, latents, device) if any("latents_init" in t for t in latents.values()) else {}
+    pools = _pool_pngs(run, latents)
+    pool_pages = sum(len(p) for p in pools.values()) > POOL_INLINE_MAX
     try:
         staging = new_folder(run.root, f".{REPORT_FOLDER}.")
     except OSError as exc:
@@ -65,9 +77,19 @@ def report(out: str | Path, device: str = "auto") -> ReportResult:
             for name, data in pngs.items():
                 (folder / name).write_bytes(data)
                 count += 1
+        for cid, pngs in pools.items():
+            folder = staging / POOL / cid
+            folder.mkdir(parents=True)
+            for name, data in pngs.items():
+                (folder / name).write_bytes(data)
         missing = []
-        page = render(run, latents, thumbs, missing)
+        page = render(run, latents, thumbs, missing, pool_pages)
         (staging / PAGE).write_text(page, encoding="utf-8")
+        if pool_pages:
+            judge = _judge_names(run)
+            for cid in pools:
+                (staging / POOL / f"{cid}.html").write_text(pool_page(run, cid, latents[cid], judge),
+                                                            encoding="utf-8")
         old = None
         if target.exists():
             old = new_folder(run.root, f".{REPORT_FOLDER}.")
@@ -82,7 +104,8 @@ def report(out: str | Path, device: str = "auto") -> ReportResult:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return ReportResult(target, target / PAGE, len(run.classes), count, missing)
+    return ReportResult(target, target / PAGE, len(run.classes), count, missing,
+                        sum(len(p) for p in pools.values()))
 
 
 def _latents(run: RunImages) -> dict[str, dict]:
@@ -96,7 +119,7 @@ def _latents(run: RunImages) -> dict[str, dict]:
         if path.is_file():
             try:
                 with safe_open(str(path), "pt") as fh:
-                    for key in ("latents_init", "scores", "clo_loss_mean", "clo_loss_max"):
+                    for key in ("latents_init", "scores", "clo_loss_mean", "clo_loss_max", *POOL_KEYS):
                         if key in fh.keys():
                             found[cid][key] = fh.get_tensor(key)
             except Exception as exc:       # safetensors raises its own errors for a damaged file
@@ -152,6 +175,19 @@ def _decode_before(run: RunImages, latents: dict[str, dict], device: str) -> dic
     return thumbs
 
 
+def _pool_pngs(run: RunImages, latents: dict[str, dict]) -> dict[str, dict[str, bytes]]:
+    """PNGs of the pool thumbnails the run recorded: {cid: {"<pool index>.png": bytes}} (classes whose pool the
+    page cannot show are left out)."""
+    from ..store.images import png_bytes
+
+    found = {}
+    for cid, t in latents.items():
+        if _pool_missing(run, cid, t) is None:
+            found[cid] = {f"{i}.png": png_bytes(arr.numpy())
+                          for i, arr in zip(t["pool_thumb_index"].tolist(), t["pool_thumbs"])}
+    return found
+
+
 def _e(value) -> str:
     return html.escape(str(value), quote=True)
 
@@ -204,11 +240,19 @@ vertical-align:top}th{background:#f3f3f3}code{font-size:.9em}
 svg.loss{background:#fafafa;border:1px solid #ddd}polyline.mean,.kmean{stroke:#1f77b4;color:#1f77b4}
 polyline.max,.kmax{stroke:#d62728;color:#d62728}.legend{font-size:.85em}
 nav ul{columns:4;list-style:none;padding:0}
+.pool .cell{width:100px}.pool .cell img{width:64px;height:64px;margin:0 auto 2px}.pool .cell span{display:block}
+.kept img,.swatch.kept{outline:3px solid #2ca02c}.wrong img,.swatch.wrong{outline:3px solid #d62728}
+.out img,.swatch.out{outline:3px dashed #999}.out img{opacity:.5}.mark{font-weight:600}
+.kept .mark{color:#2ca02c}.wrong .mark{color:#d62728}.out .mark{color:#777}.says{color:#d62728}
+.swatch{display:inline-block;width:.9em;height:.9em;margin:0 .3em 0 .8em;vertical-align:middle}
+.nothumb{width:64px;height:64px;margin:0 auto 2px;background:#eee;font-size:.7em;color:#777}
 """
 
 
-def render(run: RunImages, latents: dict[str, dict], thumbs: dict[str, dict[str, bytes]], missing: list[str]) -> str:
-    """The page (``missing`` receives what the folder did not record)."""
+def render(run: RunImages, latents: dict[str, dict], thumbs: dict[str, dict[str, bytes]], missing: list[str],
+           pool_pages: bool = False) -> str:
+    """The page (``missing`` receives what the folder did not record); ``pool_pages``: each class's pool panel is
+    a page of its own (``pool_page``), linked from its section."""
     m = run.manifest
     gen = m.get("generator") or {}
     config = m.get("config") or {}
@@ -231,7 +275,7 @@ def render(run: RunImages, latents: dict[str, dict], thumbs: dict[str, dict[str,
              f"<h1>{_e(title)}</h1>",
              "<p>CaO2: OSS kept the judge's most confident samples of a generated pool, CLO optimized their latents. "
              "Each class shows the kept images after CLO (the set as written) beside the same samples before CLO, "
-             f"with the judge's confidence at selection under each. Note: {_e(REJECTED)}.</p>",
+             "with the judge's confidence at selection under each, and the pool OSS chose from.</p>",
              "<h2 id=run>What was run</h2>", _table(["", ""], [[k, v] for k, v in setup]),
              "<h3 id=hashes>Checkpoints (sha256)</h3>",
              _table(["file", "sha256"], [[k, v] for k, v in sorted(hashes.items())]) if hashes
@@ -242,17 +286,19 @@ def render(run: RunImages, latents: dict[str, dict], thumbs: dict[str, dict[str,
              _table(["package", "version"], [[k, v] for k, v in versions.items()]) if versions
              else f"<p class=note>{NOT_RECORDED}</p>",
              "<h2 id=evaluation>Evaluation</h2>", _evaluations(run.root),
-             "<h2 id=classes>Classes</h2><nav><ul>",
+             "<h2 id=classes>Classes</h2>", POOL_LEGEND, "<nav><ul>",
              *[f'<li><a href="#class-{_e(cid)}">{_e(cid)} {_e(names[cid])}</a></li>' for cid in run.classes],
              "</ul></nav>"]
+    judge = _judge_names(run)
     for cid in run.classes:
-        parts.append(_class_section(run, cid, names[cid], latents[cid], thumbs.get(cid), missing))
+        parts.append(_class_section(run, cid, names[cid], latents[cid], thumbs.get(cid), missing, pool_pages, judge))
     parts.append(f"<footer><p>Written by <code>cao2 report</code> from {_e(run.root.name)}/manifest.json and the "
                  "run's latents; rerun it after a resume or a new evaluation.</p></footer></body></html>\n")
     return "\n".join(parts)
 
 
-def _class_section(run: RunImages, cid: str, name: str, t: dict, thumbs: dict | None, missing: list[str]) -> str:
+def _class_section(run: RunImages, cid: str, name: str, t: dict, thumbs: dict | None, missing: list[str],
+                   pool_pages: bool = False, judge: dict[int, str] | None = None) -> str:
     scores = t["scores"].tolist() if "scores" in t else None
     if scores is None:
         missing.append(f"{cid}: scores")
@@ -283,8 +329,118 @@ def _class_section(run: RunImages, cid: str, name: str, t: dict, thumbs: dict | 
         missing.append(f"{cid}: clo_loss curves")
         out.append(f"<h4>CLO loss</h4><p class=note>{NOT_RECORDED}: this run folder has no clo_loss curves "
                    "(written by cao2 versions that record them)</p>")
-    out.append(f"<p class=note>Rejected pool samples: {_e(REJECTED)}.</p></section>")
+    out.append(_pool_section(run, cid, t, missing, pool_pages, _judge_names(run) if judge is None else judge))
+    out.append("</section>")
     return "".join(out)
+
+
+def _pool_problem(t: dict) -> str | None:
+    """Why the pool tensors of a class's latents file are not those cao2 writes (None: they are)."""
+    size = t["pool_score"].shape
+    if len(size) != 1 or any(t[k].shape != size for k in ("pool_pred", "pool_pred_prob", "pool_rank",
+                                                          "pool_reason")):
+        return "its per-sample pool fields differ in length"
+    thumbs, index = t["pool_thumbs"], t["pool_thumb_index"]
+    if (str(thumbs.dtype) != "torch.uint8" or thumbs.dim() != 4 or thumbs.shape[-1] not in (1, 3)
+            or index.shape != thumbs.shape[:1] or (index.numel() and not 0 <= int(index.min()) <= int(index.max())
+                                                   < size[0])):
+        return "its pool thumbnails are not uint8 images of its pool's samples"
+    return None
+
+
+def _pool_missing(run: RunImages, cid: str, t: dict) -> str | None:
+    """Why the page cannot show the class's pool (None: it can), in words for the page."""
+    config = run.manifest.get("config") or {}
+    select = config.get("select", "confidence")
+    record = ((run.manifest.get("classes") or {}).get(cid) or {}).get("pool_record")
+    if select not in ("confidence", "stability"):
+        command = "cao2 refine" if config.get("images") else "cao2 run"
+        return (f"{command} with --select {select} classifies nothing, so no judge's answer on the pool was "
+                "recorded")
+    if not isinstance(record, dict) or not all(k in t for k in POOL_KEYS):
+        return ("this run folder was written by a cao2 version that did not record the pool (rerun `cao2 run` "
+                "into a new --out to see it)")
+    problem = _pool_problem(t)
+    return f"latents/{cid}.safetensors is damaged: {problem}" if problem else None
+
+
+def _judge_names(run: RunImages) -> dict[int, str]:
+    """The judge's output index -> the run's class at that index (the targets the records hold)."""
+    names = dict(zip(run.classes, run.manifest.get("class_names") or run.classes))
+    found = {}
+    for cid, entry in (run.manifest.get("classes") or {}).items():
+        target = ((entry or {}).get("pool_record") or {}).get("target")
+        if isinstance(target, int) and cid in names:
+            found[target] = f"{cid} {names[cid]}" if names[cid] != cid else cid
+    return found
+
+
+POOL_LEGEND = ("<p class=legend><span class='swatch kept'></span> kept (#: selection order) "
+               "<span class='swatch wrong'></span> rejected: wrong class (the judge's top class is another) "
+               "<span class='swatch out'></span> rejected: not in the kept quantile (ranked out by its score; with "
+               "--select stability every rejection, as stability does not check the class). Under each "
+               "sample: the score OSS ranked by (confidence: the judge's probability of the class; stability: the "
+               "agreement of its answers one sampler step apart); where the judge's top class is another, its "
+               "name and probability.</p>")
+
+
+def _pool_panel(run: RunImages, cid: str, t: dict, base: str, judge: dict[int, str]) -> str:
+    """Every pool sample in pool order: its thumbnail (from ``base``) or a note where the budget left it out,
+    its score, and kept (with its order) or why not; ``judge`` names the judge's classes (``_judge_names``)."""
+    record = run.manifest["classes"][cid]["pool_record"]
+    target, select = record.get("target"), record.get("select", "confidence")
+    shown = set(t["pool_thumb_index"].tolist())
+    cells = []
+    rows = zip(t["pool_score"].tolist(), t["pool_pred"].tolist(), t["pool_pred_prob"].tolist(),
+               t["pool_rank"].tolist(), t["pool_reason"].tolist())
+    for i, (score, pred, prob, rank, reason) in enumerate(rows):
+        kind = "kept" if rank >= 0 else "wrong" if reason == WRONG_CLASS else "out"
+        why = {"kept": f"kept #{rank + 1}", "wrong": "\u2717 wrong class", "out": "\u2717 not in the kept quantile"}
+        mark = {**why, "out": "\u2717 ranked out"}[kind]      # short under the image; the title says it whole
+        says = (f"<span class=says>judge: {_e(judge.get(pred, f'output {pred}'))} {_num(prob, 2)}</span>"
+                if pred != target else "")
+        label = f"{'p' if select == 'confidence' else 'stab.'} {_num(score)}"
+        alt = f"pool sample {i}: {label}, {why[kind]}"
+        picture = (f'<img loading="lazy" src="{_e(base)}{i}.png" alt="{_e(alt)}">' if i in shown else
+                   "<div class=nothumb>thumbnail not stored (budget)</div>")
+        cells.append(f'<div class="cell {kind}" title="{_e(alt)}">{picture}<span>{i}: {_e(label)}</span>'
+                     f"<span class=mark>{_e(mark)}</span>{says}</div>")
+    return f"<div class='grid pool'>{''.join(cells)}</div>"
+
+
+def _pool_summary(run: RunImages, cid: str, t: dict) -> str:
+    record = run.manifest["classes"][cid]["pool_record"]
+    reasons = t["pool_reason"].tolist()
+    kept = sum(r >= 0 for r in t["pool_rank"].tolist())
+    wrong = sum(r == WRONG_CLASS for r, k in zip(reasons, t["pool_rank"].tolist()) if k < 0)
+    size, stored = len(reasons), len(t["pool_thumb_index"])
+    capped = (f"; thumbnails of {stored} of them stored (the budget: the kept ones first, then pool order)"
+              if stored < size else "")
+    return (f"<p>--select {_e(record.get('select'))}: a pool of {size}, {kept} kept, {wrong} rejected as the wrong "
+            f"class, {size - kept - wrong} not in the kept quantile{capped}.</p>")
+
+
+def _pool_section(run: RunImages, cid: str, t: dict, missing: list[str], pool_pages: bool,
+                  judge: dict[int, str]) -> str:
+    why = _pool_missing(run, cid, t)
+    if why:
+        missing.append(f"{cid}: pool record")
+        return f"<h4>Pool</h4><p class=note>The pool OSS chose from: {NOT_RECORDED}: {_e(why)}.</p>"
+    head = "<h4>Pool</h4>" + _pool_summary(run, cid, t)
+    if pool_pages:
+        return head + f'<p><a href="{POOL}/{_e(cid)}.html">the pool, sample by sample</a></p>'
+    return head + _pool_panel(run, cid, t, f"{POOL}/{cid}/", judge)
+
+
+def pool_page(run: RunImages, cid: str, t: dict, judge: dict[int, str]) -> str:
+    """A class's pool panel as a page of its own, beside its thumbnails (report/pool/<cid>.html)."""
+    names = dict(zip(run.classes, run.manifest.get("class_names") or run.classes))
+    title = f"pool of {cid} {names.get(cid, '')}"
+    return (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{_e(title)}</title>"
+            f"<meta name=viewport content='width=device-width'><style>{CSS}</style></head><body>"
+            f"<p><a href='../{PAGE}#class-{_e(cid)}'>back to the report</a></p><h1>{_e(title)}</h1>"
+            f"{_pool_summary(run, cid, t)}{POOL_LEGEND}{_pool_panel(run, cid, t, f'{cid}/', judge)}"
+            "</body></html>\n")
 
 
 def _evaluations(root: Path) -> str:

@@ -16,6 +16,17 @@ def to_uint8(pixels: torch.Tensor) -> np.ndarray:
     return x.permute(0, 2, 3, 1).cpu().numpy()
 
 
+def thumbnails(pixels: torch.Tensor, longest: int) -> torch.Tensor:
+    """[-1, 1] (B, C, H, W) -> uint8 (B, h, w, C) on the CPU, the longest side at most ``longest`` pixels:
+    shrunk with an antialiased bilinear filter (never enlarged), rounded as ``to_uint8``."""
+    h, w = pixels.shape[-2:]
+    x = pixels.detach().float()
+    if max(h, w) > longest:
+        scale = longest / max(h, w)
+        x = torch.nn.functional.interpolate(x, size=(max(1, round(h * scale)), max(1, round(w * scale))),
+                                            mode="bilinear", antialias=True, align_corners=False)
+    return torch.from_numpy(to_uint8(x))
+
 
 def png_bytes(arr: np.ndarray) -> bytes:
     image = Image.fromarray(arr[..., 0], "L") if arr.shape[-1] == 1 else Image.fromarray(arr, "RGB")

@@ -3,7 +3,8 @@
     OUT/manifest.json            the run's header and every class's record (written first, rewritten as it goes)
     OUT/images/<class>/<i>.png   the distilled set (an ImageFolder); what else a class folder holds is a
                                  person's (foreign): kept, never a reason to redo the class
-    OUT/latents/<class>.safetensors   the kept latents before and after CLO, labels, scores, CLO's loss curves
+    OUT/latents/<class>.safetensors   the kept latents before and after CLO, labels, scores, CLO's loss curves,
+                                 and the pool record (pool_*: what the judge said of each pool sample, thumbnails)
     OUT/records/<class>.json     each class's record: status and the sha256 of every file
     OUT/preview.png              the first classes before and after CLO
     OUT/eval/                    what the evaluations write (their names come from the modules that own them)

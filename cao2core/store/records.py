@@ -143,13 +143,15 @@ class Store:
                         if is_folder else name in (MANIFEST, PREVIEW) or bool(TEMP_NAMES["."].fullmatch(name)))
             if REPORT_STAGING.fullmatch(where[0]):      # a report that was being written: all of it is cao2's
                 return True
-            if where[0] == REPORT_FOLDER:               # `cao2 report`: index.html and before/<class>/<i>.png
-                inner = rel[1:]
+            if where[0] == REPORT_FOLDER:   # `cao2 report`: index.html, before/<class>/<i>.png, pool/<class>/<i>.png
+                inner = rel[1:]                # and pool/<class>.html
                 if inner == ("index.html",):
                     return not is_folder
-                if inner[0] != "before" or len(inner) > 3:
+                if inner[0] not in ("before", "pool") or len(inner) > 3:
                     return False
-                return is_folder if len(inner) < 3 else bool(IMAGE_NAME.fullmatch(name))
+                if inner[0] == "pool" and len(inner) == 2 and not is_folder:
+                    return name.endswith(".html")
+                return is_folder if len(inner) < 3 else bool(IMAGE_NAME.fullmatch(name)) and not is_folder
             if where[0] == EVAL_FOLDER:
                 return (bool(eval_folders.fullmatch("/".join(rel[1:]))) if is_folder
                         else name in eval_names or bool(eval_temp.fullmatch(name)))

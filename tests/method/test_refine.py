@@ -46,6 +46,9 @@ def test_refine_selects_optimizes_and_records_the_source(tiny_world, tiny_classi
     m = json.loads((out / "manifest.json").read_text())
     assert m["class_ids"] == ["2", "7"] and m["source"]["files"] == {"2": 5, "7": 3}
     assert len(m["source"]["sha256"]) == 64 and m["classes"]["2"]["pool"] == 5 and m["classes"]["2"]["kept"] == 4
+    # the given images were judged: their pool record, every image with its score, one of the five rejected
+    assert m["classes"]["2"]["pool_record"]["select"] == "confidence" and len(t["pool_score"]) == 5
+    assert int((t["pool_rank"] >= 0).sum()) == 4 and t["pool_thumbs"].shape == (5, 32, 32, 1)
     # same command: nothing to redo; a changed source folder is another run
     assert main(["refine", *args_for(tiny_world, tiny_classifier, images, out, "--ipc", "4")]) == 0
     assert "(2 already complete)" in capsys.readouterr().out
@@ -62,6 +65,7 @@ def test_refine_keeps_every_image_and_is_deterministic(tiny_world, tiny_classifi
                                          "--ipc", "all")]) == 0
     ta, tb = (load_file(str(o / "latents" / "4.safetensors")) for o in outs)
     assert ta["pool_index"].tolist() == [0, 1, 2] and torch.equal(ta["latents"], tb["latents"])
+    assert "pool_score" not in ta            # --select none judged nothing: no pool record
     for i in range(3):
         assert np.array_equal(*(np.asarray(Image.open(o / "images" / "4" / f"{i}.png")) for o in outs))
 

@@ -87,10 +87,12 @@ def test_overwrite_removes_every_file_of_the_other_run_and_its_debris(tmp_path):
 
 
 def test_overwrite_removes_the_other_runs_report(tmp_path):
-    """`cao2 report`'s page, its before-CLO thumbnails and a report killed while being written are cao2's."""
+    """`cao2 report`'s page, its before-CLO and pool thumbnails, its pool pages and a report killed while being
+    written are cao2's."""
     out = tmp_path / "o"
     write_run(out)
-    for rel in ("report/index.html", "report/before/0/0.png", "report/before/0/1.png", ".report.ab12cd34/index.html",
+    for rel in ("report/index.html", "report/before/0/0.png", "report/before/0/1.png", "report/pool/0/7.png",
+                "report/pool/0.html", ".report.ab12cd34/index.html",
                 ".report.ab12cd34/before/0/0.png"):
         add(out, rel)
     new = Store(out, "B", {"dataset": "mnist", "class_ids": ["5"]})
@@ -100,7 +102,8 @@ def test_overwrite_removes_the_other_runs_report(tmp_path):
                          "manifest.json": (out / "manifest.json").read_bytes()}
 
 
-@pytest.mark.parametrize("rel", ["report/notes.txt", "report/before/0/mine.txt", "report/mine/0.png"])
+@pytest.mark.parametrize("rel", ["report/notes.txt", "report/before/0/mine.txt", "report/mine/0.png",
+                                 "report/pool/0/mine.txt", "report/pool/notes.txt", "report/pool/0/1/0.png"])
 def test_overwrite_refuses_what_a_person_put_in_a_report(tmp_path, rel):
     out = tmp_path / "o"
     write_run(out)
