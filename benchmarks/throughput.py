@@ -14,7 +14,11 @@ step, so their time scales with the preset's steps / the steps timed. MAR does n
 per AR step, but its DiffLoss head denoises every token for ``diffloss_steps`` steps whatever the AR step count
 (the AR steps only split the tokens into groups). The batched MAR sample is run once more with the transformer
 and the head timed apart; the transformer's share scales with the AR steps, the head's with the DiffLoss steps,
-and the rest (noise draws and the diffusion update, one round per AR step and DiffLoss step) with both.
+and the rest (noise draws and the diffusion update, one round per AR step and DiffLoss step) with both. The
+head's time is FLOP-bound only while its calls are large: fewer tokens per call (more AR steps, small batches,
+small models) leave it bound by the number of calls (AR steps x DiffLoss steps). So its part of the projection
+comes from one AR step's worth of head calls timed at the preset's AR steps (the batch x the tokens one of its
+steps denoises, ``diffloss_steps`` calls), times the preset's AR steps.
 
 The random-weight MAR is written to a temporary folder to be loaded through the plugin (about 1.1 GB for
 MAR-B); the folder is removed when the script ends, also on an error or Ctrl-C.
@@ -37,6 +41,7 @@ ImageNet-1K projection scales the timed steps to the in1k-sit preset's 250.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import tempfile
 from dataclasses import replace
@@ -160,7 +165,11 @@ def sampling_seconds(row: dict, steps: int, diffloss_steps: int) -> float:
     parts = row["sample_parts"]
     k = steps / row["steps_timed"]
     d = diffloss_steps / row["diffloss_timed"]
-    return parts["transformer"] * k + parts["head"] * d + parts["rest"] * k * d
+    head = parts["head"] * d
+    at_steps, round_seconds = row.get("head_round") or (None, None)
+    if at_steps == steps:   # the head's calls timed at this step count's shape: one AR step's worth, x the steps
+        head = round_seconds * steps * d
+    return parts["transformer"] * k + head + parts["rest"] * k * d
 
 
 def in1k_projection(name: str, row: dict) -> dict:
@@ -188,15 +197,39 @@ def describe_projection(name: str, row: dict) -> str:
         timed_text = (f"a batch of {row['images']} at {row['steps_timed']} AR steps, {row['diffloss_timed']} "
                       f"DiffLoss steps: transformer {parts['transformer']:.3g} s, DiffLoss head {parts['head']:.3g} s, "
                       f"rest {parts['rest']:.3g} s; at the preset's {p['steps']} AR steps and {MAR_DIFFLOSS_STEPS} "
-                      f"DiffLoss steps: transformer x{p['steps'] / row['steps_timed']:.3g}, head "
-                      f"x{MAR_DIFFLOSS_STEPS / row['diffloss_timed']:.3g}, rest x"
-                      f"{p['steps'] / row['steps_timed'] * MAR_DIFFLOSS_STEPS / row['diffloss_timed']:.3g}")
+                      f"DiffLoss steps: transformer x{p['steps'] / row['steps_timed']:.3g}, rest x"
+                      f"{p['steps'] / row['steps_timed'] * MAR_DIFFLOSS_STEPS / row['diffloss_timed']:.3g}, head "
+                      + (f"{row['head_round'][1]:.3g} s per AR step timed at the preset's shape x {p['steps']}"
+                         if (row.get("head_round") or (None,))[0] == p["steps"]
+                         else f"x{MAR_DIFFLOSS_STEPS / row['diffloss_timed']:.3g}"))
     else:
         timed_text = (f"a batch of {row['images']} at {row['steps_timed']} sampler steps: {parts['transformer']:.3g} "
                       f"s, x{p['steps'] / row['steps_timed']:.3g} for the preset's {p['steps']} steps")
     return (f"{name} projection inputs: {timed_text} -> {p['batch_seconds']:.3g} s per batch; {p['samples']} pool "
             f"samples: {p['sample_s'] / 3600:.3g} h; {p['clo_its']} CLO latent-iterations at {row['clo_batch']:.3g}/s: "
             f"{p['clo_s'] / 3600:.3g} h")
+
+
+def mar_head_round_seconds(handle, images: int, steps: int, device: torch.device) -> float:
+    """Seconds of one AR step's DiffLoss head calls when sampling ``images`` at ``steps`` AR steps:
+    ``diffloss_steps`` calls on the tokens one step denoises (``seq_len / steps`` per image, doubled under
+    guidance), under the sampler's autocast; random inputs, as the head's cost does not depend on their values."""
+    from cao2core.generators import precision
+    model, cfg = handle.model, handle.model.cfg
+    rows = images * math.ceil(cfg.seq_len / steps) * (2 if handle.guidance != 1.0 else 1)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, cfg.token_dim, generator=g).to(device)
+    z = torch.randn(rows, cfg.decoder_embed_dim, generator=g).to(device)
+    times = torch.linspace(999, 0, handle.diffloss_steps).long().to(device)
+    amp = precision.autocast(device, handle.autocast if device.type == "cuda" else None)
+
+    @torch.no_grad()
+    def one_round():
+        with amp:
+            for t in times:
+                model.head(x, t.expand(rows), z)
+    one_round()                                                         # warm-up (and compilation) at this shape
+    return timed(one_round, device)[0]
 
 
 def mar_sampling_shares(model, run, device: torch.device) -> dict:
@@ -264,8 +297,11 @@ def bench(name: str, args, device: torch.device, scratch: Path) -> dict:
         sample(idx)                                                     # compiles at this batch size
     t_sample_batch, z0 = timed(lambda: sample(idx), device)
     is_mar = hasattr(handle, "diffloss_steps")
+    head_round = None
     if is_mar:
         shares = mar_sampling_shares(model, lambda: sample(idx), device)
+        preset_steps = IN1K_WORK["mar"][1]
+        head_round = (preset_steps, mar_head_round_seconds(handle, n, preset_steps, device))
     else:
         shares = {"transformer": 1.0, "head": 0.0, "rest": 0.0}
     sample_parts = {key: share * t_sample_batch for key, share in shares.items()}
@@ -293,7 +329,7 @@ def bench(name: str, args, device: torch.device, scratch: Path) -> dict:
     achieved = flops_iter * args.iters / t_clo_batch
     return {"model": name, "params": sum(p.numel() for p in model.parameters()), "images": n,
             "sample_one": n / t_sample_one, "sample_batch": n / t_sample_batch, "sample_parts": sample_parts,
-            "steps_timed": args.sample_steps, "head_timed": is_mar,
+            "steps_timed": args.sample_steps, "head_timed": is_mar, "head_round": head_round,
             "diffloss_timed": handle.diffloss_steps if is_mar else 1,
             "clo_one": n * args.iters / t_clo_one, "clo_batch": n * args.iters / t_clo_batch,
             "tflops": achieved / 1e12, "peak_share": achieved / peak if peak else None}

@@ -159,7 +159,7 @@ def _from_pretrained(cls, source: str, component: str, dtype: torch.dtype = torc
             raise UserError(f"{source} has no diffusion_pytorch_model.safetensors (nor .bin): the weights of "
                             "this diffusers folder are missing; copy them in or point to the complete folder")
         weights.require_floating_files(folder)
-        return cls.from_pretrained(folder, **kw)
+        return cls.from_pretrained(str(folder), **kw)   # a str: the config records it for the manifest
 
 
 @contextmanager

@@ -70,3 +70,11 @@ def test_the_scratch_folder_is_removed_after_ctrl_c(throughput, monkeypatch, tmp
         throughput.main()
     assert seen and seen[0].parent == tmp_path and not seen[0].exists()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_head_timed_at_the_presets_shape_replaces_its_scaled_time(throughput):
+    # small calls are bound by their number: one AR step's head calls at 32 AR steps, x 32
+    row = {**mar_row(transformer=1.0, head=10.0, rest=0.0, steps=4), "head_round": (32, 0.75)}
+    assert throughput.sampling_seconds(row, 32, 100) == pytest.approx(1.0 * 8 + 0.75 * 32)
+    assert throughput.sampling_seconds(row, 8, 100) == pytest.approx(1.0 * 2 + 10.0)    # not timed at 8 steps
+    assert "per AR step timed at the preset's shape x 32" in throughput.describe_projection("mar-b", row)
