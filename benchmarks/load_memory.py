@@ -5,8 +5,10 @@ default, about 520 MB; ``--size xl``: DiT-XL/2's 2.7 GB), each way in a fresh pr
   (``load_state_dict(assign=True)``), one copy of the weights;
 * ``copied``: the loader before: the file read whole, then copied into a randomly initialised model.
 
-Peak RSS (``getrusage``'s ``ru_maxrss``) after the model is loaded and every parameter read once (as a first
-forward pass would), minus the process's RSS after its imports.
+Peak RSS after the model is loaded and every parameter read once (as a first forward pass would), minus the
+peak after the imports: the process's own high-water mark, ``VmHWM`` of ``/proc/self/status`` (Linux).
+``getrusage``'s ``ru_maxrss`` would not do: a child keeps the high-water mark of the parent it was forked from
+across ``exec``, here the parent that built the checkpoint.
 
     python benchmarks/load_memory.py [--size b|xl]
 """
@@ -14,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -25,7 +26,10 @@ SIZES = {"b": dict(num_layers=12, num_attention_heads=12, attention_head_dim=64)
 
 
 def peak_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024      # Linux: KiB
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024      # kB
+    raise SystemExit("no VmHWM in /proc/self/status: this measurement needs Linux")
 
 
 def child(path: str, mode: str) -> None:

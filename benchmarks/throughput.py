@@ -166,10 +166,16 @@ def sampling_seconds(row: dict, steps: int, diffloss_steps: int) -> float:
     k = steps / row["steps_timed"]
     d = diffloss_steps / row["diffloss_timed"]
     head = parts["head"] * d
-    at_steps, round_seconds = row.get("head_round") or (None, None)
-    if at_steps == steps:   # the head's calls timed at this step count's shape: one AR step's worth, x the steps
-        head = round_seconds * steps * d
+    if head_round_applies(row, steps):    # the head's calls timed at this step count's shape: one AR step's worth
+        head = row["head_round"][1] * steps * d
     return parts["transformer"] * k + head + parts["rest"] * k * d
+
+
+def head_round_applies(row: dict, steps: int) -> bool:
+    """Whether the head's part at ``steps`` AR steps comes from its calls timed at that shape: only where the
+    sample itself was timed at other steps (at the same steps the sample's own head time is the measure)."""
+    at_steps = (row.get("head_round") or (None,))[0]
+    return at_steps == steps != row["steps_timed"]
 
 
 def in1k_projection(name: str, row: dict) -> dict:
@@ -200,7 +206,7 @@ def describe_projection(name: str, row: dict) -> str:
                       f"DiffLoss steps: transformer x{p['steps'] / row['steps_timed']:.3g}, rest x"
                       f"{p['steps'] / row['steps_timed'] * MAR_DIFFLOSS_STEPS / row['diffloss_timed']:.3g}, head "
                       + (f"{row['head_round'][1]:.3g} s per AR step timed at the preset's shape x {p['steps']}"
-                         if (row.get("head_round") or (None,))[0] == p["steps"]
+                         if head_round_applies(row, p["steps"])
                          else f"x{MAR_DIFFLOSS_STEPS / row['diffloss_timed']:.3g}"))
     else:
         timed_text = (f"a batch of {row['images']} at {row['steps_timed']} sampler steps: {parts['transformer']:.3g} "

@@ -78,3 +78,5 @@ def test_the_head_timed_at_the_presets_shape_replaces_its_scaled_time(throughput
     assert throughput.sampling_seconds(row, 32, 100) == pytest.approx(1.0 * 8 + 0.75 * 32)
     assert throughput.sampling_seconds(row, 8, 100) == pytest.approx(1.0 * 2 + 10.0)    # not timed at 8 steps
     assert "per AR step timed at the preset's shape x 32" in throughput.describe_projection("mar-b", row)
+    timed_at_32 = {**row, "steps_timed": 32}        # the sample itself at 32 steps: its own head time counts
+    assert throughput.sampling_seconds(timed_at_32, 32, 100) == pytest.approx(1.0 + 10.0)
