@@ -6,7 +6,22 @@ fresh Adam per image, generator weights left trainable, fp32), measured in the s
 plus the share of the device's peak dense bf16 matrix rate the batched CLO reaches (model FLOPs from torch's
 FLOP counter / time / peak), the speedups (``<model> clo speedup: X``) and, last, the time ImageNet-1K IPC 10
 would take at the batched rates (the preset's pool and sampler steps, 100 CLO iterations; scoring and decoding
-left out). Model sizes matter here; with the small CPU presets the projection is only arithmetic.
+left out), printed with the model behind it and its inputs. Model sizes matter here; with the small CPU presets
+the projection is only arithmetic.
+
+The projection scales each part of sampling by its own count. DiT and SiT run the transformer once per sampler
+step, so their time scales with the preset's steps / the steps timed. MAR does not: its transformer runs once
+per AR step, but its DiffLoss head denoises every token for ``diffloss_steps`` steps whatever the AR step count
+(the AR steps only split the tokens into groups). The batched MAR sample is run once more with the transformer
+and the head timed apart; the transformer's share scales with the AR steps, the head's with the DiffLoss steps,
+and the rest (noise draws and the diffusion update, one round per AR step and DiffLoss step) with both. The
+head's time is FLOP-bound only while its calls are large: fewer tokens per call (more AR steps, small batches,
+small models) leave it bound by the number of calls (AR steps x DiffLoss steps). So its part of the projection
+comes from one AR step's worth of head calls timed at the preset's AR steps (the batch x the tokens one of its
+steps denoises, ``diffloss_steps`` calls), times the preset's AR steps.
+
+The random-weight MAR is written to a temporary folder to be loaded through the plugin (about 1.1 GB for
+MAR-B); the folder is removed when the script ends, also on an error or Ctrl-C.
 
 ``--precision`` of the batched runs: ``autocast`` (GPU default): fp32 weights, the generator's forward under
 bf16 autocast, fp32 latents and Adam state; ``weights``: bf16 weights (``--dtype bf16``; MAR casts no weights
@@ -26,7 +41,9 @@ ImageNet-1K projection scales the timed steps to the in1k-sit preset's 250.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
+import tempfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -57,7 +74,7 @@ PRECISION_TEXT = {"autocast": "fp32 weights and latents, bf16 autocast forward/b
 PRECISIONS = tuple(PRECISION_TEXT)
 
 
-def build_dit(name: str, device: torch.device, precision: str, steps: int):
+def build_dit(name: str, device: torch.device, precision: str, steps: int, scratch: Path):
     from diffusers import DiTTransformer2DModel
 
     import cao2_dit
@@ -79,10 +96,9 @@ MAR_SIZES = {"mar-b": ("mar_base", {}),
                                          diffloss_w=256))}
 
 
-def build_mar(name: str, device: torch.device, precision: str, steps: int):
-    """A random-weight MAR world written to a temporary folder and loaded through the plugin."""
+def build_mar(name: str, device: torch.device, precision: str, steps: int, scratch: Path):
+    """A random-weight MAR world written to a folder in ``scratch`` and loaded through the plugin."""
     import json
-    import tempfile
     from dataclasses import replace as dc_replace
 
     from safetensors.torch import save_file
@@ -95,12 +111,13 @@ def build_mar(name: str, device: torch.device, precision: str, steps: int):
     torch.manual_seed(0)
     model = MAR(cfg)
     model.init_weights()
-    folder = Path(tempfile.mkdtemp(prefix="cao2-bench-"))
+    folder = scratch / name
+    folder.mkdir()
     save_file(model.state_dict(), str(folder / "mar.safetensors"))
     save_file(AutoencoderKL(vcfg).state_dict(), str(folder / "vae.safetensors"))
     (folder / "cao2.json").write_text(json.dumps({"label_space": "in1k", "mar": cfg.to_dict(), "vae": vcfg.to_dict(),
                                                   "guidance": 2.9, "cfg_schedule": "linear", "sample_steps": steps,
-                                                  "diffloss_steps": 100, "temperature": 1.0}))
+                                                  "diffloss_steps": MAR_DIFFLOSS_STEPS, "temperature": 1.0}))
     gen = Host().generator("mar")
     precision_opts = {"autocast": {"autocast": "bf16"}, "weights": {"dtype": "bf16"}, "fp32": {"autocast": "none"}}
     handle = gen.load(options={"model": str(folder), **precision_opts[precision]}, device=device)
@@ -112,7 +129,7 @@ SIT_SIZES = {"sit-xl": dict(depth=28, hidden_size=1152, num_heads=16),
              "sit-s": dict(depth=12, hidden_size=384, num_heads=6)}
 
 
-def build_sit(name: str, device: torch.device, precision: str, steps: int):
+def build_sit(name: str, device: torch.device, precision: str, steps: int, scratch: Path):
     """A random-weight SiT handle with the in1k-sit preset's sampler (SDE, CFG 1.5 on 3 channels)."""
     import cao2_sit
     from cao2_sit import paths, sampling
@@ -134,18 +151,120 @@ def build_sit(name: str, device: torch.device, precision: str, steps: int):
 
 BUILDERS = {**{k: build_dit for k in DIT_SIZES}, **{k: build_mar for k in MAR_SIZES},
             **{k: build_sit for k in SIT_SIZES}}
-# ImageNet-1K IPC 10 as the presets run it: (pool factor, sampler steps) of in1k-dit, in1k-mar and in1k-sit
+# ImageNet-1K IPC 10 as the presets run it: (pool factor, sampler or AR steps) of in1k-dit, in1k-mar and in1k-sit
 IN1K_WORK = {"dit": (4, 50), "mar": (2, 32), "sit": (4, 250)}
+MAR_DIFFLOSS_STEPS = 100        # in1k-mar's DiffLoss steps (the mar plugin's default), also the ones timed
 IN1K_CLASSES, IN1K_IPC, IN1K_CLO_ITERS = 1000, 10, 100
 
 
-def in1k_hours(name: str, row: dict, steps_timed: int) -> float:
-    """Projected hours of ImageNet-1K IPC 10 on one device at the batched rates measured here (sampling scaled
-    from the steps timed to the preset's; classifier scoring and decoding left out)."""
+def sampling_seconds(row: dict, steps: int, diffloss_steps: int) -> float:
+    """Seconds to sample one batch of ``row["images"]`` with ``steps`` sampler (DiT, SiT) or AR (MAR) steps and
+    MAR's ``diffloss_steps``, from the parts of the batch timed (``row["sample_parts"]``, seconds) at
+    ``row["steps_timed"]`` and ``row["diffloss_timed"]``: the transformer's by the step ratio, the DiffLoss head's by
+    the DiffLoss step ratio (it denoises every token whatever the AR steps), the rest by both."""
+    parts = row["sample_parts"]
+    k = steps / row["steps_timed"]
+    d = diffloss_steps / row["diffloss_timed"]
+    head = parts["head"] * d
+    if head_round_applies(row, steps):    # the head's calls timed at this step count's shape: one AR step's worth
+        head = row["head_round"][1] * steps * d
+    return parts["transformer"] * k + head + parts["rest"] * k * d
+
+
+def head_round_applies(row: dict, steps: int) -> bool:
+    """Whether the head's part at ``steps`` AR steps comes from its calls timed at that shape: only where the
+    sample itself was timed at other steps (at the same steps the sample's own head time is the measure)."""
+    at_steps = (row.get("head_round") or (None,))[0]
+    return at_steps == steps != row["steps_timed"]
+
+
+def in1k_projection(name: str, row: dict) -> dict:
+    """ImageNet-1K IPC 10 on one device at the batched rates measured here: the pool sampled with the preset's
+    steps, 100 CLO iterations per image (classifier scoring and decoding left out). Seconds by stage, and the
+    counts behind them."""
     pool_factor, steps = IN1K_WORK[name.split("-")[0]]
     samples = IN1K_CLASSES * IN1K_IPC * pool_factor
     clo_its = IN1K_CLASSES * IN1K_IPC * IN1K_CLO_ITERS
-    return (samples / row["sample_batch"] * steps / steps_timed + clo_its / row["clo_batch"]) / 3600
+    batch = sampling_seconds(row, steps, MAR_DIFFLOSS_STEPS if row["head_timed"] else row["diffloss_timed"])
+    return {"samples": samples, "steps": steps, "batch_seconds": batch, "sample_s": samples / row["images"] * batch,
+            "clo_its": clo_its, "clo_s": clo_its / row["clo_batch"]}
+
+
+def in1k_hours(name: str, row: dict) -> float:
+    p = in1k_projection(name, row)
+    return (p["sample_s"] + p["clo_s"]) / 3600
+
+
+def describe_projection(name: str, row: dict) -> str:
+    """The projection's model and inputs, in words."""
+    p = in1k_projection(name, row)
+    parts = row["sample_parts"]
+    if row["head_timed"]:
+        timed_text = (f"a batch of {row['images']} at {row['steps_timed']} AR steps, {row['diffloss_timed']} "
+                      f"DiffLoss steps: transformer {parts['transformer']:.3g} s, DiffLoss head {parts['head']:.3g} s, "
+                      f"rest {parts['rest']:.3g} s; at the preset's {p['steps']} AR steps and {MAR_DIFFLOSS_STEPS} "
+                      f"DiffLoss steps: transformer x{p['steps'] / row['steps_timed']:.3g}, rest x"
+                      f"{p['steps'] / row['steps_timed'] * MAR_DIFFLOSS_STEPS / row['diffloss_timed']:.3g}, head "
+                      + (f"{row['head_round'][1]:.3g} s per AR step timed at the preset's shape x {p['steps']}"
+                         if head_round_applies(row, p["steps"])
+                         else f"x{MAR_DIFFLOSS_STEPS / row['diffloss_timed']:.3g}"))
+    else:
+        timed_text = (f"a batch of {row['images']} at {row['steps_timed']} sampler steps: {parts['transformer']:.3g} "
+                      f"s, x{p['steps'] / row['steps_timed']:.3g} for the preset's {p['steps']} steps")
+    return (f"{name} projection inputs: {timed_text} -> {p['batch_seconds']:.3g} s per batch; {p['samples']} pool "
+            f"samples: {p['sample_s'] / 3600:.3g} h; {p['clo_its']} CLO latent-iterations at {row['clo_batch']:.3g}/s: "
+            f"{p['clo_s'] / 3600:.3g} h")
+
+
+def mar_head_round_seconds(handle, images: int, steps: int, device: torch.device) -> float:
+    """Seconds of one AR step's DiffLoss head calls when sampling ``images`` at ``steps`` AR steps:
+    ``diffloss_steps`` calls on the tokens one step denoises (``seq_len / steps`` per image, doubled under
+    guidance), under the sampler's autocast; random inputs, as the head's cost does not depend on their values."""
+    from cao2core.generators import precision
+    model, cfg = handle.model, handle.model.cfg
+    rows = images * math.ceil(cfg.seq_len / steps) * (2 if handle.guidance != 1.0 else 1)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, cfg.token_dim, generator=g).to(device)
+    z = torch.randn(rows, cfg.decoder_embed_dim, generator=g).to(device)
+    times = torch.linspace(999, 0, handle.diffloss_steps).long().to(device)
+    amp = precision.autocast(device, handle.autocast if device.type == "cuda" else None)
+
+    @torch.no_grad()
+    def one_round():
+        with amp:
+            for t in times:
+                model.head(x, t.expand(rows), z)
+    one_round()                                                         # warm-up (and compilation) at this shape
+    return timed(one_round, device)[0]
+
+
+def mar_sampling_shares(model, run, device: torch.device) -> dict:
+    """The shares of one batched MAR sample (``run()``) spent in the transformer (``forward_mae``, once per AR
+    step), in the DiffLoss head (``head``) and elsewhere (noise draws, the diffusion update), from one run with
+    each call timed apart (the GPU synchronized around it: shares, applied to the clean time, not seconds)."""
+    spent = {"transformer": 0.0, "head": 0.0}
+
+    def clocked(fn, key):
+        def call(*args, **kwargs):
+            seconds, out = timed(lambda: fn(*args, **kwargs), device)
+            spent[key] += seconds
+            return out
+        return call
+
+    compiled_head = model.__dict__.get("head")          # compile_parts sets it on the instance
+    model.forward_mae = clocked(model.forward_mae, "transformer")
+    model.head = clocked(model.head, "head")
+    try:
+        total = timed(run, device)[0]
+    finally:
+        del model.forward_mae
+        if compiled_head is None:
+            del model.head
+        else:
+            model.head = compiled_head
+    shares = {key: seconds / total for key, seconds in spent.items()}
+    shares["rest"] = max(0.0, 1.0 - shares["transformer"] - shares["head"])
+    return shares
 
 
 def peak_bf16(device: torch.device) -> float | None:
@@ -164,8 +283,8 @@ def set_compiled(handle, mode: str) -> None:
     handle.compile_mode = mode
 
 
-def bench(name: str, args, device: torch.device) -> dict:
-    gen, handle, model = BUILDERS[name](name, device, args.precision, args.sample_steps)
+def bench(name: str, args, device: torch.device, scratch: Path) -> dict:
+    gen, handle, model = BUILDERS[name](name, device, args.precision, args.sample_steps, scratch)
     spec = gen.latent_spec(handle=handle)
     label, n = 1, args.images
     idx = list(range(n))
@@ -183,6 +302,15 @@ def bench(name: str, args, device: torch.device) -> dict:
         set_compiled(handle, args.compile)
         sample(idx)                                                     # compiles at this batch size
     t_sample_batch, z0 = timed(lambda: sample(idx), device)
+    is_mar = hasattr(handle, "diffloss_steps")
+    head_round = None
+    if is_mar:
+        shares = mar_sampling_shares(model, lambda: sample(idx), device)
+        preset_steps = IN1K_WORK["mar"][1]
+        head_round = (preset_steps, mar_head_round_seconds(handle, n, preset_steps, device))
+    else:
+        shares = {"transformer": 1.0, "head": 0.0, "rest": 0.0}
+    sample_parts = {key: share * t_sample_batch for key, share in shares.items()}
 
     def ours(iters=args.iters):
         s = replace(settings, iters=iters)
@@ -206,7 +334,9 @@ def bench(name: str, args, device: torch.device) -> dict:
     peak = peak_bf16(device)
     achieved = flops_iter * args.iters / t_clo_batch
     return {"model": name, "params": sum(p.numel() for p in model.parameters()), "images": n,
-            "sample_one": n / t_sample_one, "sample_batch": n / t_sample_batch,
+            "sample_one": n / t_sample_one, "sample_batch": n / t_sample_batch, "sample_parts": sample_parts,
+            "steps_timed": args.sample_steps, "head_timed": is_mar, "head_round": head_round,
+            "diffloss_timed": handle.diffloss_steps if is_mar else 1,
             "clo_one": n * args.iters / t_clo_one, "clo_batch": n * args.iters / t_clo_batch,
             "tflops": achieved / 1e12, "peak_share": achieved / peak if peak else None}
 
@@ -237,7 +367,9 @@ def main() -> None:
     print(f"device: {name}; {args.images} images per batch, {args.iters} CLO iterations, "
           f"{args.sample_steps} sampler steps; precision {args.precision} ({PRECISION_TEXT[args.precision]}); "
           f"torch.compile {args.compile}")
-    rows = [bench(m, args, device) for m in args.models]
+    # the random-weight MAR's files (1.1 GB for MAR-B) live here; removed on any exit, Ctrl-C included
+    with tempfile.TemporaryDirectory(prefix="cao2-bench-") as scratch:
+        rows = [bench(m, args, device, Path(scratch)) for m in args.models]
     print()
     print("| model | params | pool samples/s one-at-a-time | batched | CLO latent-it/s one-at-a-time | batched | "
           "CLO TFLOP/s | share of bf16 peak |")
@@ -251,7 +383,9 @@ def main() -> None:
         print(f"{r['model']} sample speedup: {r['sample_batch'] / r['sample_one']:.2f}")
         print(f"{r['model']} clo speedup: {r['clo_batch'] / r['clo_one']:.2f}")
     for r in rows:
-        hours = in1k_hours(r["model"], r, args.sample_steps)
+        print(describe_projection(r["model"], r))
+    for r in rows:
+        hours = in1k_hours(r["model"], r)
         print(f"{r['model']} projected ImageNet-1K IPC 10 (preset pool and steps, 100 CLO iterations) on this "
               f"device: {hours:.3g} h ({hours / 8:.3g} h on 8)")
 

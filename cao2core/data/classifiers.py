@@ -231,14 +231,42 @@ def _load_timm(name: str) -> Classifier:
     if name.split(".")[0] not in timm.list_models():
         raise UserError(f"classifier {name!r} is neither a file nor a timm model name; "
                         "give a timm name (e.g. resnet18.tv_in1k) or a checkpoint path")
+    overlay = {"file": str(f)} if (f := _hub_weights(name)) is not None else None
     try:
-        model = timm.create_model(name, pretrained=True)
+        model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay)
     except Exception as exc:  # hub unreachable, unknown tag, ...
         raise UserError(f"cannot load timm classifier {name!r} ({type(exc).__name__}: {exc}); "
                         "check the name and network access, or pass a local checkpoint") from None
     subset = timm.data.infer_imagenet_subset(model)
     classes = timm.data.ImageNetInfo(subset).label_names() if subset == "imagenet-1k" else None
     return Classifier(model, classes, name)
+
+
+def _hub_weights(name: str) -> Path | None:
+    """The local file of a timm model's hub weights, from the hub cache before any network call (timm's own
+    download asks the hub first and, offline, waits about a minute before using the cache); None for a model
+    whose weights are not on the hub (timm fetches those from their URL itself). Not cached and not
+    downloadable now (HF_HUB_OFFLINE, hub unreachable) is one UserError at once."""
+    try:
+        cfg = timm.models.get_pretrained_cfg(name)
+    except RuntimeError as exc:      # an unknown pretrained tag
+        raise UserError(f"classifier {name!r}: {exc}; give a timm name with a published tag "
+                        "(e.g. resnet18.tv_in1k) or a checkpoint path") from None
+    repo = getattr(cfg, "hf_hub_id", None)
+    if not repo:
+        return None
+    repo, _, revision = repo.partition("@")
+    if revision:    # a pinned revision: timm resolves it itself
+        return None
+    files = [cfg.hf_hub_filename] if getattr(cfg, "hf_hub_filename", None) else ["model.safetensors",
+                                                                                "pytorch_model.bin"]
+    try:
+        return weights.hub_files(repo, [(f,) for f in files])[0]
+    except weights.HubMiss as why:
+        raise UserError(weights.hub_miss_message(
+            f"the weights of classifier {name}:", repo, why,
+            "pass --classifier with a local checkpoint (a .safetensors or .pt state dict, with --classifier-arch "
+            "and --classifier-classes unless its metadata names them), or set HF_HOME to a cache that holds it")) from None
 
 
 def _load_local(path: Path, arch: str | None) -> Classifier:
@@ -251,7 +279,7 @@ def _load_local(path: Path, arch: str | None) -> Classifier:
                 meta = f.metadata() or {}
             state = load_file(str(path))
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = weights.torch_load(path)
             state = state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else state
     except Exception as exc:
         raise UserError(f"cannot read classifier checkpoint {path}: {weights.load_error(exc)}") from None
@@ -269,7 +297,7 @@ def _load_local(path: Path, arch: str | None) -> Classifier:
     # after the model exists: what it declares as integer buffers (BatchNorm's counters) is no quantized weight
     weights.require_floating(state, path, model)
     try:
-        model.load_state_dict(state, strict=True)
+        weights.load_into(model, state)     # a memory-mapped checkpoint's tensors become the parameters
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[0]
         raise UserError(f"classifier checkpoint {path} does not fit architecture {arch}: {first}") from None

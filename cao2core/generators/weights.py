@@ -1,14 +1,23 @@
-"""Checkpoint files for generator plugins and the classifier loader: their sha256 (cached) and their dtypes.
+"""Checkpoint files for generator plugins and the classifier loader: their sha256 (cached), their dtypes, reading
+them with one copy in memory, and finding hub models in the local Hugging Face cache before asking the network.
 
 A run's identity holds the sha256 of every weight file it used, so a rerun hashes them again; the digest is
 cached by (path, size, modification time) under the user's cache folder, so gigabytes are read once.
+
+Torch checkpoints are memory-mapped (``torch.load(mmap=True)``) and their tensors become the model's parameters
+(``load_into``: ``load_state_dict(assign=True)``), so a process holds one copy of the weights instead of the
+loaded file plus the model; on a GPU the copy to the device releases the mapping. On a CPU the parameters stay
+mapped from the file (private, copy-on-write): replacing the file (a new file renamed over it, or deleted) leaves
+the loaded model as it was, but rewriting it in place while a run is going changes or breaks the mapped weights.
 """
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import hashlib
 import json
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -16,6 +25,9 @@ import torch
 from ..errors import UserError
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+# seconds the hub gets to answer whether a repo exists before it counts as unreachable: huggingface_hub's own
+# defaults (10 s per request, retried) add up to a minute of silence when the network is down
+HUB_PROBE_TIMEOUT_S = 4.0
 
 
 def cache_file() -> Path:
@@ -162,7 +174,7 @@ def read_state_dict(path: Path, what: str = "") -> dict:
             from safetensors.torch import load_file
             state = load_file(str(path))
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = torch_load(path)
     except Exception as exc:
         raise UserError(f"cannot read checkpoint {path}: {load_error(exc)}") from None
     if isinstance(state, dict) and isinstance(state.get("ema"), dict):
@@ -171,3 +183,125 @@ def read_state_dict(path: Path, what: str = "") -> dict:
         raise UserError(f"{path} is not a state dict of tensors" + (f" ({what})" if what else ""))
     require_floating(state, path)
     return state
+
+
+def torch_load(path, safe_globals: Sequence = ()):
+    """``torch.load`` with ``weights_only`` (no pickle code runs) and ``mmap``: the tensors stay in the file's pages
+    until used, so loading does not hold a second copy of a large checkpoint. A file in torch's legacy (pre-1.6,
+    non-zip) format cannot be mapped and is read whole."""
+    with torch.serialization.safe_globals(list(safe_globals)):
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_into(module: torch.nn.Module, state: dict) -> None:
+    """``module.load_state_dict(state, strict=True)`` with the state's tensors becoming the parameters
+    (``assign=True``) instead of being copied into them, so a memory-mapped checkpoint is not held twice. A
+    floating tensor is first cast to the dtype of the entry it replaces, as the copying load would (assign alone
+    would give an fp16 file's model fp16 parameters); raises what ``load_state_dict`` raises."""
+    own = module.state_dict()
+    state = {k: v.to(own[k].dtype) if k in own and v.is_floating_point() and own[k].is_floating_point()
+             and v.dtype != own[k].dtype else v for k, v in state.items()}
+    module.load_state_dict(state, strict=True, assign=True)
+
+
+class HubMiss(Exception):
+    """A hub model that is neither in the local cache nor obtainable now; ``str`` says why, in a few words."""
+
+
+def hub_offline() -> bool:
+    from huggingface_hub import constants
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def hub_cache_dir() -> str:
+    from huggingface_hub import constants
+    return str(constants.HF_HUB_CACHE)
+
+
+def hub_files(repo: str, choices: Sequence[Sequence[str]]) -> list[Path]:
+    """Local paths of one choice of files of hub model ``repo`` (the first choice whose files are all there):
+    from the hub cache when it holds them, with no network call; else, when the hub answers a metadata request
+    within ``HUB_PROBE_TIMEOUT_S``, downloaded into the cache. ``HubMiss`` when neither (offline, unreachable,
+    unknown repo, none of the choices in it)."""
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+    cache = hub_cache_dir()
+    _require_repo_id(repo)
+    for files in choices:
+        found = [try_to_load_from_cache(repo, f, cache_dir=cache) for f in files]
+        if all(isinstance(p, str) for p in found):
+            return [Path(p) for p in found]
+    listed = hub_listing(repo)
+    for files in choices:
+        if all(f in listed for f in files):
+            try:
+                return [Path(hf_hub_download(repo, f, cache_dir=cache)) for f in files]
+            except Exception as exc:    # the connection dropped mid-way, the disk is full, ...
+                raise HubMiss(f"downloading {files[-1]} failed ({type(exc).__name__}: {_one_line(exc)})") from None
+    raise HubMiss(f"the hub repo has none of {' / '.join(' + '.join(files) for files in choices)}")
+
+
+def hub_snapshot(repo: str, patterns: Sequence[str], complete: Callable[[Path], bool]) -> Path:
+    """The local snapshot folder of hub model ``repo`` with the files matching ``patterns``: the cached snapshot
+    when ``complete`` says it holds what loading needs (no network call), else downloaded after the hub answered
+    a metadata request within ``HUB_PROBE_TIMEOUT_S``; ``HubMiss`` when neither."""
+    from huggingface_hub import snapshot_download
+    cache = hub_cache_dir()
+    _require_repo_id(repo)
+    try:
+        local = Path(snapshot_download(repo, allow_patterns=list(patterns), cache_dir=cache, local_files_only=True))
+        if complete(local):
+            return local
+    except Exception:       # not cached (huggingface_hub's LocalEntryNotFoundError and kin)
+        pass
+    hub_listing(repo)
+    try:
+        return Path(snapshot_download(repo, allow_patterns=list(patterns), cache_dir=cache))
+    except Exception as exc:
+        raise HubMiss(f"downloading it failed ({type(exc).__name__}: {_one_line(exc)})") from None
+
+
+def hub_listing(repo: str) -> set[str]:
+    """The files of hub model ``repo``, asked with a short timeout; ``HubMiss`` saying why there is no answer."""
+    if hub_offline():
+        raise HubMiss("HF_HUB_OFFLINE is set")
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+    try:
+        info = HfApi().model_info(repo, timeout=HUB_PROBE_TIMEOUT_S)
+    except RepositoryNotFoundError:
+        raise HubMiss("the hub has no such model, or it is private or gated (log in with `hf auth login`)") from None
+    except HfHubHTTPError as exc:
+        raise HubMiss(f"the hub refused the request ({_one_line(exc)[:120]})") from None
+    except Exception as exc:        # DNS, refused connection, timeout: the transport's own error types
+        raise HubMiss(f"the hub is unreachable within {HUB_PROBE_TIMEOUT_S:g} s ({type(exc).__name__}: "
+                      f"{_one_line(exc)[:120]})") from None
+    return {s.rfilename for s in info.siblings or []}
+
+
+def hub_miss_message(what: str, repo: str, why: HubMiss, fix: str) -> str:
+    """The one line for a hub model that could not be had: which, that it is not cached, why, and the fix."""
+    return (f"{what} {repo} is not in the Hugging Face cache ({hub_cache_dir()}) and cannot be downloaded now: "
+            f"{why}; {fix}")
+
+
+def matches_any(folder: Path, patterns: Sequence[str]) -> bool:
+    """Whether some file under ``folder`` (its path relative to it) matches one of the glob ``patterns``."""
+    names = [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()]
+    return any(fnmatch.fnmatch(n, pat) for pat in patterns for n in names)
+
+
+def _require_repo_id(repo: str) -> None:
+    from huggingface_hub.utils import validate_repo_id
+    try:
+        validate_repo_id(repo)
+    except Exception:
+        raise HubMiss("it is neither a local path nor a hub model id (owner/name)") from None
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:240]

@@ -117,7 +117,8 @@ def cao2_load(options: dict, device: torch.device) -> DiTHandle:
     heads = options.get("num_heads")
     if heads is not None and not str(heads).isdigit():
         raise UserError(f"--gen-opt num_heads={heads}: give a whole number of attention heads (DiT-XL/2: 16)")
-    transformer = loading.load_transformer(t_src, int(heads) if heads else None)
+    dtype = precision.weights_dtype(options.get("dtype"))
+    transformer = loading.load_transformer(t_src, int(heads) if heads else None, dtype)
     freqs = options.get("timestep_freqs") or defaults.get("timestep_freqs", "dit")
     loading.set_timestep_freqs(transformer, freqs)
     cfg_channels = _cfg_channels(options.get("cfg_channels"), profile, transformer.config.in_channels)
@@ -125,11 +126,8 @@ def cao2_load(options: dict, device: torch.device) -> DiTHandle:
     if vae.config.latent_channels != transformer.config.in_channels:
         raise UserError(f"VAE {v_src} has {vae.config.latent_channels} latent channels but the DiT expects "
                         f"{transformer.config.in_channels}; pass the VAE this DiT was trained with")
-    dtype = precision.weights_dtype(options.get("dtype"))
-    for m in (transformer, vae):
+    for m in (transformer, vae):   # the VAE stays fp32: decoding in half precision visibly degrades images
         m.eval().requires_grad_(False).to(device)
-    if dtype != torch.float32:
-        transformer.to(dtype)     # the VAE stays fp32: decoding in half precision visibly degrades images
     n = transformer.config.num_embeds_ada_norm
     guidance = options.get("guidance")
     compiled = compiling.compiled(transformer, compile_mode) if compile_mode != "none" else None

@@ -96,7 +96,10 @@ def resolve(model: str | None, vae: str | None, dataset: str | None) -> tuple[st
     return model, vae or model, defaults    # a hub id; its VAE lives in the same repo unless --vae says otherwise
 
 
-def load_transformer(source: str, num_heads: int | None = None) -> DiTTransformer2DModel:
+def load_transformer(source: str, num_heads: int | None = None,
+                     dtype: torch.dtype = torch.float32) -> DiTTransformer2DModel:
+    """The transformer in ``dtype``: built in it rather than cast afterwards, since diffusers' ``ModelMixin.to``
+    logs a warning on every dtype cast ("modules that should be kept in float32: []", even when it has none)."""
     path = Path(source)
     if path.is_file():
         state = weights.read_state_dict(path)
@@ -105,14 +108,16 @@ def load_transformer(source: str, num_heads: int | None = None) -> DiTTransforme
                             "(no x_embedder / y_embedder entries); is it the right file?")
         converted, pos_embed = convert.convert_original(state)
         model = DiTTransformer2DModel(**convert.infer_config(state, num_heads))
-        _load_strict(model, converted, path)
         expected = model.pos_embed.pos_embed
         if pos_embed.shape != expected.shape or not torch.allclose(pos_embed.float(), expected.float(), atol=1e-3):
             raise UserError(f"{path}: its pos_embed differs from the standard 2-D sin-cos embedding; "
                             "this is not a standard DiT checkpoint")
+        if dtype != torch.float32:      # torch.nn.Module.to: the cast without diffusers' spurious warning
+            torch.nn.Module.to(model, dtype)
+        _load_strict(model, converted, path)
         return model
     try:
-        model, info = _from_pretrained(DiTTransformer2DModel, source, "transformer")
+        model, info = _from_pretrained(DiTTransformer2DModel, source, "transformer", dtype)
     except UserError:
         raise
     except Exception as exc:
@@ -149,21 +154,37 @@ def sha256_of(source: str, component: str) -> str | None:
     return None
 
 
-def _from_pretrained(cls, source: str, component: str):
-    """(model, loading info) from a local component folder, or from a hub repo's ``component`` subfolder or, failing
-    that, its root (``stabilityai/sd-vae-ft-mse`` is a VAE on its own)."""
-    kw = dict(output_loading_info=True, low_cpu_mem_usage=False)
+# what a hub id names and the flag giving the same model from a local folder, by component
+HUB_FIXES = {"transformer": ("DiT transformer", "pass --model with a local DiT folder in the diffusers layout (a "
+                             "DiTPipeline folder, or transformer/ with config.json and its weights) or an original "
+                             "DiT-XL-2-256x256.pt checkpoint"),
+             "vae": ("VAE", "pass --vae with a local AutoencoderKL folder (config.json and "
+                            "diffusion_pytorch_model.safetensors)")}
+
+
+def hub_folder(repo: str, component: str) -> Path:
+    """The local folder of hub repo ``repo``'s ``component`` (its subfolder, or the repo root:
+    ``stabilityai/sd-vae-ft-mse`` is a VAE on its own), from the hub cache before any network call; not cached
+    and not downloadable now (offline, unreachable) is one UserError at once."""
+    choices = [(f"{prefix}config.json", f"{prefix}diffusion_pytorch_model.{ext}")
+               for prefix in (f"{component}/", "") for ext in ("safetensors", "bin")]
+    try:
+        return weights.hub_files(repo, choices)[0].parent
+    except weights.HubMiss as why:
+        what, fix = HUB_FIXES[component]
+        raise UserError(weights.hub_miss_message(what, repo, why, fix)) from None
+
+
+def _from_pretrained(cls, source: str, component: str, dtype: torch.dtype = torch.float32):
+    """(model in ``dtype``, loading info) from a local component folder or a hub repo's (``hub_folder``)."""
+    folder = Path(source) if Path(source).exists() else hub_folder(source, component)
+    kw = dict(output_loading_info=True, low_cpu_mem_usage=False, torch_dtype=dtype)
     with _quiet_diffusers():        # its multi-line logs of a failed attempt would bury the one-line error
-        if Path(source).exists():
-            if not any(Path(source).glob("diffusion_pytorch_model*")):
-                raise UserError(f"{source} has no diffusion_pytorch_model.safetensors (nor .bin): the weights of "
-                                "this diffusers folder are missing; copy them in or point to the complete folder")
-            weights.require_floating_files(source)
-            return cls.from_pretrained(source, **kw)
-        try:
-            return cls.from_pretrained(source, subfolder=component, **kw)
-        except OSError:
-            return cls.from_pretrained(source, **kw)
+        if not any(folder.glob("diffusion_pytorch_model*")):
+            raise UserError(f"{source} has no diffusion_pytorch_model.safetensors (nor .bin): the weights of "
+                            "this diffusers folder are missing; copy them in or point to the complete folder")
+        weights.require_floating_files(folder)
+        return cls.from_pretrained(str(folder), **kw)   # a str: the config records it for the manifest
 
 
 @contextmanager
@@ -179,7 +200,7 @@ def _quiet_diffusers():
 
 def _load_strict(model: torch.nn.Module, state: dict, source) -> None:
     try:
-        model.load_state_dict(state, strict=True)
+        weights.load_into(model, state)
     except RuntimeError as exc:
         detail = " ".join(str(exc).split())[:300]
         raise UserError(f"checkpoint {source} does not fit the DiT architecture it describes: {detail}") from None

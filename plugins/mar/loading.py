@@ -124,7 +124,7 @@ def build_mar(cfg: MARConfig, state: dict, source, preset_name: str, args=None) 
         raise UserError(f"MAR checkpoint {source} does not fit preset {preset_name} (DiffLoss {cfg.diffloss_d}x"
                         f"{cfg.diffloss_w}): {problem}{hint}; pick the matching --gen-opt preset=mar_base|mar_large|"
                         "mar_huge")
-    model.load_state_dict(state, strict=True)
+    weights.load_into(model, state)      # the (memory-mapped) checkpoint's tensors become the parameters
     return model
 
 
@@ -144,15 +144,14 @@ def build_vae(cfg: KLVAEConfig, state: dict, source, name: str) -> AutoencoderKL
         print(f"cao2: VAE checkpoint {source}: ignoring {len(extra)} entries outside the VAE "
               f"({', '.join(extra[:3])}{more})", file=sys.stderr)
         state = {k: v for k, v in state.items() if k in own}
-    vae.load_state_dict(state, strict=True)
+    weights.load_into(vae, state)
     return vae
 
 
 
 def _torch_load(path: Path, what: str):
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
+        return weights.torch_load(path, safe_globals=[argparse.Namespace])
     except Exception as exc:
         raise UserError(f"cannot read {what} {path}: {weights.load_error(exc)} (an argparse.Namespace of training "
                         "args is the one object admitted)") from None

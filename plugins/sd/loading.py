@@ -82,7 +82,8 @@ def resolve(model: str | None, variant: str | None = None) -> Path:
             raise UserError(f"--model {model}: no such folder; give a Stable Diffusion folder in the diffusers layout "
                             "(model_index.json, unet/, text_encoder/, tokenizer/, vae/, scheduler/) or a hub id")
         path = _from_hub(model, ["model_index.json", "scheduler/*.json", "tokenizer/*", "*/config.json",
-                                 *hub_patterns(variant)])
+                                 *hub_patterns(variant)], [["model_index.json"], *_part_patterns(variant)],
+                         "Stable Diffusion pipeline", "--model")
     if not (path / "model_index.json").is_file():
         raise UserError(f"--model {model}: {path} has no model_index.json; give a folder written by "
                         "StableDiffusionPipeline.save_pretrained (or a hub id of one)")
@@ -98,18 +99,27 @@ def resolve_vae(vae: str | None, pipeline: Path, variant: str | None = None) -> 
     if not path.exists():
         if vae.startswith((".", "/", "~")) or vae.count("/") != 1:
             raise UserError(f"--vae {vae}: no such folder; give an AutoencoderKL folder or a hub id")
-        path = _from_hub(vae, ["config.json", "vae/config.json",
-                               *hub_patterns(variant, (("", "vae"), ("vae/", "vae")))])
+        parts = (("", "vae"), ("vae/", "vae"))
+        path = _from_hub(vae, ["config.json", "vae/config.json", *hub_patterns(variant, parts)],
+                         [["config.json", "vae/config.json", *hub_patterns(variant, parts)]], "VAE", "--vae")
     return path / "vae" if (path / "vae" / "config.json").is_file() else path
 
 
-def _from_hub(repo: str, patterns: list[str]) -> Path:
+def _part_patterns(variant: str | None) -> list[list[str]]:
+    """The weight patterns of each pipeline part: a cached snapshot is complete when each has a match."""
+    patterns = hub_patterns(variant)
+    return [patterns[i:i + 3] for i in range(0, len(patterns), 3)]
+
+
+def _from_hub(repo: str, patterns: list[str], needed: list[list[str]], what: str, flag: str) -> Path:
+    """The hub repo's snapshot folder: the cached one when it has a file for each group of ``needed`` patterns
+    (no network call), else downloaded; not cached and not downloadable now is one UserError at once."""
     try:
-        from huggingface_hub import snapshot_download
-        return Path(snapshot_download(repo, allow_patterns=patterns))
-    except Exception as exc:    # offline, unknown repo, gated repo: all the user's to fix
-        raise UserError(f"cannot get {repo} from the Hugging Face hub ({type(exc).__name__}: "
-                        f"{_first_line(exc)}); download it and pass the local folder") from None
+        return weights.hub_snapshot(repo, patterns,
+                                    lambda folder: all(weights.matches_any(folder, group) for group in needed))
+    except weights.HubMiss as why:      # offline, unreachable, unknown or gated repo: all the user's to fix
+        raise UserError(weights.hub_miss_message(what, repo, why, f"download it and pass the local folder with {flag}"
+                                                 )) from None
 
 
 def check_index(folder: Path) -> dict:

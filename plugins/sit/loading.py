@@ -133,6 +133,6 @@ def load_model(source: str, family: str | None = None, arch: str | None = None,
     problem = weights.strict_problem(model, state)
     if problem:
         raise UserError(f"checkpoint {path} does not fit the {family} network it describes: {problem}")
-    model.load_state_dict(state, strict=True)
+    weights.load_into(model, state)      # the (memory-mapped) checkpoint's tensors become the parameters
     return model.eval(), family, aside
 

@@ -204,3 +204,39 @@ def test_a_pt_file_that_is_no_state_dict_is_one_line(tiny_world, tmp_path, capsy
     assert main(eval_args(data, ckpt, tmp_path / "e", "--teacher-arch", "mnist_cnn")) == 2
     one_line_error(capsys, str(ckpt), "is not a state dict of tensors")
     assert not (tmp_path / "o").exists() and not (tmp_path / "e").exists()
+
+
+@pytest.fixture
+def empty_hub(tmp_path, monkeypatch):
+    """An empty hub cache and HF_HUB_OFFLINE=1, as huggingface_hub reads them at import."""
+    from huggingface_hub import constants
+    cache = tmp_path / "hf" / "hub"
+    cache.mkdir(parents=True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return cache
+
+
+def test_the_default_imagenet_classifier_offline_and_uncached_is_one_quick_line(empty_hub):
+    import time
+    start = time.perf_counter()
+    with pytest.raises(UserError) as info:
+        load_classifier(None, label_space("in1k"), torch.device("cpu"))
+    message = str(info.value)
+    assert time.perf_counter() - start < 5 and "\n" not in message
+    assert f"timm/resnet18.tv_in1k is not in the Hugging Face cache ({empty_hub})" in message
+    assert "HF_HUB_OFFLINE is set" in message and "pass --classifier with a local checkpoint" in message
+
+
+def test_the_default_imagenet_classifier_loads_offline_from_the_hub_cache(empty_hub, tmp_path, monkeypatch):
+    from hub_files import add_to_hub_cache
+    torch.manual_seed(0)
+    published = timm.create_model("resnet18", pretrained=False).state_dict()    # timm's layout, 1000 classes
+    save_file(published, str(tmp_path / "model.safetensors"))
+    add_to_hub_cache(empty_hub, "timm/resnet18.tv_in1k", {"model.safetensors": tmp_path / "model.safetensors"})
+    import huggingface_hub
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", lambda *a, **k: pytest.fail("asked the hub"))
+    clf = load_classifier(None, label_space("in1k"), torch.device("cpu"))
+    assert clf.source == "resnet18.tv_in1k" and len(clf.classes) == 1000
+    for name, value in clf.model.state_dict().items():
+        assert torch.equal(value, published[name]), name

@@ -60,3 +60,74 @@ def test_a_cache_that_cannot_be_written_leaves_no_temporary_file(tmp_path, monke
     monkeypatch.setenv("CAO2_HASH_CACHE", str(cache))
     weights.file_sha256(weight_file)
     assert sorted(os.listdir(tmp_path)) == ["sha256.json", "w.bin"]
+
+
+def test_torch_checkpoints_are_mapped_and_read_exactly(tmp_path):
+    torch.manual_seed(0)
+    state = {"a.weight": torch.randn(64, 32), "a.bias": torch.randn(64).half(), "n": torch.tensor(3)}
+    path = tmp_path / "m.pt"
+    torch.save(state, path)
+    loaded = weights.torch_load(path)
+    assert set(loaded) == set(state) and all(torch.equal(loaded[k], v) and loaded[k].dtype == v.dtype
+                                             for k, v in state.items())
+    if os.path.exists("/proc/self/maps"):
+        assert str(path) in open("/proc/self/maps").read()      # read through a mapping, not into a copy
+    legacy = tmp_path / "legacy.pt"                             # torch's pre-1.6 format cannot be mapped
+    torch.save(state, legacy, _use_new_zipfile_serialization=False)
+    assert all(torch.equal(weights.torch_load(legacy)[k], v) for k, v in state.items())
+
+
+def test_load_into_assigns_the_tensors_in_the_models_dtype(tmp_path):
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+    torch.manual_seed(1)
+    state = {k: torch.randn_like(v.float()).to(v.dtype) if v.is_floating_point() else v
+             for k, v in model.state_dict().items()}
+    state["0.weight"] = state["0.weight"].half()                # an fp16 entry goes in as fp32, as a copy would
+    kept = state["0.bias"]
+    weights.load_into(model, state)
+    assert model[0].weight.dtype == torch.float32 and torch.equal(model[0].weight, state["0.weight"].float())
+    assert model[0].bias.data_ptr() == kept.data_ptr()          # assigned, not copied: one copy in memory
+    assert model[0].bias.requires_grad                          # the module's parameter flags stay
+    with pytest.raises(RuntimeError, match="Missing key"):
+        weights.load_into(model, {k: v for k, v in state.items() if k != "1.running_mean"})
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+    cache = tmp_path / "hub"
+    cache.mkdir()
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return cache
+
+
+def test_hub_files_come_from_the_cache_without_the_network(hub_cache, tmp_path, monkeypatch):
+    from hub_files import add_to_hub_cache
+    (tmp_path / "w.bin").write_bytes(b"weights")
+    (tmp_path / "c.json").write_text("{}")
+    add_to_hub_cache(hub_cache, "owner/model", {"sub/config.json": tmp_path / "c.json",
+                                                "sub/diffusion_pytorch_model.bin": tmp_path / "w.bin"})
+    monkeypatch.setattr(weights, "hub_listing", lambda repo: pytest.fail("asked the hub for a cached model"))
+    files = weights.hub_files("owner/model", [("sub/config.json", "sub/diffusion_pytorch_model.safetensors"),
+                                              ("sub/config.json", "sub/diffusion_pytorch_model.bin")])
+    assert [f.name for f in files] == ["config.json", "diffusion_pytorch_model.bin"]
+    assert files[1].read_bytes() == b"weights"
+
+
+@pytest.mark.parametrize("repo,offline,why", [
+    ("owner/model", True, "HF_HUB_OFFLINE is set"),
+    ("owner/model", False, "the hub is unreachable"),
+    ("not a repo id!", False, "neither a local path nor a hub model id"),
+])
+def test_a_hub_model_not_at_hand_is_a_quick_miss(hub_cache, monkeypatch, repo, offline, why):
+    import time
+    from huggingface_hub import constants
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", offline)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")       # nothing listens on the discard port
+    start = time.perf_counter()
+    with pytest.raises(weights.HubMiss, match=why) as info:
+        weights.hub_files(repo, [("model.safetensors",)])
+    assert time.perf_counter() - start < 5
+    line = weights.hub_miss_message("classifier", repo, info.value, "pass --classifier FILE")
+    assert "\n" not in line and f"is not in the Hugging Face cache ({hub_cache})" in line

@@ -115,12 +115,16 @@ def test_a_pipeline_that_is_not_sd_text_to_image_is_refused(copy, base):
 
 def test_a_hub_id_is_fetched_with_safetensors_only(base, monkeypatch):
     import huggingface_hub
+    from cao2core.generators import weights
     asked = {}
 
-    def fake_download(repo, allow_patterns):
+    def fake_download(repo, allow_patterns, cache_dir=None, local_files_only=False):
+        if local_files_only:
+            raise FileNotFoundError("not cached")
         asked.update(repo=repo, patterns=allow_patterns)
         return str(base[0])
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+    monkeypatch.setattr(weights, "hub_listing", lambda repo: set())      # the hub answers
     k = load("someone/tiny-sd", base[1])
     assert asked["repo"] == "someone/tiny-sd" and k.gen.describe(handle=k.handle)["model"] == str(base[0])
     fetched = lambda name: any(fnmatch.fnmatch(name, p) for p in asked["patterns"])    # noqa: E731
@@ -128,6 +132,33 @@ def test_a_hub_id_is_fetched_with_safetensors_only(base, monkeypatch):
     assert not fetched("unet/diffusion_pytorch_model.bin") and not fetched("text_encoder/pytorch_model.bin")
     assert not fetched("safety_checker/model.safetensors")
     assert not fetched("unet/diffusion_pytorch_model.fp16.safetensors")       # another variant than the one asked
+
+
+def test_a_cached_hub_id_loads_without_the_network(base, monkeypatch):
+    import huggingface_hub
+    from cao2core.generators import weights
+
+    def cached_only(repo, allow_patterns, cache_dir=None, local_files_only=False):
+        assert local_files_only, "went to the network for a cached pipeline"
+        return str(base[0])
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", cached_only)
+    monkeypatch.setattr(weights, "hub_listing", lambda repo: pytest.fail("asked the hub"))
+    k = load("someone/tiny-sd", base[1])
+    assert k.gen.describe(handle=k.handle)["model"] == str(base[0])
+
+
+def test_an_uncached_hub_id_offline_is_one_quick_line(base, tmp_path, monkeypatch):
+    import time
+    from huggingface_hub import constants
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    start = time.perf_counter()
+    with pytest.raises(UserError) as info:
+        GeneratorUnderTest("sd", {"model": "someone/tiny-sd", "dataset": str(base[1])})
+    message = str(info.value)
+    assert time.perf_counter() - start < 5 and "\n" not in message
+    assert "Stable Diffusion pipeline someone/tiny-sd is not in the Hugging Face cache" in message
+    assert "HF_HUB_OFFLINE is set" in message and "pass the local folder with --model" in message
 
 
 @pytest.mark.parametrize("options,match", [
