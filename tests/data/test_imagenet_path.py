@@ -52,7 +52,7 @@ def test_woof_run_with_original_checkpoint(imagenet_like, tmp_path):
 
 
 def test_hub_id_without_network_is_a_clear_error(tmp_path):
-    with pytest.raises(UserError, match="cannot load the DiT transformer from facebook/DiT-XL-2-256"):
+    with pytest.raises(UserError, match="DiT transformer facebook/DiT-XL-2-256 is not in the Hugging Face cache .* pass --model"):
         from cao2_dit import loading
         loading.load_transformer(loading.resolve("facebook/DiT-XL-2-256", None, None)[0])
 
