@@ -87,6 +87,7 @@ class Classifier:
     sha256: str | None = None
     class_accuracy: dict[str, float] = field(default_factory=dict)
     input: str = "timm"         # what it sees of a decoded sample (CLASSIFIER_INPUTS)
+    flag: str = "--classifier"  # the flag that gave it (--teacher for cao2 eval): messages name its -arch/-classes
 
     def __post_init__(self):
         self.model.eval().requires_grad_(False)
@@ -99,7 +100,7 @@ class Classifier:
         """The output index of each class of ``space``; refuses a classifier whose class list does not cover it."""
         if self.classes is None:
             raise UserError(f"classifier {self.source} does not say which class each output is; "
-                            "give its class ids with --classifier-classes FILE (one per line, in output order)")
+                            f"give its class ids with {self.flag}-classes FILE (one per line, in output order)")
         index = {c: i for i, c in enumerate(self.classes)}
         missing = [c for c in space.ids if c not in index]
         if missing:
@@ -177,22 +178,24 @@ def _first_conv_channels(model: nn.Module) -> int | None:
 
 
 def load_classifier(spec: str | None, space: LabelSpace, device: torch.device, arch: str | None = None,
-                    classes_file: str | None = None, input: str = "timm") -> Classifier:
+                    classes_file: str | None = None, input: str = "timm", flag: str = "--classifier") -> Classifier:
     """A timm model name (hub weights), a local .safetensors/.pt checkpoint, or None for the dataset's default;
-    ``input`` says what it sees of a decoded sample (``CLASSIFIER_INPUTS``)."""
+    ``input`` says what it sees of a decoded sample (``CLASSIFIER_INPUTS``); ``flag`` the option that named it
+    (``--teacher``: messages then name --teacher-arch and --teacher-classes)."""
     if spec is None:
         if space.generator_space not in ("mnist", "in1k"):
-            raise UserError(f"label space {space.name} has no default selection classifier: pass --classifier (a "
-                            "checkpoint whose metadata names its classes, or a timm model with --classifier-classes) "
-                            "or --select none|random")
+            instead = "or --select none|random" if flag == "--classifier" else "or another --protocol"
+            raise UserError(f"label space {space.name} has no default classifier: pass {flag} (a checkpoint "
+                            f"whose metadata names its classes, or a timm model with {flag}-classes) {instead}")
         spec = str(embedded_mnist_classifier()) if space.generator_space == "mnist" else DEFAULT_IMAGENET_CLASSIFIER
     path = Path(spec)
     if path.suffix in (".safetensors", ".pt", ".pth", ".bin") or path.exists():
-        clf = _load_local(path, arch)
+        clf = _load_local(path, arch, flag)
     else:
-        clf = _load_timm(spec)
+        clf = _load_timm(spec, flag)
+    clf.flag = flag
     if classes_file is not None:
-        clf.classes = read_class_list(classes_file, "--classifier-classes")
+        clf.classes = read_class_list(classes_file, f"{flag}-classes")
     if clf.classes is not None and len(clf.classes) != _num_outputs(clf.model):
         raise UserError(f"classifier {clf.source} has {_num_outputs(clf.model)} outputs but its class list has "
                         f"{len(clf.classes)} entries; fix the class list")
@@ -227,11 +230,11 @@ def _num_outputs(model: nn.Module) -> int:
     return int(getattr(model, "num_classes", 0) or model.pretrained_cfg.get("num_classes", 0))
 
 
-def _load_timm(name: str) -> Classifier:
+def _load_timm(name: str, flag: str) -> Classifier:
     if name.split(".")[0] not in timm.list_models():
         raise UserError(f"classifier {name!r} is neither a file nor a timm model name; "
                         "give a timm name (e.g. resnet18.tv_in1k) or a checkpoint path")
-    overlay = {"file": str(f)} if (f := _hub_weights(name)) is not None else None
+    overlay = {"file": str(f)} if (f := _hub_weights(name, flag)) is not None else None
     try:
         model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay)
     except Exception as exc:  # hub unreachable, unknown tag, ...
@@ -242,7 +245,7 @@ def _load_timm(name: str) -> Classifier:
     return Classifier(model, classes, name)
 
 
-def _hub_weights(name: str) -> Path | None:
+def _hub_weights(name: str, flag: str) -> Path | None:
     """The local file of a timm model's hub weights, from the hub cache before any network call (timm's own
     download asks the hub first and, offline, waits about a minute before using the cache); None for a model
     whose weights are not on the hub (timm fetches those from their URL itself). Not cached and not
@@ -265,11 +268,11 @@ def _hub_weights(name: str) -> Path | None:
     except weights.HubMiss as why:
         raise UserError(weights.hub_miss_message(
             f"the weights of classifier {name}:", repo, why,
-            "pass --classifier with a local checkpoint (a .safetensors or .pt state dict, with --classifier-arch "
-            "and --classifier-classes unless its metadata names them), or set HF_HOME to a cache that holds it")) from None
+            f"pass {flag} with a local checkpoint (a .safetensors or .pt state dict, with {flag}-arch "
+            f"and {flag}-classes unless its metadata names them), or set HF_HOME to a cache that holds it")) from None
 
 
-def _load_local(path: Path, arch: str | None) -> Classifier:
+def _load_local(path: Path, arch: str | None, flag: str) -> Classifier:
     if not path.is_file():
         raise UserError(f"classifier checkpoint {path} not found; give an existing file or a timm model name")
     meta: dict[str, str] = {}
@@ -289,11 +292,11 @@ def _load_local(path: Path, arch: str | None) -> Classifier:
                         f"{_what(state)}); save it with torch.save(model.state_dict(), ...) or as safetensors")
     arch = arch or meta.get("arch")
     if not arch:
-        raise UserError(f"classifier checkpoint {path} does not name its architecture; pass --classifier-arch")
+        raise UserError(f"classifier checkpoint {path} does not name its architecture; pass {flag}-arch")
     num_classes = _meta_count(meta, "num_classes", path) or _infer_num_classes(state, path)
     convs = [v for v in state.values() if v.ndim == 4]
     in_chans = _meta_count(meta, "in_chans", path) or (convs[0].shape[1] if convs else 3)
-    model = _create(arch, path, num_classes=num_classes, in_chans=in_chans)
+    model = _create(arch, path, flag, num_classes=num_classes, in_chans=in_chans)
     # after the model exists: what it declares as integer buffers (BatchNorm's counters) is no quantized weight
     weights.require_floating(state, path, model)
     try:
@@ -301,7 +304,7 @@ def _load_local(path: Path, arch: str | None) -> Classifier:
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[0]
         raise UserError(f"classifier checkpoint {path} does not fit architecture {arch}: {first}") from None
-    classes = _meta_classes(meta, path)
+    classes = _meta_classes(meta, path, flag)
     class_accuracy = _meta_accuracy(meta, classes, path)
     return Classifier(model, classes, str(path), weights.file_sha256(path), class_accuracy)
 
@@ -319,16 +322,16 @@ def _what(value) -> str:
     return "keys that are not names" if odd is None else f"{kind(odd)} among its entries"
 
 
-def _create(arch: str, path: Path, **kwargs) -> nn.Module:
+def _create(arch: str, path: Path, flag: str, **kwargs) -> nn.Module:
     """timm's ``arch`` with random weights; an unknown name or one that cannot be built is one UserError."""
     if ":" not in arch and not timm.is_model(arch):     # hf-hub:... names are resolved by create_model itself
         raise UserError(f"classifier checkpoint {path}: architecture {arch!r} is not a timm model; give a timm name "
-                        "(e.g. resnet18) with --classifier-arch, or fix the checkpoint's 'arch' metadata")
+                        f"(e.g. resnet18) with {flag}-arch, or fix the checkpoint's 'arch' metadata")
     try:
         return timm.create_model(arch, pretrained=False, **kwargs)
     except Exception as exc:
         raise UserError(f"classifier checkpoint {path}: cannot build architecture {arch} with {kwargs} "
-                        f"({type(exc).__name__}: {' '.join(str(exc).split())[:160]}); fix --classifier-arch or "
+                        f"({type(exc).__name__}: {' '.join(str(exc).split())[:160]}); fix {flag}-arch or "
                         "the checkpoint's metadata") from None
 
 
@@ -354,7 +357,7 @@ def _meta_json(meta: dict[str, str], key: str, path: Path, expected: str):
                         ) from None
 
 
-def _meta_classes(meta: dict[str, str], path: Path) -> list[str] | None:
+def _meta_classes(meta: dict[str, str], path: Path, flag: str) -> list[str] | None:
     """The class ids of the outputs, in order, from the metadata's ``classes`` (None: not there)."""
     if "classes" not in meta:
         return None
@@ -363,7 +366,7 @@ def _meta_classes(meta: dict[str, str], path: Path) -> list[str] | None:
     if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
         raise UserError(f"classifier checkpoint {path}: metadata 'classes' must be {expected}")
     refuse_duplicates(classes, f"classifier checkpoint {path}: metadata 'classes'",
-                      "fix the checkpoint's metadata or give --classifier-classes FILE")
+                      f"fix the checkpoint's metadata or give {flag}-classes FILE")
     return classes
 
 

@@ -80,7 +80,8 @@ def check(config: EvalConfig, space=None, full=None) -> None:
     if config.teacher_classes and not Path(config.teacher_classes).is_file():
         raise UserError(f"--teacher-classes {config.teacher_classes} not found; give a file of class ids, one a line")
     if space is not None:
-        load_classifier(config.teacher, space, device, config.teacher_arch, config.teacher_classes).output_indices(space)
+        load_classifier(config.teacher, space, device, config.teacher_arch, config.teacher_classes,
+                        flag="--teacher").output_indices(space)
     elif config.teacher:
         path = Path(config.teacher)
         if path.suffix in (".safetensors", ".pt", ".pth", ".bin") or path.exists():
@@ -176,7 +177,8 @@ def evaluate(config: EvalConfig, log: Callable[[str], None] | None = None, comma
     teacher = None
     if protocol.soft:
         from ..data.classifiers import load_classifier
-        clf = load_classifier(config.teacher, space, device, config.teacher_arch, config.teacher_classes)
+        clf = load_classifier(config.teacher, space, device, config.teacher_arch, config.teacher_classes,
+                              flag="--teacher")
         teacher = Teacher(clf, space, device)
     opt_lr, opt_wd = OPTIMIZERS[config.optimizer]
     epochs = config.epochs or defaults["epochs"]

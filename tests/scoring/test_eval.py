@@ -199,7 +199,19 @@ def test_teacher_class_mismatch_is_an_error(mnist_run, mnist_val, tmp_path):
     wrong = _teacher(tmp_path / "wrong.safetensors", [f"c{i}" for i in range(10)])
     fails([*base, "--teacher", wrong, "--out", tmp_path / "o"], "has no output for class '0'", tmp_path / "o")
     unnamed = _teacher(tmp_path / "unnamed.safetensors")
-    fails([*base, "--teacher", unnamed, "--out", tmp_path / "o"], "does not say which class", tmp_path / "o")
+    message = fails([*base, "--teacher", unnamed, "--out", tmp_path / "o"], "does not say which class", tmp_path / "o")
+    assert "--teacher-classes FILE" in message and "--classifier" not in message     # the flags of cao2 eval
+
+
+def test_teacher_messages_name_the_teacher_flags(mnist_run, mnist_val, tmp_path):
+    base = ["--data", mnist_run, "--val", mnist_val, "--protocol", "rded", *QUICK]
+    no_arch = tmp_path / "no_arch.safetensors"
+    save_file(timm.create_model("mnist_cnn", num_classes=10).state_dict(), str(no_arch))
+    message = fails([*base, "--teacher", no_arch, "--out", tmp_path / "o"], "--teacher-arch", tmp_path / "o")
+    assert "--classifier" not in message
+    message = fails([*base, "--teacher", no_arch, "--teacher-arch", "no_such_net", "--out", tmp_path / "o"],
+                    "--teacher-arch", tmp_path / "o")
+    assert "--classifier" not in message
 
 
 def test_teacher_outputs_follow_the_label_space(tmp_path):
