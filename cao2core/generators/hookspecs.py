@@ -91,6 +91,9 @@ class LatentSpec:
     # how the generator's reference code fed decoded samples to the selection classifier, used under
     # --profile reference (one of CLASSIFIER_INPUTS; "timm" = the classifier's own preprocessing)
     reference_classifier_input: str = "timm"
+    # the autocast ("fp16", "bf16") the generator's reference code decoded and classified the selection pool
+    # under, applied under --profile reference on CUDA (None: fp32). A field with a default: no plugin must set it
+    reference_selection_autocast: str | None = None
 
 
 @dataclass
