@@ -48,6 +48,11 @@ def test_progress_goes_to_the_receiver(tmp_path):
     cao2core.distill(cao2core.RunConfig(classes="0", ipc=1, pool_factor=2, clo_iters=3, out=str(tmp_path / "o")),
                      progress=lambda stage, done, total: seen.append((stage, done, total)))
     assert ("sample pool", 2, 2) in seen and ("CLO", 3, 3) in seen
+    assert ("select", 2, 2) in seen and ("decode", 1, 1) in seen
+    steps = [stage for stage, done, _ in seen if done == 0]       # the steps of prepare, (0, 1) when they start
+    assert steps == ["load generator", "load classifier", "hash", "preflight"]
+    assert list(dict.fromkeys(stage for stage, _, _ in seen)) == ["load generator", "load classifier", "hash",
+                                                                 "preflight", "sample pool", "select", "CLO", "decode"]
 
 
 def test_the_top_level_exports_what_it_documents():

@@ -22,6 +22,10 @@ CLO on MAR (CaO2-MAR), ``LatentSpec.corruption == "mask"``:
   engine's loss is the masked-token mean squared error + lambda * the max over masked tokens. ``--gen-opt vb=1``
   adds the masked mean of the variational-bound term as ``aux_loss`` (on by default under ``--profile
   reference``: the official loss is the masked mean of mse + vb).
+* precision (``autocasts``): on CUDA the forward passes of sampling and CLO run under bf16 autocast (latents and
+  Adam state fp32); under ``--profile reference`` sampling, and the selection's decode and classifier
+  (``LatentSpec.reference_selection_autocast``), run under fp16 and CLO in fp32, as the official script; on a CPU
+  everything is fp32.
 * conditions: ``class`` = class embedding, ``null`` = the learned ``fake_latent``, ``zero`` = a zero vector in
   every buffer slot (CaO2-MAR's zero-label embedding).
 
@@ -179,18 +183,24 @@ def cao2_load(options: dict, device: torch.device) -> MARHandle:
                      **settings)
 
 
+def autocasts(options: dict, device: torch.device) -> tuple[torch.dtype | None, torch.dtype | None]:
+    """(sampling's, CLO's) autocast dtype. MAR casts no weights: ``--dtype bf16|fp16`` is read as that autocast;
+    else ``--gen-opt autocast``, else bf16 on CUDA (``precision.default_autocast``); under ``--profile reference``
+    sampling runs under fp16 and CLO in fp32, as the official script. Autocast is a GPU option here: on a CPU every
+    forward pass is fp32."""
+    dtype, reference = options.get("dtype") or "fp32", options.get("profile") == "reference"
+    autocast = precision.autocast_dtype(dtype if dtype != "fp32" else (
+        options.get("autocast") or ("fp16" if reference else precision.default_autocast(device))))
+    if device.type != "cuda":
+        return None, None
+    return autocast, None if reference else autocast
+
+
 def _settings(options: dict, defaults: dict, device: torch.device) -> dict:
     schedule = options.get("cfg_schedule") or defaults.get("cfg_schedule", "linear")
     if schedule not in sampling.CFG_SCHEDULES:
         raise UserError(f"--gen-opt cfg_schedule={schedule}: use one of {', '.join(sampling.CFG_SCHEDULES)}")
-    dtype, reference = options.get("dtype") or "fp32", options.get("profile") == "reference"
-    # MAR casts no weights: --dtype bf16|fp16 is read as that autocast; the official script samples under fp16
-    # autocast and runs CLO in fp32
-    autocast = precision.autocast_dtype(dtype if dtype != "fp32" else (
-        options.get("autocast") or ("fp16" if reference else precision.default_autocast(device))))
-    if device.type != "cuda":
-        autocast = None             # autocast is a GPU option here: on a CPU every forward is fp32
-    clo_autocast = None if reference else autocast
+    autocast, clo_autocast = autocasts(options, device)
     noise = options.get("noise") or "fresh"
     if noise not in ("fresh", "fixed"):
         raise UserError(f"--gen-opt noise={noise}: use fresh (CaO2-MAR) or fixed")
