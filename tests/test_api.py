@@ -49,8 +49,9 @@ def test_progress_goes_to_the_receiver(tmp_path):
                      progress=lambda stage, done, total: seen.append((stage, done, total)))
     assert ("sample pool", 2, 2) in seen and ("CLO", 3, 3) in seen
     assert ("select", 2, 2) in seen and ("decode", 1, 1) in seen
-    steps = [stage for stage, done, _ in seen if done == 0]       # the steps of prepare, (0, 1) when they start
-    assert steps == ["load generator", "load classifier", "hash", "preflight"]
+    # the steps before the first sample: (0, 1) when each starts, (1, 1) when it ends
+    assert seen[:8] == [(step, done, 1) for step in ("load generator", "load classifier", "hash", "preflight")
+                        for done in (0, 1)]
     assert list(dict.fromkeys(stage for stage, _, _ in seen)) == ["load generator", "load classifier", "hash",
                                                                  "preflight", "sample pool", "select", "CLO", "decode"]
 
