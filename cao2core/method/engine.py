@@ -86,7 +86,7 @@ class Job:
 def run(cfg: RunConfig, host: Host | None = None, progress: Progress | None = None) -> RunResult:
     """Distill: check every input, then for each group of classes sample the pool, select (OSS), optimize (CLO),
     decode and store; each class appears on disk only when all its files are in place. ``progress`` receives the
-    pool and CLO progress instead of the bars."""
+    progress of every step and stage (``Progress``) instead of the lines and bars."""
     cfg.validate()
     ranks = distributed.init(cfg.device)         # torchrun: this process distills every world_size-th group
     job = prepare(cfg, host or Host(), ranks, progress)
