@@ -30,7 +30,8 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 # anything else needs the next major version, and a plugin of another major version is set aside as BROKEN.
 # 1.0: the hooks as of cao2 0.1 before --profile; 1.1 added the generic option ``profile``, the optional hooks
 # ``cao2_options`` and ``cao2_label_spaces``, ``cao2_sample``'s ``progress`` and
-# ``LatentSpec.reference_classifier_input``.
+# ``LatentSpec.reference_classifier_input`` (and later, without a version of its own, the defaulted
+# ``LatentSpec.reference_selection_autocast``).
 CONTRACT = (1, 1)
 # what a plugin that states no version was written for: the contract before versions were stated
 FIRST_CONTRACT = (1, 0)

@@ -51,3 +51,13 @@ def test_selection_autocast_is_the_reference_one_on_cuda_only():
     assert precision.selection_autocast(CPU, "reference", "fp16") is None
     assert precision.selection_autocast(CUDA, "default", "fp16") is None
     assert precision.selection_autocast(CUDA, "reference", None) is None
+
+
+def test_the_contract_checks_the_reference_selection_autocast():
+    from cao2core.generators.contract import check_spec
+    from cao2core.generators.hookspecs import LatentSpec
+    spec = LatentSpec((4, 8, 8), 10, (1, 999), 999)
+    assert spec.reference_selection_autocast is None and check_spec(spec) is None
+    assert check_spec(LatentSpec((4, 8, 8), 10, (1, 999), 999, reference_selection_autocast="fp16")) is None
+    assert "reference_selection_autocast should be None, 'fp16' or 'bf16', got 'fp8'" in check_spec(
+        LatentSpec((4, 8, 8), 10, (1, 999), 999, reference_selection_autocast="fp8"))
