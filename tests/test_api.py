@@ -48,6 +48,12 @@ def test_progress_goes_to_the_receiver(tmp_path):
     cao2core.distill(cao2core.RunConfig(classes="0", ipc=1, pool_factor=2, clo_iters=3, out=str(tmp_path / "o")),
                      progress=lambda stage, done, total: seen.append((stage, done, total)))
     assert ("sample pool", 2, 2) in seen and ("CLO", 3, 3) in seen
+    assert ("select", 2, 2) in seen and ("decode", 1, 1) in seen
+    # the steps before the first sample: (0, 1) when each starts, (1, 1) when it ends
+    assert seen[:8] == [(step, done, 1) for step in ("load generator", "load classifier", "hash", "preflight")
+                        for done in (0, 1)]
+    assert list(dict.fromkeys(stage for stage, _, _ in seen)) == ["load generator", "load classifier", "hash",
+                                                                 "preflight", "sample pool", "select", "CLO", "decode"]
 
 
 def test_the_top_level_exports_what_it_documents():

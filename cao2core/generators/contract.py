@@ -93,6 +93,9 @@ def check_spec(spec) -> str | None:
     if spec.reference_classifier_input not in CLASSIFIER_INPUTS:
         return (f"LatentSpec.reference_classifier_input should be one of {', '.join(CLASSIFIER_INPUTS)}, got "
                 f"{spec.reference_classifier_input!r}")
+    if spec.reference_selection_autocast not in (None, "fp16", "bf16"):
+        return (f"LatentSpec.reference_selection_autocast should be None, 'fp16' or 'bf16', got "
+                f"{spec.reference_selection_autocast!r}")
     if spec.sample_steps is not None and not (isinstance(spec.sample_steps, int) and spec.sample_steps >= 1):
         return f"LatentSpec.sample_steps should be a positive int or None, got {spec.sample_steps!r}"
     return None

@@ -30,7 +30,8 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 # anything else needs the next major version, and a plugin of another major version is set aside as BROKEN.
 # 1.0: the hooks as of cao2 0.1 before --profile; 1.1 added the generic option ``profile``, the optional hooks
 # ``cao2_options`` and ``cao2_label_spaces``, ``cao2_sample``'s ``progress`` and
-# ``LatentSpec.reference_classifier_input``.
+# ``LatentSpec.reference_classifier_input`` (and later, without a version of its own, the defaulted
+# ``LatentSpec.reference_selection_autocast``).
 CONTRACT = (1, 1)
 # what a plugin that states no version was written for: the contract before versions were stated
 FIRST_CONTRACT = (1, 0)
@@ -91,6 +92,9 @@ class LatentSpec:
     # how the generator's reference code fed decoded samples to the selection classifier, used under
     # --profile reference (one of CLASSIFIER_INPUTS; "timm" = the classifier's own preprocessing)
     reference_classifier_input: str = "timm"
+    # the autocast ("fp16", "bf16") the generator's reference code decoded and classified the selection pool
+    # under, applied under --profile reference on CUDA (None: fp32). A field with a default: no plugin must set it
+    reference_selection_autocast: str | None = None
 
 
 @dataclass

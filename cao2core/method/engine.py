@@ -12,7 +12,8 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass, replace
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -21,7 +22,7 @@ from tqdm.auto import tqdm
 
 from .. import __version__, kernels
 from . import batchsize, clo, distributed, dryrun, oss, workplan
-from ..generators import weights
+from ..generators import precision, weights
 from ..data.classifiers import Classifier, load_classifier
 from ..config import RunConfig
 from ..environment import resolve_device, stderr_is_terminal, versions
@@ -79,15 +80,17 @@ class Job:
     description: dict           # the generator's own record (cao2_describe)
     source_id: dict | None      # the refined folder's fingerprint (hashes every image: computed once)
     identity: dict              # everything that determines the output; run_id is its hash
+    precision: dict = field(default_factory=dict)    # the numerics in effect, as the manifest records them
+    selection_autocast: torch.dtype | None = None   # the selection's decode and classifier (--profile reference)
 
 
 def run(cfg: RunConfig, host: Host | None = None, progress: Progress | None = None) -> RunResult:
     """Distill: check every input, then for each group of classes sample the pool, select (OSS), optimize (CLO),
     decode and store; each class appears on disk only when all its files are in place. ``progress`` receives the
-    pool and CLO progress instead of the bars."""
+    progress of every step and stage (``Progress``) instead of the lines and bars."""
     cfg.validate()
     ranks = distributed.init(cfg.device)         # torchrun: this process distills every world_size-th group
-    job = prepare(cfg, host or Host(), ranks)
+    job = prepare(cfg, host or Host(), ranks, progress)
     if job.cfg.dry_run:
         plan = dryrun.report(job.cfg, job.gen, job.handle, job.spec, job.space, job.clo, job.device, job.cfg.dry_run)
         return RunResult(Path(job.cfg.out), [], 0, {}, ranks.rank, plan)
@@ -100,11 +103,15 @@ def run(cfg: RunConfig, host: Host | None = None, progress: Progress | None = No
     return finish(job, store)
 
 
-def prepare(cfg: RunConfig, host: Host, ranks) -> Job:
-    """Load the generator and classifier and check every option and input; writes nothing."""
+def prepare(cfg: RunConfig, host: Host, ranks, progress: Progress | None = None) -> Job:
+    """Load the generator and classifier and check every option and input; writes nothing. Each step that can
+    take minutes (loading, hashing the weights, the preflight) is announced as it starts and ends."""
+    told = Announcer(cfg.progress and ranks.is_main and progress is None, progress)
     gen = host.generator(cfg.generator)
     device = resolve_device(distributed.rank_device(cfg.device, ranks))
-    handle = gen.load(options=gen.parse_options(cfg.gen_options()), device=device)
+    tf32 = precision.apply_tf32(device)             # before any forward pass, the preflight's included
+    with told("load generator", cfg.generator + (f" {cfg.model}" if cfg.model else "")):
+        handle = gen.load(options=gen.parse_options(cfg.gen_options()), device=device)
     spec = gen.latent_spec(handle=handle)
     declared = gen.label_spaces()
     space = resolve_classes(cfg, spec, declared)
@@ -127,20 +134,60 @@ def prepare(cfg: RunConfig, host: Host, ranks) -> Job:
                         "another --select")
     classifier = targets = None
     if cfg.select in ("confidence", "stability") or cfg.condition == "auto":
-        classifier = load_classifier(cfg.classifier, space, device, cfg.classifier_arch, cfg.classifier_classes,
-                                     classifier_input(cfg, spec))
+        with told("load classifier", cfg.classifier or "the default judge"):
+            classifier = load_classifier(cfg.classifier, space, device, cfg.classifier_arch, cfg.classifier_classes,
+                                         classifier_input(cfg, spec))
         targets = classifier.output_indices(space)
-    description = gen.describe(handle=handle)
-    source_id = source.identity()
-    identity = run_identity(cfg, gen, description, classifier, source_id, host)
+    selection_amp = None
+    if cfg.select in ("confidence", "stability"):
+        selection_amp = precision.selection_autocast(device, cfg.profile, spec.reference_selection_autocast)
+        if cfg.profile == "reference" and spec.reference_selection_autocast and selection_amp is None \
+                and ranks.is_main:
+            print(f"cao2: --profile reference: the official code decodes and classifies the selection pool under "
+                  f"{spec.reference_selection_autocast} autocast, a CUDA feature; on {device.type} they run in fp32",
+                  file=sys.stderr)
+    with told("hash", "the weights and inputs (sha256, cached)"):
+        description = gen.describe(handle=handle)
+        source_id = source.identity()
+        identity = run_identity(cfg, gen, description, classifier, source_id, host)
+    numerics = {"device": device.type, "tf32": tf32,
+                "autocast_default": precision.default_autocast(device, cfg.profile, cfg.dtype),
+                "selection_autocast": precision.dtype_name(selection_amp),
+                "generator": {k: description[k] for k in ("dtype", "autocast", "clo_autocast") if k in description},
+                "latents": "float32", "adam_state": "float32"}
+    if tf32 or numerics["autocast_default"] != "none" or selection_amp is not None:
+        # outputs change with these (a CPU run in fp32 has none, and keeps the run id it always had)
+        identity["precision"] = {k: numerics[k] for k in ("tf32", "autocast_default", "selection_autocast")}
     rid = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
     work = dryrun.Workload(cfg, gen, handle, space, settings, device, classifier)
     if cfg.batch_size == "auto":
         cfg = resolve_batch_size(cfg, ranks, work, rid, device)
     if not cfg.dry_run and not cfg.images:
-        preflight(work, cfg)
+        with told("preflight", f"every hook once on {min(2, cfg.batch_size)} samples"):
+            preflight(work, cfg)
     return Job(cfg, ranks, gen, handle, spec, space, source, settings, classifier, targets, device, rid,
-               condition_per_class(cfg, space, classifier), description, source_id, identity)
+               condition_per_class(cfg, space, classifier), description, source_id, identity, numerics, selection_amp)
+
+
+class Announcer:
+    """Says when a step of ``prepare`` starts and ends (with its seconds): a line each on stderr when ``shown``,
+    and (step, 0, 1), (step, 1, 1) to a Progress receiver."""
+
+    def __init__(self, shown: bool, receiver: Progress | None):
+        self.shown, self.receiver = shown, receiver
+
+    @contextmanager
+    def __call__(self, step: str, what: str):
+        if self.shown:
+            print(f"cao2: {step}: {what} ...", file=sys.stderr, flush=True)
+        if self.receiver is not None:
+            self.receiver(step, 0, 1)
+        start = time.perf_counter()
+        yield
+        if self.shown:
+            print(f"cao2: {step}: {what} in {time.perf_counter() - start:.1f}s", file=sys.stderr, flush=True)
+        if self.receiver is not None:
+            self.receiver(step, 1, 1)
 
 
 def preflight(work: dryrun.Workload, cfg: RunConfig) -> None:
@@ -160,7 +207,7 @@ def preflight(work: dryrun.Workload, cfg: RunConfig) -> None:
 
 def open_store(job: Job) -> Store:
     """Check the output folder, then (rank 0) create it or take over this same run's; read its records."""
-    header = manifest_header(job.cfg, job.gen, job.description, job.space, job.classifier, job.clo)
+    header = manifest_header(job.cfg, job.gen, job.description, job.space, job.classifier, job.clo, job.precision)
     header["source"] = job.source_id
     header["identity"] = job.identity
     store = Store(Path(job.cfg.out), job.run_id, header, job.ranks.rank, job.ranks.world_size)
@@ -196,60 +243,93 @@ def plan_groups(job: Job, store: Store) -> tuple[list[list[int]], list[tuple[int
 
 
 Progress = Callable[[str, int, int], None]
-"""A progress receiver: called with (stage, units done, units in all) as a run moves; the stages are "sample pool"
-(or "encode" for refine) counted in images and "CLO" counted in iterations."""
+"""A progress receiver: called with (stage, units done, units in all) as a run moves. The stages, in order: "load
+generator", "load classifier", "hash" (the weights' sha256) and "preflight", each (0, 1) when it starts and (1, 1)
+when it ends; then "sample pool" (or "encode" for refine), "select" (the pool decoded and classified) and "decode"
+(the kept latents after CLO) counted in images, and "CLO" counted in iterations."""
 
 
 class StageBar:
     """One stage's progress: a tqdm bar (drawn when the run shows bars) that also tells a Progress receiver. When
     stderr is not a terminal (a log file, a pipe) no bar is drawn: one line when the stage starts and one when it
-    ends, with its count and time."""
+    ends, with its count and time. The bar closes when its last unit is done; its time is the time spent inside
+    the stage (``running``), not the run's."""
 
     def __init__(self, stage: str, total: int, unit: str, shown: bool, suffix: str, receiver: Progress | None):
         self.stage, self.total, self.done, self.receiver = stage, total, 0, receiver
         self.lines = shown and total > 0 and not stderr_is_terminal()
         self.label, self.unit, self.started = stage + suffix, unit, None
-        self.bar = tqdm(total=total, desc=stage + suffix, unit=unit, disable=not shown or self.lines)
+        self.bar = tqdm(total=total, desc=stage + suffix, unit=unit, disable=not shown or self.lines or not total)
+        self.spent, self.inside, self.closed = 0.0, False, False
+
+    def begin(self) -> None:
+        """The stage's first work: its line, and its bar's clock (not started when the run made the bars)."""
+        if self.started is not None or self.closed or not self.total:
+            return
+        self.started = time.perf_counter()
+        self.bar.reset(self.total)
+        if self.lines:
+            print(f"cao2: {self.label}: {self.total} {self.unit} ...", file=sys.stderr, flush=True)
 
     def update(self, n: int) -> None:
-        if self.lines and self.started is None and n:
-            self.started = time.perf_counter()
-            print(f"cao2: {self.label}: {self.total} {self.unit} ...", file=sys.stderr, flush=True)
+        if n:
+            self.begin()
         self.done += n
         self.bar.update(n)
         if self.receiver is not None:
             self.receiver(self.stage, self.done, self.total)
+        if self.done >= self.total and not self.inside:
+            self.close()
+
+    @contextmanager
+    def running(self):
+        """The stage at work: its time adds to the stage's; the bar closes at the end if all units are done."""
+        self.begin()
+        start, self.inside = time.perf_counter(), True
+        try:
+            yield
+        finally:
+            self.inside = False
+            self.spent += time.perf_counter() - start
+        if self.done >= self.total:
+            self.close()
 
     def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
         self.bar.close()
         if self.lines and self.started is not None:
-            print(f"cao2: {self.label}: {self.done}/{self.total} {self.unit} in "
-                  f"{time.perf_counter() - self.started:.1f}s", file=sys.stderr, flush=True)
-            self.started = None
+            seconds = self.spent or time.perf_counter() - self.started
+            print(f"cao2: {self.label}: {self.done}/{self.total} {self.unit} in {seconds:.1f}s", file=sys.stderr,
+                  flush=True)
 
 
 class ProgressBars:
-    """The pool and CLO progress of a run: bars on stderr when ``--progress`` (under torchrun only rank 0 draws
-    them: the groups are dealt in turn, so its share stands for every rank's), and a Progress receiver if given."""
+    """The progress of a run's stages: bars on stderr when ``--progress`` (under torchrun only rank 0 draws them:
+    the groups are dealt in turn, so its share stands for every rank's), and a Progress receiver if given."""
 
     def __init__(self, job: Job, groups, todo, receiver: Progress | None = None):
         shown = job.cfg.progress and job.ranks.is_main and receiver is None
         of_ranks = f" (rank 0 of {job.ranks.world_size})" if job.ranks.world_size > 1 else ""
         ids, src, size = job.space.ids, job.source, job.cfg.batch_size
-        self.sample = StageBar("encode" if job.cfg.images else "sample pool",
-                               sum(src.size(ids[p]) for g, _ in todo for p in groups[g]), "img", shown, of_ranks,
+        pools = sum(src.size(ids[p]) for g, _ in todo for p in groups[g])
+        kept = sum(src.keep(ids[p]) for g, _ in todo for p in groups[g])
+        self.sample = StageBar("encode" if job.cfg.images else "sample pool", pools, "img", shown, of_ranks,
                                receiver)
+        # select_samples decodes and classifies each pool (and, for stability, its snapshots too)
+        self.select = StageBar("select", pools if job.cfg.select in ("confidence", "stability") else 0, "img",
+                               shown, of_ranks, receiver)
         self.clo = StageBar("CLO", sum(workplan.chunks(sum(src.keep(ids[p]) for p in groups[g]), size)
                                        for g, _ in todo) * job.cfg.clo_iters, "it", shown, of_ranks, receiver)
+        self.decode = StageBar("decode", kept, "img", shown, of_ranks, receiver)
 
     def clo_step(self, n: int) -> None:
-        if self.clo.done == 0 and n:
-            self.clo.bar.reset(self.clo.total)      # its clock starts with the first CLO, not with the first pool
         self.clo.update(n)
 
     def close(self) -> None:
-        self.sample.close()
-        self.clo.close()
+        for bar in (self.sample, self.select, self.clo, self.decode):
+            bar.close()
 
 
 def distill_group(job: Job, store: Store, group: list[int], missing: list[int], bars: ProgressBars) -> None:
@@ -257,17 +337,31 @@ def distill_group(job: Job, store: Store, group: list[int], missing: list[int], 
     cids, labels = [job.space.ids[p] for p in group], [job.space.generator_labels[p] for p in group]
     times = {}
     t0 = time.perf_counter()
-    pools = sample_pools(job, cids, labels, bars)
+    with bars.sample.running():
+        pools = sample_pools(job, cids, labels, bars)
     times["sample"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    kept = select_samples(job, group, cids, labels, pools)
+    with bars.select.running(), precision.autocast(job.device, job.selection_autocast):
+        kept = select_samples(job, group, cids, labels, pools)
+        if job.cfg.select in ("confidence", "stability"):
+            bars.select.update(sum(len(pool) for pool, _ in pools))
+    if job.cfg.select == "stability" and job.cfg.profile == "reference":
+        kept = [oss.official_stability_order(keep, scores) for keep, scores in kept]
     latents_init = torch.cat([pool[keep.to(pool.device)] for (pool, _), (keep, _) in zip(pools, kept)])
     times["select"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    latents, bad, curves = optimize_latents(job, cids, labels, kept, latents_init, bars)
+    with bars.clo.running():
+        latents, bad, curves = optimize_latents(job, cids, labels, kept, latents_init, bars)
     times["clo"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    pixels = in_chunks(lambda z: job.gen.decode(handle=job.handle, latents=z).cpu(), latents, job.cfg.batch_size)
+
+    def decode(z: torch.Tensor) -> torch.Tensor:
+        pixels = job.gen.decode(handle=job.handle, latents=z).cpu()
+        bars.decode.update(len(z))
+        return pixels
+
+    with bars.decode.running():
+        pixels = in_chunks(decode, latents, job.cfg.batch_size)
     times["decode"] = time.perf_counter() - t0
     store_classes(job, store, group, missing, kept, latents_init, latents, curves, pixels, bad,
                   {k: round(v, 3) for k, v in times.items()})
@@ -547,10 +641,14 @@ def settled(value):
     return value
 
 
-def manifest_header(cfg, gen: Generator, description: dict, space: LabelSpace, classifier, settings) -> dict:
+def manifest_header(cfg, gen: Generator, description: dict, space: LabelSpace, classifier, settings,
+                    numerics: dict | None = None) -> dict:
     return {
         "config": {**cfg.output_key(), "clo_tmax": settings.level_max},
         "kernels": settings.kernels,
+        # the numerics in effect: device type, TF32 flags (None: a CPU), the autocast cao2 defaults to, the
+        # generator's own (as it describes it), the selection's (--profile reference), latents and Adam in fp32
+        "precision": numerics or {},
         "batch_size": cfg.batch_size,       # fixes which samples share a chunk; a resumed --batch-size auto reuses it
         "versions": {"cao2": __version__, **versions("diffusers", "timm", "safetensors", "pluggy")},
         "command": " ".join(sys.argv),

@@ -6,7 +6,9 @@ first), and fills any shortfall from the remaining (wrongly predicted) samples i
 Ties keep pool order, so the result is deterministic.
 
 ``stability`` (CaO2-MAR) keeps the samples whose classifier probabilities agree best (cosine) between the
-sampler's state one step before the end and the final sample; correctness is not checked.
+sampler's state one step before the end and the final sample; correctness is not checked. The official script
+keeps ``argsort(cos)[-ipc:]``, least consistent of the kept first; ``--profile reference`` writes that order
+(``official_stability_order``), the default the most consistent first.
 """
 from __future__ import annotations
 
@@ -32,6 +34,13 @@ def select_stability(probs_before: torch.Tensor, probs_final: torch.Tensor, ipc:
     """Pool indices of the ``ipc`` most step-consistent samples, most consistent first (ties: pool order)."""
     agreement = stability_of(probs_before, probs_final)
     return torch.sort(agreement, descending=True, stable=True).indices[:ipc]
+
+
+def official_stability_order(keep: torch.Tensor, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``select_stability``'s kept indices (and their scores) in the official script's order, ascending
+    agreement: ``argsort(cos)[-ipc:]``. The same samples; equal scores, which NumPy's default (unstable) sort
+    leaves in no defined order, stay in reverse pool order."""
+    return keep.flip(0), scores.flip(0)
 
 
 def stability_of(probs_before: torch.Tensor, probs_final: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,9 @@ CLO corruption is ``q_sample`` on the 1000-step linear schedule. Timestep conven
 channels, as DiT's ``forward_with_cfg``; ``--gen-opt cfg_channels=N`` and ``--timestep-convention`` override.
 
 ``--gen-opt autocast=bf16|fp16`` runs the transformer forward (sampling and CLO) under ``torch.autocast``
-while its weights keep ``--dtype``; the latents, CLO's Adam state and the VAE stay fp32.
+while its weights keep ``--dtype``; the latents, CLO's Adam state and the VAE stay fp32. Without it: bf16 on CUDA
+under the default profile with fp32 weights, none on a CPU and under ``--profile reference`` (the official code
+runs fp32 with TF32), see ``cao2core.generators.precision.default_autocast``.
 
 ``--gen-opt compile=default|reduce-overhead|max-autotune`` runs the transformer through ``torch.compile`` with
 that mode (``reduce-overhead`` adds CUDA graphs; ``aot_eager`` is the debugging backend, no code generation).
@@ -45,7 +47,8 @@ REFERENCE_CFG_CHANNELS = 3    # DiT's forward_with_cfg guides eps channels 0..2 
 GEN_OPTS = {
     "num_heads": GenOption("attention heads of an original-layout checkpoint (weights do not say; inferred from the "
                            "width for DiT-S/B/L/XL)", "from the width", int),
-    "autocast": GenOption("run the transformer forward under torch.autocast; weights keep --dtype", "none",
+    "autocast": GenOption("run the transformer forward under torch.autocast; weights keep --dtype",
+                          "bf16 on CUDA with fp32 weights (default profile), else none",
                           choices=tuple(precision.AUTOCAST)),
     "compile": GenOption("torch.compile mode of the transformer", "none", choices=compiling.COMPILE_MODES),
     "timestep_freqs": GenOption("the timestep-embedding frequencies the weights were trained with: dit = i/128 (every "
@@ -112,7 +115,8 @@ def cao2_load(options: dict, device: torch.device) -> DiTHandle:
     sampler = options.get("sampler") or defaults.get("sampler", "ddpm")
     if sampler not in sampling.SAMPLERS:
         raise UserError(f"unknown --sampler {sampler!r} for dit; use one of {', '.join(sampling.SAMPLERS)}")
-    autocast = precision.autocast_dtype(options.get("autocast") or "none")
+    autocast = precision.autocast_dtype(options.get("autocast")
+                                        or precision.default_autocast(device, profile, options.get("dtype")))
     compile_mode = compiling.compile_mode(options)
     heads = options.get("num_heads")
     if heads is not None and not str(heads).isdigit():

@@ -22,6 +22,10 @@ CLO on MAR (CaO2-MAR), ``LatentSpec.corruption == "mask"``:
   engine's loss is the masked-token mean squared error + lambda * the max over masked tokens. ``--gen-opt vb=1``
   adds the masked mean of the variational-bound term as ``aux_loss`` (on by default under ``--profile
   reference``: the official loss is the masked mean of mse + vb).
+* precision (``autocasts``): on CUDA the forward passes of sampling and CLO run under bf16 autocast (latents and
+  Adam state fp32); under ``--profile reference`` sampling, and the selection's decode and classifier
+  (``LatentSpec.reference_selection_autocast``), run under fp16 and CLO in fp32, as the official script; on a CPU
+  everything is fp32.
 * conditions: ``class`` = class embedding, ``null`` = the learned ``fake_latent``, ``zero`` = a zero vector in
   every buffer slot (CaO2-MAR's zero-label embedding).
 
@@ -61,7 +65,9 @@ GEN_OPTS = {
                     choices=("0", "1", "true", "false", "yes", "no")),
     "noise": GenOption("CLO eps: fresh every iteration (CaO2-MAR) or the engine's fixed per-sample noise", "fresh",
                        choices=("fresh", "fixed")),
-    "autocast": GenOption("autocast dtype of the model on GPUs", "fp16", choices=tuple(precision.AUTOCAST)),
+    "autocast": GenOption("autocast dtype of the model's forward passes on GPUs (sampling and CLO)",
+                          "bf16; under --profile reference fp16 sampling and fp32 CLO, as the official script",
+                          choices=tuple(precision.AUTOCAST)),
     "clip_x0": GenOption("clamp the head's predicted x0 to [-C, C] at every diffusion step", "none (the world: 6)"),
     "compile": GenOption("torch.compile mode of the block stacks and the head", "none", choices=compiling.COMPILE_MODES),
 }
@@ -82,7 +88,8 @@ class MARHandle:
     mask_ratio: tuple[float, float]
     vb: bool
     fixed_noise: bool
-    autocast: torch.dtype | None
+    autocast: torch.dtype | None            # sampling's forward passes (GPUs only; None on a CPU)
+    clo_autocast: torch.dtype | None        # CLO's forward passes (the official script's CLO is fp32)
     compile_mode: str
     sampler_diffusion: GaussianDiffusion
     diffusion: GaussianDiffusion = field(default_factory=GaussianDiffusion.training)
@@ -163,7 +170,7 @@ def cao2_load(options: dict, device: torch.device) -> MARHandle:
         model_src = str(world)
     path = Path(model_src)
     defaults = loading.read_defaults(path) if path.is_dir() else {}
-    settings = _settings(options, defaults)           # every option is checked before any weight is read
+    settings = _settings(options, defaults, device)   # every option is checked before any weight is read
     model, vae, preset, sources = _load_weights(path, options, defaults)
     for m in (model, vae):
         m.eval().requires_grad_(False).to(device)
@@ -176,12 +183,24 @@ def cao2_load(options: dict, device: torch.device) -> MARHandle:
                      **settings)
 
 
-def _settings(options: dict, defaults: dict) -> dict:
+def autocasts(options: dict, device: torch.device) -> tuple[torch.dtype | None, torch.dtype | None]:
+    """(sampling's, CLO's) autocast dtype. MAR casts no weights: ``--dtype bf16|fp16`` is read as that autocast;
+    else ``--gen-opt autocast``, else bf16 on CUDA (``precision.default_autocast``); under ``--profile reference``
+    sampling runs under fp16 and CLO in fp32, as the official script. Autocast is a GPU option here: on a CPU every
+    forward pass is fp32."""
+    dtype, reference = options.get("dtype") or "fp32", options.get("profile") == "reference"
+    autocast = precision.autocast_dtype(dtype if dtype != "fp32" else (
+        options.get("autocast") or ("fp16" if reference else precision.default_autocast(device))))
+    if device.type != "cuda":
+        return None, None
+    return autocast, None if reference else autocast
+
+
+def _settings(options: dict, defaults: dict, device: torch.device) -> dict:
     schedule = options.get("cfg_schedule") or defaults.get("cfg_schedule", "linear")
     if schedule not in sampling.CFG_SCHEDULES:
         raise UserError(f"--gen-opt cfg_schedule={schedule}: use one of {', '.join(sampling.CFG_SCHEDULES)}")
-    dtype = options.get("dtype") or "fp32"
-    autocast = precision.autocast_dtype(dtype if dtype != "fp32" else (options.get("autocast") or "fp16"))
+    autocast, clo_autocast = autocasts(options, device)
     noise = options.get("noise") or "fresh"
     if noise not in ("fresh", "fixed"):
         raise UserError(f"--gen-opt noise={noise}: use fresh (CaO2-MAR) or fixed")
@@ -198,7 +217,7 @@ def _settings(options: dict, defaults: dict) -> dict:
                 clip_x0=parse_clip(options.get("clip_x0", defaults.get("clip_x0"))),
                 mask_ratio=parse_mask_ratio(options.get("mask_ratio") or "0.7,1"),
                 vb=_flag(options, "vb") if options.get("vb") is not None else options.get("profile") == "reference",
-                fixed_noise=noise == "fixed", autocast=autocast, compile_mode=compiling.compile_mode(options))
+                fixed_noise=noise == "fixed", autocast=autocast, clo_autocast=clo_autocast, compile_mode=compiling.compile_mode(options))
 
 
 def _load_weights(path: Path, options: dict, defaults: dict):
@@ -232,7 +251,9 @@ def _load_weights(path: Path, options: dict, defaults: dict):
 def cao2_latent_spec(handle: MARHandle) -> LatentSpec:
     return LatentSpec(handle.model.cfg.latent_shape, handle.model.cfg.class_num, LEVEL_RANGE, DEFAULT_LEVEL,
                       handle.label_space, corruption="mask", sample_steps=handle.steps,
-                      reference_classifier_input="jpeg")   # the official script classifies a JPEG buffer
+                      # the official script classifies a JPEG buffer of the decoded snapshots, decoding and
+                      # classifying under fp16 autocast
+                      reference_classifier_input="jpeg", reference_selection_autocast="fp16")
 
 
 @hookimpl
@@ -248,7 +269,7 @@ def cao2_describe(handle: MARHandle) -> dict:
         "clo": {"mask_ratio": list(handle.mask_ratio), "vb": handle.vb,
                 "noise": "fixed" if handle.fixed_noise else "fresh",
                 "levels": "per-token head timestep, uniform on 0..T-hat"},
-        "autocast": precision.dtype_name(handle.autocast),
+        "autocast": precision.dtype_name(handle.autocast), "clo_autocast": precision.dtype_name(handle.clo_autocast),
         "compile": handle.compile_mode,
     }
 
@@ -311,8 +332,9 @@ def cao2_predict(handle: MARHandle, corrupted: Corrupted, condition: torch.Tenso
     model, ex = handle.model, corrupted.extras
     tokens, mask = corrupted.inputs, ex["mask"]
     b, L, D = tokens.shape
-    z = model.forward_mae(tokens, mask, condition)
-    out = model.head(ex["x_t"].reshape(-1, D), ex["t"].reshape(-1), z.reshape(b * L, -1)).float()
+    with precision.autocast(tokens.device, handle.clo_autocast):
+        z = model.forward_mae(tokens, mask, condition)
+        out = model.head(ex["x_t"].reshape(-1, D), ex["t"].reshape(-1), z.reshape(b * L, -1)).float()
     weight = mask[..., None].float()
     aux = None
     if handle.vb:

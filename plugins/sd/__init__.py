@@ -67,7 +67,8 @@ GEN_OPTS = {
     "eta": GenOption("DDIM's eta (0: deterministic); schedulers without eta ignore it", 0.0, float),
     "variant": GenOption("weight-file variant to read, e.g. fp16 for diffusion_pytorch_model.fp16.safetensors",
                          "none"),
-    "autocast": GenOption("run the UNet forward under torch.autocast; weights keep --dtype", "none",
+    "autocast": GenOption("run the UNet forward under torch.autocast; weights keep --dtype",
+                          "bf16 on CUDA with fp32 weights (default profile), else none",
                           choices=tuple(precision.AUTOCAST)),
     "compile": GenOption("torch.compile mode of the UNet", "none", choices=compiling.COMPILE_MODES),
 }
@@ -144,7 +145,8 @@ def cao2_load(options: dict, device: torch.device) -> SDHandle:
     names = prompts.ClassNames.of_dataset(options.get("dataset"))
     template = _option(options, "prompt", prompts.DEFAULT_TEMPLATE)
     variant = options.get("variant") or None
-    autocast = precision.autocast_dtype(options.get("autocast") or "none")
+    autocast = precision.autocast_dtype(options.get("autocast")
+                                        or precision.default_autocast(device, "default", options.get("dtype")))
     compile_mode = compiling.compile_mode(options)
     dtype = precision.weights_dtype(options.get("dtype"))
 

@@ -87,7 +87,8 @@ GEN_OPTS = {
     "last_step_size": GenOption("SiT's SDE: the last step's size", "0.04", _positive),
     "clo_times": GenOption("CLO level k: dit = the time whose noise-to-signal ratio is DiT's at timestep k; fraction "
                            "= k/1000 of the way from the data end", "dit", choices=paths.CLO_TIMES),
-    "autocast": GenOption("run the transformer forward under torch.autocast; weights keep --dtype", "none",
+    "autocast": GenOption("run the transformer forward under torch.autocast; weights keep --dtype",
+                          "bf16 on CUDA with fp32 weights (default profile), else none",
                           choices=tuple(precision.AUTOCAST)),
     "compile": GenOption("torch.compile mode of the transformer", "none", choices=compiling.COMPILE_MODES),
 }
@@ -210,7 +211,8 @@ def cao2_load(options: dict, device: torch.device) -> SiTHandle:
         transformer=transformer, vae=vae, family=family, settings=settings,
         level_t=paths.level_times(settings.path, clo_times).to(device), clo_times=clo_times, dtype=dtype,
         sources={"model": options["model"], "vae": vae_source}, set_aside=aside, profile=profile,
-        autocast=precision.autocast_dtype(_get(options, "autocast") or "none"),
+        autocast=precision.autocast_dtype(_get(options, "autocast")
+                                          or precision.default_autocast(device, profile, options.get("dtype"))),
         compiled=compiling.compiled(transformer, compile_mode) if compile_mode != "none" else None,
         compile_mode=compile_mode)
 

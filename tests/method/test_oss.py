@@ -47,3 +47,21 @@ def test_stability_keeps_most_consistent_regardless_of_correctness():
     # rows 1 and 2 agree exactly (cosine 1; tie keeps pool order), row 3 nearly, row 0 hardly
     assert select_stability(before, final, 3).tolist() == [1, 2, 3]
     assert select_stability(before, final, 4).tolist()[-1] == 0
+
+
+def test_official_stability_order_is_the_official_argsort():
+    """The official script keeps ``np.argsort(cos)[-ipc:]``: written here with NumPy from the cosines alone."""
+    import numpy as np
+
+    from cao2core.method.oss import official_stability_order, stability_of
+    gen = torch.Generator().manual_seed(3)
+    for pool, ipc in [(8, 3), (20, 10), (5, 5), (40, 1)]:
+        before = torch.rand(pool, 10, generator=gen).softmax(1)
+        final = torch.rand(pool, 10, generator=gen).softmax(1)
+        before_np, final_np = before.double().numpy(), final.double().numpy()
+        cos = (before_np * final_np).sum(1) / np.linalg.norm(before_np, axis=1) / np.linalg.norm(final_np, axis=1)
+        keep = select_stability(before, final, ipc)
+        reordered, scores = official_stability_order(keep, stability_of(before, final)[keep])
+        assert reordered.tolist() == np.argsort(cos)[-ipc:].tolist()
+        assert keep.tolist() == np.argsort(cos)[::-1][:ipc].tolist()      # the default: most consistent first
+        assert torch.equal(scores, stability_of(before, final)[reordered])

@@ -232,9 +232,81 @@ def test_progress_to_a_file_is_a_line_per_stage(tiny_args, capsys):
     assert main(["run", *args]) == 0              # capsys: stderr is not a terminal, as `make demo > log`
     err = capsys.readouterr().err
     assert "\r" not in err, err
-    lines = [line for line in err.splitlines() if line.startswith("cao2: sample pool") or line.startswith("cao2: CLO")]
-    assert len(lines) == 4, err                   # each stage: a line when it starts, one when it ends
-    assert "cao2: sample pool: 8/8 img in " in err and "cao2: CLO: 3/3 it in " in err
+    lines = [line for line in err.splitlines() if line.startswith("cao2: ")]
+    # each step and stage: a line when it starts, one when it ends (with its own seconds), in the run's order
+    expected = [("load generator: dit ", " ..."), ("load generator: dit ", "s"), ("load classifier: ", " ..."),
+                ("load classifier: ", "s"), ("hash: ", " ..."), ("hash: ", "s"), ("preflight: ", " ..."),
+                ("preflight: ", "s"), ("sample pool: 8 img", " ..."), ("sample pool: 8/8 img in ", "s"),
+                ("select: 8 img", " ..."), ("select: 8/8 img in ", "s"), ("CLO: 3 it", " ..."),
+                ("CLO: 3/3 it in ", "s"), ("decode: 4 img", " ..."), ("decode: 4/4 img in ", "s")]
+    assert len(lines) == len(expected), err
+    for line, (start, end) in zip(lines, expected):
+        assert line.startswith("cao2: " + start) and line.endswith(end), (line, start, end)
+
+
+def test_each_stage_line_ends_when_its_own_work_does(tiny_args, capsys, monkeypatch):
+    """A stage's closing line comes when its last unit is done, before the next stage starts, with its own time."""
+    from cao2core.method import engine
+    slow = engine.optimize_latents
+
+    def optimize_slowly(*args, **kwargs):
+        import time
+        time.sleep(1.5)
+        return slow(*args, **kwargs)
+    monkeypatch.setattr(engine, "optimize_latents", optimize_slowly)
+    args = [a for a in tiny_args if a != "--no-progress"] + ["--progress"]
+    assert main(["run", *args]) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("cao2: ")]
+    pool_end = next(i for i, line in enumerate(lines) if line.startswith("cao2: sample pool: 8/8"))
+    assert lines[pool_end + 1].startswith("cao2: select: 8 img")
+    seconds = {line.split(":")[1].strip(): float(line.rsplit(" in ", 1)[1][:-1]) for line in lines if " in " in line
+               and "/" in line}
+    assert seconds["CLO"] >= 1.5 and seconds["decode"] < 1.5 and seconds["select"] < 1.5, lines
+
+
+def test_no_progress_prints_no_stage_lines(tiny_args, capsys):
+    assert main(["run", *tiny_args]) == 0
+    assert not [line for line in capsys.readouterr().err.splitlines() if line.startswith("cao2: ")]
+
+
+def test_tf32_on_cuda_is_recorded_and_part_of_the_run_identity(tiny_args, tmp_path, monkeypatch):
+    """On CUDA the run allows TF32 and records it (simulated here: apply_tf32 told the device is CUDA); a CPU run
+    in fp32 records none and keeps the run id it had before precision was recorded."""
+    from cao2core.generators import precision
+    run_ok(tiny_args)
+    plain = json.loads((Path(out_of(tiny_args)) / "manifest.json").read_text())
+    assert plain["precision"]["tf32"] is None and plain["precision"]["autocast_default"] == "none"
+    assert "precision" not in plain["identity"]
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    real = precision.apply_tf32
+    monkeypatch.setattr(precision, "apply_tf32", lambda device, environ=None: real(torch.device("cuda"), environ))
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        args = [a if a != out_of(tiny_args) else str(tmp_path / "tf32") for a in tiny_args]
+        run_ok(args)
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+    m = json.loads((tmp_path / "tf32" / "manifest.json").read_text())
+    assert m["precision"]["tf32"] == {"matmul": True, "cudnn": True}
+    assert m["identity"]["precision"]["tf32"] == {"matmul": True, "cudnn": True}
+    assert m["run_id"] != plain["run_id"]
+
+
+def test_selection_runs_under_the_selection_autocast(tiny_args, monkeypatch):
+    """Under --profile reference on CUDA the selection's decode and classifier run under the generator's official
+    autocast (simulated on the CPU with bf16, which CPU autocast supports)."""
+    from cao2core.generators import precision
+    from cao2core.method import engine
+    seen, select = [], engine.select_samples
+
+    def spy(*args, **kwargs):
+        seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+        return select(*args, **kwargs)
+    monkeypatch.setattr(engine, "select_samples", spy)
+    monkeypatch.setattr(precision, "selection_autocast", lambda device, profile, reference: torch.bfloat16)
+    run_ok(tiny_args)
+    assert seen == [(True, torch.bfloat16)]
 
 
 def test_manifest_is_the_same_for_identical_runs_and_times_are_the_groups(tiny_args, tmp_path):

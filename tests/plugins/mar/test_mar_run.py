@@ -65,3 +65,50 @@ def test_mar_refines_an_image_folder(mar_world, tiny_classifier, tmp_path):
                  "--device", "cpu"]) == 0
     t = load_file(str(out / "latents" / "3.safetensors"))
     assert t["latents"].shape == (2, 4, 8, 8) and not torch.equal(t["latents"], t["latents_init"])
+
+
+def test_reference_profile_writes_the_official_stability_order(mar_world, tiny_classifier, tmp_path, capsys):
+    """The official script keeps argsort(cos)[-ipc:] (least consistent of the kept first) and selects under fp16
+    autocast, which a CPU run cannot: it runs in fp32 and says so once."""
+    out = tmp_path / "ref"
+    assert main(mar_args(mar_world, tiny_classifier, out, "--select", "stability", "--pool-factor", "3",
+                         "--profile", "reference")) == 0
+    err = capsys.readouterr().err
+    assert err.count("decodes and classifies the selection pool under fp16 autocast") == 1, err
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["precision"]["selection_autocast"] is None and m["precision"]["generator"]["autocast"] is None
+    for cid in ("2", "7"):
+        scores = load_file(str(out / "latents" / f"{cid}.safetensors"))["scores"]
+        assert scores.tolist() == sorted(scores.tolist()) and scores[0] < scores[-1]
+
+
+def test_precision_per_profile_and_device():
+    from cao2_mar import autocasts
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert autocasts({}, cuda) == (torch.bfloat16, torch.bfloat16)                  # the CUDA default
+    assert autocasts({"profile": "reference"}, cuda) == (torch.float16, None)        # official: fp16 sampling, fp32 CLO
+    assert autocasts({"autocast": "fp16"}, cuda) == (torch.float16, torch.float16)
+    assert autocasts({"dtype": "bf16", "profile": "reference"}, cuda) == (torch.bfloat16, None)
+    assert autocasts({"autocast": "bf16"}, cpu) == (None, None)                     # a GPU option
+
+
+def test_clo_forward_under_autocast_keeps_fp32_latents_and_gradient(mar_world):
+    from dataclasses import replace
+
+    from cao2core.generators.host import Host
+    gen = Host().generator("mar")
+    handle = gen.load(options={"model": str(mar_world)}, device=torch.device("cpu"))
+    latents = torch.randn(2, *gen.latent_spec(handle=handle).shape, generator=torch.Generator().manual_seed(0))
+    preds = {}
+    for name, amp in (("fp32", None), ("bf16", torch.bfloat16)):
+        z = latents.clone().requires_grad_(True)
+        h = replace(handle, clo_autocast=amp)
+        corrupted = gen.corrupt(handle=h, latents=z, levels=torch.zeros(2, dtype=torch.long), noise=torch.zeros_like(z),
+                                generators=[torch.Generator().manual_seed(s) for s in (1, 2)], level_max=999)
+        p = gen.predict(handle=h, corrupted=corrupted, condition=gen.condition(handle=h, labels=torch.tensor([1, 2]),
+                                                                               kinds=["null", "null"]))
+        (p.pred.square() * p.weight).sum().backward()
+        assert p.pred.dtype == torch.float32 and z.grad.dtype == torch.float32 and z.grad.abs().sum() > 0
+        preds[name] = p.pred.detach()
+    assert not torch.equal(preds["fp32"], preds["bf16"])                            # bf16 did run
+    torch.testing.assert_close(preds["bf16"], preds["fp32"], rtol=0.1, atol=0.1)
