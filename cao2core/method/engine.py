@@ -345,8 +345,6 @@ def distill_group(job: Job, store: Store, group: list[int], missing: list[int], 
         kept = select_samples(job, group, cids, labels, pools)
         if job.cfg.select in ("confidence", "stability"):
             bars.select.update(sum(len(pool) for pool, _ in pools))
-    if job.cfg.select == "stability" and job.cfg.profile == "reference":
-        kept = [oss.official_stability_order(keep, scores) for keep, scores in kept]
     latents_init = torch.cat([pool[keep.to(pool.device)] for (pool, _), (keep, _) in zip(pools, kept)])
     times["select"] = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -394,6 +392,8 @@ def select_samples(job: Job, group: list[int], cids: list[str], labels: list[int
                 score = oss.scores_of(probs[k], target)
             else:
                 keep = oss.select_stability(probs_before[k], probs[k], ipc)
+                if cfg.profile == "reference":      # the files, and the pool record's ranks, in the official order
+                    keep = oss.official_stability_order(keep)
                 score = oss.stability_of(probs_before[k], probs[k])
             pool = oss.pool_record(probs[k], target, keep, score, cfg.select == "confidence", thumbs[k])
             record = {"select": cfg.select, "fields": sorted(pool), "target": target,

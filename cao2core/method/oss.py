@@ -36,11 +36,11 @@ def select_stability(probs_before: torch.Tensor, probs_final: torch.Tensor, ipc:
     return torch.sort(agreement, descending=True, stable=True).indices[:ipc]
 
 
-def official_stability_order(keep: torch.Tensor, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``select_stability``'s kept indices (and their scores) in the official script's order, ascending
-    agreement: ``argsort(cos)[-ipc:]``. The same samples; equal scores, which NumPy's default (unstable) sort
-    leaves in no defined order, stay in reverse pool order."""
-    return keep.flip(0), scores.flip(0)
+def official_stability_order(keep: torch.Tensor) -> torch.Tensor:
+    """``select_stability``'s kept indices in the official script's order, ascending agreement:
+    ``argsort(cos)[-ipc:]``. The same samples; equal scores, which NumPy's default (unstable) sort leaves in no
+    defined order, stay in reverse pool order."""
+    return keep.flip(0)
 
 
 def stability_of(probs_before: torch.Tensor, probs_final: torch.Tensor) -> torch.Tensor:

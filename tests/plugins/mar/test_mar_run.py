@@ -78,8 +78,12 @@ def test_reference_profile_writes_the_official_stability_order(mar_world, tiny_c
     m = json.loads((out / "manifest.json").read_text())
     assert m["precision"]["selection_autocast"] is None and m["precision"]["generator"]["autocast"] is None
     for cid in ("2", "7"):
-        scores = load_file(str(out / "latents" / f"{cid}.safetensors"))["scores"]
+        tensors = load_file(str(out / "latents" / f"{cid}.safetensors"))
+        scores = tensors["scores"]
         assert scores.tolist() == sorted(scores.tolist()) and scores[0] < scores[-1]
+        # the pool record ranks the kept samples in the order they were written (0.png first)
+        ranked = sorted((int(r), i) for i, r in enumerate(tensors["pool_rank"].tolist()) if r >= 0)
+        assert [i for _, i in ranked] == tensors["pool_index"].tolist()
 
 
 def test_precision_per_profile_and_device():
