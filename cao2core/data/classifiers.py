@@ -184,8 +184,9 @@ def load_classifier(spec: str | None, space: LabelSpace, device: torch.device, a
     (``--teacher``: messages then name --teacher-arch and --teacher-classes)."""
     if spec is None:
         if space.generator_space not in ("mnist", "in1k"):
-            instead = "or --select none|random" if flag == "--classifier" else "or another --protocol"
-            raise UserError(f"label space {space.name} has no default classifier: pass {flag} (a checkpoint "
+            role, instead = (("selection classifier", "or --select none|random") if flag == "--classifier" else
+                             ("teacher", "or a hard-label --protocol"))
+            raise UserError(f"label space {space.name} has no default {role}: pass {flag} (a checkpoint "
                             f"whose metadata names its classes, or a timm model with {flag}-classes) {instead}")
         spec = str(embedded_mnist_classifier()) if space.generator_space == "mnist" else DEFAULT_IMAGENET_CLASSIFIER
     path = Path(spec)

@@ -12,9 +12,13 @@ from cao2core.cli import main
 
 
 def fails(argv, capsys, match):
+    """The run refuses in one error line, the last; before it only the progress lines of the steps that began
+    ("cao2: load generator: ... ..."), which a log keeps to say where the time went."""
     rc = main(argv)
-    err = capsys.readouterr().err.strip()
-    assert rc != 0 and len(err.splitlines()) == 1 and err.startswith("cao2: error: "), err
+    *progress, err = capsys.readouterr().err.strip().splitlines()
+    assert rc != 0 and err.startswith("cao2: error: "), err
+    assert all(line.startswith("cao2: ") and line.endswith(" ...") and "error" not in line for line in progress), \
+        progress
     assert match in err, err
     return err
 
