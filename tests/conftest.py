@@ -61,3 +61,15 @@ def tiny_args(tiny_world, tiny_classifier, tmp_path):
     return ["--model", str(tiny_world), "--classifier", str(tiny_classifier), "--classes", "0,3", "--ipc", "2",
             "--pool-factor", "2", "--clo-iters", "3", "--out", str(tmp_path / "out"), "--no-progress",
             "--device", "cpu"]
+
+
+@pytest.fixture
+def empty_hub(tmp_path, monkeypatch):
+    """An empty Hugging Face hub cache and HF_HUB_OFFLINE=1, set where huggingface_hub reads them (its constants,
+    read once at import); returns the cache folder (tests/hub_files.py fills it in the published layout)."""
+    from huggingface_hub import constants
+    cache = tmp_path / "hf" / "hub"
+    cache.mkdir(parents=True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return cache

@@ -206,16 +206,6 @@ def test_a_pt_file_that_is_no_state_dict_is_one_line(tiny_world, tmp_path, capsy
     assert not (tmp_path / "o").exists() and not (tmp_path / "e").exists()
 
 
-@pytest.fixture
-def empty_hub(tmp_path, monkeypatch):
-    """An empty hub cache and HF_HUB_OFFLINE=1, as huggingface_hub reads them at import."""
-    from huggingface_hub import constants
-    cache = tmp_path / "hf" / "hub"
-    cache.mkdir(parents=True)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    return cache
-
 
 def test_the_default_imagenet_classifier_offline_and_uncached_is_one_quick_line(empty_hub):
     import time

@@ -22,16 +22,6 @@ from cao2_dit import loading
 CPU = torch.device("cpu")
 
 
-@pytest.fixture
-def empty_hub(tmp_path, monkeypatch):
-    """HF_HOME in a fresh folder and HF_HUB_OFFLINE=1, as huggingface_hub reads them (at import)."""
-    cache = tmp_path / "hf" / "hub"
-    cache.mkdir(parents=True)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    return cache
-
-
 def load(options):
     gen = Host().generator("dit")
     return gen.load(options={"sample_steps": 3, **options}, device=CPU)
