@@ -10,7 +10,6 @@ the same weights) gets DiT's frequencies; a folder whose ``cao2.json`` says ``"t
 """
 from __future__ import annotations
 
-import json
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import torch
 from diffusers import AutoencoderKL, DiTTransformer2DModel
 from diffusers.models.embeddings import Timesteps
 
-from cao2core.generators import weights
+from cao2core.generators import weights, worlds
 from cao2core.errors import UserError
 
 from . import convert
@@ -47,26 +46,13 @@ def world_dir(name: str) -> Path | None:
 
 # the cao2.json keys the dit plugin reads, and their JSON types
 DEFAULT_TYPES = {"label_space": str, "sampler": str, "timestep_freqs": str, "sample_steps": int,
-                 "guidance": (int, float)}
-DEFAULT_TYPE_WORDS = {str: "a string", int: "a whole number", (int, float): "a number"}
+                 "guidance": worlds.NUMBER}
 SOURCE_KEY = "_file"     # where read_defaults records the file the defaults came from, for messages naming it
 
 
 def read_defaults(path: Path) -> dict:
     """A world folder's cao2.json (sampling defaults, label space): a JSON object, else one line naming the file."""
-    try:
-        defaults = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path} cannot be read ({exc}); fix its permissions or remove it") from None
-    except ValueError as exc:
-        raise UserError(f"{path} is not valid JSON ({exc}); fix it or remove it to use DiT's defaults") from None
-    if not isinstance(defaults, dict):
-        raise UserError(f"{path} should hold a JSON object of defaults (label_space, sample_steps, ...), got "
-                        f"{type(defaults).__name__}; fix it or remove it")
-    for key, kinds in DEFAULT_TYPES.items():
-        value = defaults.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, kinds)):
-            raise UserError(f"{path}: {key} is {value!r}; it should be {DEFAULT_TYPE_WORDS[kinds]}")
+    defaults = worlds.read_world_settings(path, DEFAULT_TYPES, "remove it to use DiT's defaults")
     return {**defaults, SOURCE_KEY: str(path)}
 
 

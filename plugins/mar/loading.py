@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from cao2core.generators import weights
+from cao2core.generators import weights, worlds
 from cao2core.errors import UserError
 
 from .model import MAR, PRESETS, MARConfig
@@ -31,19 +31,18 @@ def world_dir(name: str) -> Path | None:
     return d if (d / "mar.safetensors").is_file() else None
 
 
+# the cao2.json keys the mar plugin reads, and their JSON types
+DEFAULT_TYPES = {"label_space": str, "mar": worlds.OBJECT_OR_NAME, "vae": worlds.OBJECT_OR_NAME,
+                 "guidance": worlds.NUMBER, "cfg_schedule": str, "sample_steps": int, "diffloss_steps": int,
+                 "temperature": worlds.NUMBER, "clip_x0": worlds.NUMBER}
+
+
 def read_defaults(folder: Path) -> dict:
     """A world folder's cao2.json (configs and sampling defaults); none: the presets given as --gen-opt decide."""
     path = folder / "cao2.json"
     if not path.is_file():
         return {}
-    try:
-        defaults = json.loads(path.read_text())
-    except ValueError as exc:
-        raise UserError(f"{path} is not valid JSON ({exc}); fix it or remove it") from None
-    if not isinstance(defaults, dict):
-        raise UserError(f"{path} should hold a JSON object (mar, vae, sampling defaults), got "
-                        f"{type(defaults).__name__}; fix it or remove it")
-    return defaults
+    return worlds.read_world_settings(path, DEFAULT_TYPES, "remove it and give the configs as --gen-opt preset=...")
 
 
 def mar_config(spec: str | dict | None, fallback: str = "mar_base") -> tuple[str, MARConfig]:

@@ -117,7 +117,11 @@ def test_missing_checkpoint(tmp_path, capsys):
               tmp_path / "o")
 
 
-@pytest.mark.parametrize("text,match", [("[1, 2]", "should hold a JSON object"), ('{"mar": ', "is not valid JSON")])
+@pytest.mark.parametrize("text,match", [
+    ("[1, 2]", "should hold a JSON object"), ('{"mar": ', "is not valid JSON"),
+    ('{"sample_steps": "8"}', "sample_steps is '8'; it should be a whole number"),
+    ('{"guidance": true}', "guidance is True; it should be a number"),
+    ('{"mar": 3}', "mar is 3; it should be a JSON object or a preset name")])
 def test_a_broken_world_cao2_json_names_the_file(tmp_path, text, match):
     (tmp_path / "cao2.json").write_text(text)
     with pytest.raises(UserError, match=match) as info:
