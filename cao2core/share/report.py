@@ -26,7 +26,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from ..errors import UserError, reason
-from ..store.files import new_folder
+from ..store.files import locked_folder, new_folder
+from ..store.records import sweep_reports
 from ..store.layout import EVAL_FOLDER, REPORT_FOLDER
 from .export import RunImages, checkpoint_hashes, tolerant_report, open_run
 
@@ -66,35 +67,37 @@ def report(out: str | Path, device: str = "auto") -> ReportResult:
     pools = _pool_pngs(run, latents)
     pool_pages = sum(len(p) for p in pools.values()) > POOL_INLINE_MAX
     try:
+        sweep_reports(run.root)
         staging = new_folder(run.root, f".{REPORT_FOLDER}.")
     except OSError as exc:
         raise UserError(f"cannot write in {run.root} ({reason(exc)}); fix its permissions, then rerun") from None
     try:
-        count = 0
-        for cid, pngs in thumbs.items():
-            folder = staging / BEFORE / cid
-            folder.mkdir(parents=True)
-            for name, data in pngs.items():
-                (folder / name).write_bytes(data)
-                count += 1
-        for cid, pngs in pools.items():
-            folder = staging / POOL / cid
-            folder.mkdir(parents=True)
-            for name, data in pngs.items():
-                (folder / name).write_bytes(data)
-        missing = []
-        page = render(run, latents, thumbs, missing, pool_pages)
-        (staging / PAGE).write_text(page, encoding="utf-8")
-        if pool_pages:
-            judge = _judge_names(run)
-            for cid in pools:
-                (staging / POOL / f"{cid}.html").write_text(pool_page(run, cid, latents[cid], judge),
-                                                            encoding="utf-8")
-        old = None
-        if target.exists():
-            old = new_folder(run.root, f".{REPORT_FOLDER}.")
-            os.replace(target, old / REPORT_FOLDER)
-        os.replace(staging, target)
+        with locked_folder(staging):    # in use: neither a run's sweep nor another report removes it meanwhile
+            count = 0
+            for cid, pngs in thumbs.items():
+                folder = staging / BEFORE / cid
+                folder.mkdir(parents=True)
+                for name, data in pngs.items():
+                    (folder / name).write_bytes(data)
+                    count += 1
+            for cid, pngs in pools.items():
+                folder = staging / POOL / cid
+                folder.mkdir(parents=True)
+                for name, data in pngs.items():
+                    (folder / name).write_bytes(data)
+            missing = []
+            page = render(run, latents, thumbs, missing, pool_pages)
+            (staging / PAGE).write_text(page, encoding="utf-8")
+            if pool_pages:
+                judge = _judge_names(run)
+                for cid in pools:
+                    (staging / POOL / f"{cid}.html").write_text(pool_page(run, cid, latents[cid], judge),
+                                                                encoding="utf-8")
+            old = None
+            if target.exists():
+                old = new_folder(run.root, f".{REPORT_FOLDER}.")
+                os.replace(target, old / REPORT_FOLDER)
+            os.replace(staging, target)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except OSError as exc:

@@ -423,7 +423,8 @@ class Store:
     def sweep_debris(self) -> list[Path]:
         """Remove the temporary files and class folders a killed run left (those no live process holds); what
         was removed. The eval folder is left to the commands that write it."""
-        found = [p for p in self.out.iterdir() if TEMP_NAMES["."].fullmatch(p.name)]
+        found = [p for p in self.out.iterdir() if TEMP_NAMES["."].fullmatch(p.name)
+                 or REPORT_STAGING.fullmatch(p.name)]      # a killed `cao2 report`'s staging folder
         for sub in ("latents", "records"):
             folder = self.out / sub
             found += [p for p in folder.iterdir() if TEMP_NAMES[sub].fullmatch(p.name)] if folder.is_dir() else []
@@ -465,3 +466,13 @@ class Store:
             raise UserError(f"cannot write {path} ({reason(exc)}); free disk space or fix permissions, then rerun "
                             "the same command") from None
         return path
+
+
+def sweep_reports(out: Path) -> list[Path]:
+    """Remove the staging folders (``.report.<token>``) that killed ``cao2 report`` runs left in ``out``; one that
+    a live report holds locked is left. What was removed."""
+    removed = [p for p in Path(out).iterdir() if REPORT_STAGING.fullmatch(p.name) and abandoned(p)]
+    for p in removed:
+        with contextlib.suppress(OSError):
+            remove_path(p)
+    return removed

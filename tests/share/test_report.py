@@ -186,3 +186,17 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "not a finished cao2 run" in err[0]
     assert not (tmp_path / "nowhere").exists()
+
+
+def test_a_killed_reports_staging_folder_is_swept_by_the_next(finished_run, tmp_path, monkeypatch):
+    from cao2core.store import files as store_files
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    shutil.rmtree(run / "report", ignore_errors=True)
+    dead = run / ".report.abcd1234"                     # what a SIGKILLed `cao2 report` leaves: no writer holds it
+    (dead / "before" / "0").mkdir(parents=True)
+    (dead / "before" / "0" / "0.png").write_bytes(b"x")
+    monkeypatch.setattr(store_files, "DEBRIS_AGE_S", 0.0)
+    cao2core.report(str(run), device="cpu")
+    assert not dead.exists() and (run / "report" / "index.html").is_file()
+    assert not [p.name for p in run.iterdir() if p.name.startswith(".report.")]

@@ -276,11 +276,14 @@ def test_the_sweep_leaves_what_a_live_writer_holds(tmp_path, monkeypatch):
     for p in dead:
         p.write_bytes(b"x")
     (out / "images" / ".1.abcd1234").mkdir()
+    (out / ".report.abcd1234" / "before").mkdir(parents=True)      # a killed `cao2 report`'s staging folder
     live_file = out / "records" / ".1.json.live1234.tmp"
     live_file.write_bytes(b"x")
     live_folder = out / "images" / ".0.live1234"
     live_folder.mkdir()
-    held = [os.open(live_file, os.O_RDONLY), os.open(live_folder, os.O_RDONLY)]
+    live_report = out / ".report.live1234"
+    live_report.mkdir()
+    held = [os.open(p, os.O_RDONLY) for p in (live_file, live_folder, live_report)]
     try:
         for fd in held:
             store_files.hold_lock(fd)
@@ -288,10 +291,11 @@ def test_the_sweep_leaves_what_a_live_writer_holds(tmp_path, monkeypatch):
     finally:
         for fd in held:
             os.close(fd)
-    assert sorted(removed) == sorted([*dead, out / "images" / ".1.abcd1234"])
-    assert live_file.exists() and live_folder.is_dir() and not any(p.exists() for p in dead)
+    assert sorted(removed) == sorted([*dead, out / "images" / ".1.abcd1234", out / ".report.abcd1234"])
+    assert live_file.exists() and live_folder.is_dir() and live_report.is_dir()
+    assert not any(p.exists() for p in dead) and not (out / ".report.abcd1234").exists()
     (out / "notes.txt").write_bytes(b"mine")             # names that are not cao2's are never touched
-    assert sorted(store.sweep_debris()) == sorted([live_file, live_folder])     # released: its writer died
+    assert sorted(store.sweep_debris()) == sorted([live_file, live_folder, live_report])    # released: writer died
     assert (out / "notes.txt").exists()
     monkeypatch.setattr(store_files, "DEBRIS_AGE_S", 3600.0)
     young = out / "records" / ".1.json.young123.tmp"
