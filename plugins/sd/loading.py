@@ -115,11 +115,24 @@ def _from_hub(repo: str, patterns: list[str], needed: list[list[str]], what: str
     """The hub repo's snapshot folder: the cached one when it has a file for each group of ``needed`` patterns
     (no network call), else downloaded; not cached and not downloadable now is one UserError at once."""
     try:
-        return weights.hub_snapshot(repo, patterns,
-                                    lambda folder: all(weights.matches_any(folder, group) for group in needed))
+        return weights.hub_snapshot(repo, patterns, lambda folder: all(weights.matches_any(folder, group)
+                                                                       for group in needed) and shards_present(folder))
     except weights.HubMiss as why:      # offline, unreachable, unknown or gated repo: all the user's to fix
         raise UserError(weights.hub_miss_message(what, repo, why, f"download it and pass the local folder with {flag}"
                                                  )) from None
+
+
+def shards_present(folder: Path) -> bool:
+    """Every shard that a cached sharded part's index names is there: an interrupted download of a sharded model
+    leaves the index and some shards, which loading would find only at the missing one."""
+    for index in folder.rglob("*.safetensors.index*.json"):
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return False        # a damaged index: downloaded again
+        if not all((index.parent / shard).is_file() for shard in shards):
+            return False
+    return True
 
 
 def check_index(folder: Path) -> dict:

@@ -147,6 +147,33 @@ def test_a_cached_hub_id_loads_without_the_network(base, monkeypatch):
     assert k.gen.describe(handle=k.handle)["model"] == str(base[0])
 
 
+def test_a_cached_sharded_part_missing_a_shard_is_not_taken_as_cached(copy, monkeypatch):
+    """An interrupted download of a sharded UNet: the index and one of its two shards. Taken as cached, loading
+    would fail at the missing shard; it is fetched again (here: offline, so the one line saying it is not cached)."""
+    import huggingface_hub
+    from cao2_sd import loading as sd_loading
+    from cao2core.generators import weights
+    unet = copy / "unet"
+    (unet / "diffusion_pytorch_model.safetensors").unlink()
+    shards = ["diffusion_pytorch_model-00001-of-00002.safetensors", "diffusion_pytorch_model-00002-of-00002.safetensors"]
+    (unet / "diffusion_pytorch_model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": {"a.weight": shards[0], "b.weight": shards[1]}}))
+    (unet / shards[0]).write_bytes(b"partial")
+    assert not sd_loading.shards_present(copy)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda repo, allow_patterns, cache_dir=None, local_files_only=False: str(copy))
+
+    def offline(repo):
+        raise weights.HubMiss("HF_HUB_OFFLINE is set")
+    monkeypatch.setattr(weights, "hub_listing", offline)
+    with pytest.raises(UserError) as info:
+        sd_loading.resolve("someone/tiny-sd")
+    assert "is not in the Hugging Face cache" in str(info.value) and "\n" not in str(info.value)
+    (unet / shards[1]).write_bytes(b"rest")
+    assert sd_loading.shards_present(copy)
+    assert sd_loading.resolve("someone/tiny-sd") == copy         # complete: the cached snapshot, no network
+
+
 def test_an_uncached_hub_id_offline_is_one_quick_line(base, tmp_path, monkeypatch):
     import time
     from huggingface_hub import constants
