@@ -54,6 +54,9 @@ def test_progress_goes_to_the_receiver(tmp_path):
                         for done in (0, 1)]
     assert list(dict.fromkeys(stage for stage, _, _ in seen)) == ["load generator", "load classifier", "hash",
                                                                  "preflight", "sample pool", "select", "CLO", "decode"]
+    assert all(a != b for a, b in zip(seen, seen[1:]))      # each call says something new
+    work = [(stage, done) for stage, done, _ in seen[8:]]
+    assert all(done > 0 for _, done in work) and len(work) == len(set(work))
 
 
 def test_the_top_level_exports_what_it_documents():

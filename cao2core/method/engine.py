@@ -272,8 +272,9 @@ class StageBar:
             print(f"cao2: {self.label}: {self.total} {self.unit} ...", file=sys.stderr, flush=True)
 
     def update(self, n: int) -> None:
-        if n:
-            self.begin()
+        if not n:
+            return      # a sampler step that completed no sample: nothing to tell the bar or the receiver
+        self.begin()
         self.done += n
         self.bar.update(n)
         if self.receiver is not None:
