@@ -86,7 +86,7 @@ def open_run(data: str | Path, action: str = "exporting it") -> RunImages:
         latents = root / "latents" / f"{cid}.safetensors"
         if latents.is_file():
             with safe_open(str(latents), "pt") as fh:
-                for key in ("scores", "pool_index"):
+                for key in ("scores", "pool_index", "pool_pred", "pool_pred_prob"):
                     if key in fh.keys():
                         found[key] = fh.get_tensor(key).tolist()
         tensors[cid] = found
@@ -189,20 +189,43 @@ def _write_hf(run: RunImages, out: Path) -> list[Path]:
     _copy_images(run, lambda cid: split / cid)
     names = dict(zip(run.classes, run.manifest.get("class_names") or run.classes))
     seed = (run.manifest.get("seeds") or {}).get("run_seed")
+    judge_class_ids = judge_classes(run)
     rows = []
     for position, cid in enumerate(run.classes):
         found = run.tensors[cid]
         for i, path in enumerate(run.images[cid]):
             scores, pool = found.get("scores"), found.get("pool_index")
             confidence = scores[i] if scores is not None and i < len(scores) else None
+            index = pool[i] if pool is not None and i < len(pool) else None
+            top, top_prob = _judge_answer(found, index)
             rows.append({"file_name": f"{cid}/{path.name}", "label": position, "class_id": cid,
                          "class_name": names[cid], "dataset_label": _label(run, cid),
                          # NaN (a selection without scores) is not JSON; null says "not measured"
                          "confidence": confidence if confidence == confidence else None,
-                         "seed": seed, "pool_index": pool[i] if pool is not None and i < len(pool) else None})
+                         "judge_class": None if top is None else judge_class_ids.get(top, f"output {top}"),
+                         "judge_probability": top_prob, "seed": seed, "pool_index": index})
     (split / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (out / "README.md").write_text(dataset_card(run))
     return [split / "metadata.jsonl", out / "README.md"]
+
+
+def judge_classes(run: RunImages) -> dict[int, str]:
+    """The judge's output index -> the run's class id at that index (the targets the pool records hold)."""
+    found = {}
+    for cid, entry in (run.manifest.get("classes") or {}).items():
+        target = ((entry or {}).get("pool_record") or {}).get("target")
+        if isinstance(target, int):
+            found[target] = cid
+    return found
+
+
+def _judge_answer(found: dict, index: int | None) -> tuple[int | None, float | None]:
+    """The judge's top output and its probability for pool sample ``index``, from the class's pool record
+    (None, None: not recorded, as for --select random or a folder from an older cao2)."""
+    preds, probs = found.get("pool_pred"), found.get("pool_pred_prob")
+    if preds is None or probs is None or index is None or not 0 <= index < min(len(preds), len(probs)):
+        return None, None
+    return int(preds[index]), float(probs[index])
 
 
 def _licence(manifest: dict) -> tuple[str, str]:
@@ -290,7 +313,11 @@ def dataset_card(run: RunImages) -> str:
              "## Columns (train/metadata.jsonl)", "",
              "- `label`: position of the class in this set; `class_id`, `class_name`; `dataset_label`: the class's "
              "label in the full label space",
-             "- `confidence`: the judge's OSS score of the image when it was selected (null: not measured)",
+             "- `confidence`: the score OSS ranked the image by (`--select confidence`: the judge's probability of "
+             "the class; `stability`: the cosine agreement of the judge's answers one sampler step before the end "
+             "and at the end; null: not measured)",
+             "- `judge_class`, `judge_probability`: the judge's top class for the image when it was selected and "
+             "its probability (`output N` where that class is not in this set; null: not recorded)",
              "- `seed`, `pool_index`: the run seed and the sample's index in its class pool; sample i of a class is "
              "drawn from sha256('cao2/{seed}/{generator label}/{index}/{stream}')", "",
              "## Evaluation", ""]

@@ -29,7 +29,7 @@ from ..errors import UserError, reason
 from ..store.files import locked_folder, new_folder
 from ..store.records import sweep_reports
 from ..store.layout import EVAL_FOLDER, REPORT_FOLDER
-from .export import RunImages, checkpoint_hashes, tolerant_report, open_run
+from .export import RunImages, checkpoint_hashes, judge_classes, tolerant_report, open_run
 
 PAGE = "index.html"
 BEFORE = "before"
@@ -370,12 +370,8 @@ def _pool_missing(run: RunImages, cid: str, t: dict) -> str | None:
 def _judge_names(run: RunImages) -> dict[int, str]:
     """The judge's output index -> the run's class at that index (the targets the records hold)."""
     names = dict(zip(run.classes, run.manifest.get("class_names") or run.classes))
-    found = {}
-    for cid, entry in (run.manifest.get("classes") or {}).items():
-        target = ((entry or {}).get("pool_record") or {}).get("target")
-        if isinstance(target, int) and cid in names:
-            found[target] = f"{cid} {names[cid]}" if names[cid] != cid else cid
-    return found
+    return {target: f"{cid} {names[cid]}" if names[cid] != cid else cid
+            for target, cid in judge_classes(run).items() if cid in names}
 
 
 POOL_LEGEND = ("<p class=legend><span class='swatch kept'></span> kept (#: selection order) "

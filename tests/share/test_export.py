@@ -34,13 +34,18 @@ def test_hf_export_loads_with_datasets_offline(finished_run, tmp_path, monkeypat
     train = datasets.load_dataset("imagefolder", data_dir=str(to), split="train",
                                   cache_dir=str(tmp_path / "cache"))
     assert len(train) == 10
-    assert {"image", "label", "class_id", "class_name", "confidence", "seed", "pool_index"} <= set(train.features)
+    assert {"image", "label", "class_id", "class_name", "confidence", "judge_class", "judge_probability", "seed",
+            "pool_index"} <= set(train.features)
     manifest = json.loads((finished_run / "manifest.json").read_text())
     for row in train:
         cid = row["class_id"]
         latents = load_file(str(finished_run / "latents" / f"{cid}.safetensors"))
         assert row["confidence"] == pytest.approx(latents["scores"][0].item())
         assert row["pool_index"] == latents["pool_index"][0].item() and row["seed"] == 0
+        kept = row["pool_index"]      # the judge's answer on the kept sample, from the pool record
+        assert row["judge_probability"] == pytest.approx(latents["pool_pred_prob"][kept].item())
+        target = manifest["classes"][cid]["pool_record"]["target"]
+        assert (row["judge_class"] == cid) == (latents["pool_pred"][kept].item() == target)
         assert row["label"] == manifest["class_ids"].index(cid) and row["image"].size == (32, 32)
     card = (to / "README.md").read_text()
     header = card.split("---\n")[1]
