@@ -249,11 +249,18 @@ when it ends; then "sample pool" (or "encode" for refine), "select" (the pool de
 (the kept latents after CLO) counted in images, and "CLO" counted in iterations."""
 
 
+# a log's progress lines within a stage (stderr not a terminal): at a tenth of the stage done, if this long since the
+# stage's last line, and in any case after the longer wait (an ImageNet-1K stage runs for hours: a batch job's log
+# should say it is alive without growing by a line per batch)
+LOG_LINE_AFTER_S, LOG_LINE_AT_MOST_S = 30.0, 600.0
+
+
 class StageBar:
     """One stage's progress: a tqdm bar (drawn when the run shows bars) that also tells a Progress receiver. When
-    stderr is not a terminal (a log file, a pipe) no bar is drawn: one line when the stage starts and one when it
-    ends, with its count and time. The bar closes when its last unit is done; its time is the time spent inside
-    the stage (``running``), not the run's."""
+    stderr is not a terminal (a log file, a pipe) no bar is drawn: one line when the stage starts, one when it
+    ends, with its count and time, and between them a line at each tenth done (at most one each
+    ``LOG_LINE_AFTER_S``, at least one each ``LOG_LINE_AT_MOST_S``). The bar closes when its last unit is done; its
+    time is the time spent inside the stage (``running``), not the run's."""
 
     def __init__(self, stage: str, total: int, unit: str, shown: bool, suffix: str, receiver: Progress | None):
         self.stage, self.total, self.done, self.receiver = stage, total, 0, receiver
@@ -261,15 +268,31 @@ class StageBar:
         self.label, self.unit, self.started = stage + suffix, unit, None
         self.bar = tqdm(total=total, desc=stage + suffix, unit=unit, disable=not shown or self.lines or not total)
         self.spent, self.inside, self.closed = 0.0, False, False
+        self.entered = self.last_line = 0.0     # when ``running`` was entered; when the last log line was printed
+        self.tenths = 0                         # the tenths of the stage the log lines have reported
 
     def begin(self) -> None:
         """The stage's first work: its line, and its bar's clock (not started when the run made the bars)."""
         if self.started is not None or self.closed or not self.total:
             return
-        self.started = time.perf_counter()
+        self.started = self.last_line = time.perf_counter()
         self.bar.reset(self.total)
         if self.lines:
             print(f"cao2: {self.label}: {self.total} {self.unit} ...", file=sys.stderr, flush=True)
+
+    def own_seconds(self) -> float:
+        """The time spent inside the stage so far."""
+        return self.spent + (time.perf_counter() - self.entered if self.inside else 0.0)
+
+    def log_line(self) -> None:
+        """A line in the log between the stage's first and last, when a tenth more is done or it has been long."""
+        now, tenths = time.perf_counter(), self.done * 10 // self.total
+        since = now - self.last_line
+        if self.done < self.total and ((tenths > self.tenths and since >= LOG_LINE_AFTER_S)
+                                       or since >= LOG_LINE_AT_MOST_S):
+            self.tenths, self.last_line = tenths, now
+            print(f"cao2: {self.label}: {self.done}/{self.total} {self.unit} ({100 * self.done // self.total}%), "
+                  f"{self.own_seconds():.1f}s so far", file=sys.stderr, flush=True)
 
     def update(self, n: int) -> None:
         if not n:
@@ -277,6 +300,8 @@ class StageBar:
         self.begin()
         self.done += n
         self.bar.update(n)
+        if self.lines:
+            self.log_line()
         if self.receiver is not None:
             self.receiver(self.stage, self.done, self.total)
         if self.done >= self.total and not self.inside:
@@ -286,12 +311,12 @@ class StageBar:
     def running(self):
         """The stage at work: its time adds to the stage's; the bar closes at the end if all units are done."""
         self.begin()
-        start, self.inside = time.perf_counter(), True
+        self.entered, self.inside = time.perf_counter(), True
         try:
             yield
         finally:
             self.inside = False
-            self.spent += time.perf_counter() - start
+            self.spent += time.perf_counter() - self.entered
         if self.done >= self.total:
             self.close()
 

@@ -264,6 +264,21 @@ def test_each_stage_line_ends_when_its_own_work_does(tiny_args, capsys, monkeypa
     assert seconds["CLO"] >= 1.5 and seconds["decode"] < 1.5 and seconds["select"] < 1.5, lines
 
 
+def test_a_long_stage_says_it_is_alive_in_the_log(tiny_args, capsys, monkeypatch):
+    """Between a stage's first and last line, a log gets a line at each tenth done once a stage runs long (here
+    every wait is 0 s: every tenth that a unit crosses), with the count, the percent and the stage's own time."""
+    from cao2core.method import engine
+    monkeypatch.setattr(engine, "LOG_LINE_AFTER_S", 0.0)
+    args = [a for a in tiny_args if a not in ("--no-progress", "3")] + ["--progress"]
+    args[args.index("--clo-iters") + 1:args.index("--clo-iters") + 1] = ["5"]
+    assert main(["run", *args]) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("cao2: CLO")]
+    assert lines[0] == "cao2: CLO: 5 it ..." and lines[-1].startswith("cao2: CLO: 5/5 it in ")
+    middle = lines[1:-1]
+    assert [line.split(": ", 2)[2].split(",")[0] for line in middle] == [f"{i}/5 it ({20 * i}%)" for i in range(1, 5)]
+    assert all(line.endswith("s so far") for line in middle), middle
+
+
 def test_no_progress_prints_no_stage_lines(tiny_args, capsys):
     assert main(["run", *tiny_args]) == 0
     assert not [line for line in capsys.readouterr().err.splitlines() if line.startswith("cao2: ")]
