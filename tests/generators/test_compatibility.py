@@ -4,7 +4,6 @@ plugins of its version, an option the user did not type is never blamed on the u
 plugin, and the host's typed methods follow the hookspecs."""
 from __future__ import annotations
 
-import importlib.metadata as md
 import importlib.util
 import inspect
 import json
@@ -20,6 +19,7 @@ import torch
 
 from cao2core.cli import main
 from cao2core.method import engine
+from entry_points import install_entry_points
 from cao2core.errors import UserError
 from cao2core.generators import conformance, hookspecs
 from cao2core.generators.conformance import GeneratorConformance, GeneratorUnderTest, check_generator
@@ -220,32 +220,12 @@ def test_a_bad_flag_the_user_typed_stays_the_users():
 
 # contract versions
 
-def _entry_points_with(monkeypatch, extra: list):
-    """Pretend more generator entry points are installed: [(name, module, distribution name)]."""
-    import cao2core.generators.host as host_module
-    real = md.entry_points
-
-    class Dist:
-        def __init__(self, name):
-            self.metadata, self.version = {"Name": name}, "1.0"
-
-    def entry_points(group):
-        eps = list(real(group=group))
-        if group == host_module.GENERATOR_GROUP:
-            for name, value, dist in extra:
-                ep = md.EntryPoint(name, value, group)
-                object.__setattr__(ep, "dist", Dist(dist))
-                eps.append(ep)
-        return eps
-    monkeypatch.setattr(host_module.importlib.metadata, "entry_points", entry_points)
-
-
 def test_a_plugin_of_a_future_major_version_is_set_aside_in_one_line(monkeypatch, tmp_path, capsys):
     # a hook contract 1 does not know: the version, not the hookspecs, is what the line names
     (tmp_path / "cao2_future.py").write_text("from cao2core.hookspecs import hookimpl\n\nCAO2_CONTRACT = (2, 0)\n\n\n"
                                              "@hookimpl\ndef cao2_render(handle):\n    return None\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    _entry_points_with(monkeypatch, [("future", "cao2_future", "cao2-future")])
+    install_entry_points(monkeypatch, {"cao2.generators": [("future", "cao2_future", "cao2-future")]})
     assert main(["plugins"]) == 0
     out = capsys.readouterr().out
     assert ("future [generator, BROKEN]\n  plugin 'future' (cao2-future 1.0) is written for contract 2, this cao2 "

@@ -2,7 +2,6 @@
 generators unaffected. The faulty plugins are the example toy generator with one thing wrong each."""
 from __future__ import annotations
 
-import importlib.metadata as md
 import sys
 import types
 from pathlib import Path
@@ -11,6 +10,7 @@ import pytest
 import torch
 
 from cao2core.method import engine
+from entry_points import install_entry_points
 from cao2core.cli import main
 from cao2core.generators.hookspecs import LatentSpec, SampleOutput, hookimpl
 from cao2core.generators.host import Host
@@ -295,29 +295,10 @@ def test_plugins_lists_the_others_when_a_listing_hook_raises(install, monkeypatc
     assert "dit 0.1.0 [generator]" in out and "mar 0.1.0 [generator]" in out, out
 
 
-def _entry_points_with(monkeypatch, extra: dict):
-    """Pretend more entry points are installed: {group: [(name, module, distribution name)]}."""
-    import cao2core.generators.host as plugins
-    real = md.entry_points
-
-    class Dist:
-        def __init__(self, name):
-            self.metadata, self.version = {"Name": name}, "1.0"
-
-    def entry_points(group):
-        eps = list(real(group=group))
-        for name, value, dist in extra.get(group, []):
-            ep = md.EntryPoint(name, value, group)
-            object.__setattr__(ep, "dist", Dist(dist))
-            eps.append(ep)
-        return eps
-    monkeypatch.setattr(plugins.importlib.metadata, "entry_points", entry_points)
-
-
 def test_sys_exit_at_import_is_set_aside(monkeypatch, tmp_path, capsys, tiny_args):
     (tmp_path / "exits_at_import.py").write_text("import sys\nsys.exit(3)\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    _entry_points_with(monkeypatch, {"cao2.generators": [("quits", "exits_at_import", "cao2-quits")]})
+    install_entry_points(monkeypatch, {"cao2.generators": [("quits", "exits_at_import", "cao2-quits")]})
     assert main(["plugins"]) == 0
     out = capsys.readouterr().out
     assert "quits [generator, BROKEN]" in out and "SystemExit" in out and "dit" in out
@@ -327,7 +308,7 @@ def test_sys_exit_at_import_is_set_aside(monkeypatch, tmp_path, capsys, tiny_arg
 def test_broken_cross_cutting_plugin_is_reported_and_skipped(monkeypatch, tmp_path, capsys, tiny_args):
     (tmp_path / "bad_tracer.py").write_text("raise ImportError('tracing backend missing')\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    _entry_points_with(monkeypatch, {"cao2.plugins": [("tracer", "bad_tracer", "cao2-tracer")]})
+    install_entry_points(monkeypatch, {"cao2.plugins": [("tracer", "bad_tracer", "cao2-tracer")]})
     assert main(["run", *tiny_args]) == 0
     err = capsys.readouterr().err
     assert "cross-cutting plugin 'tracer' is skipped" in err and "tracing backend missing" in err
@@ -337,7 +318,7 @@ def test_broken_cross_cutting_plugin_is_reported_and_skipped(monkeypatch, tmp_pa
 def test_a_broken_cross_cutting_plugin_is_listed_as_a_plugin(monkeypatch, tmp_path, capsys):
     (tmp_path / "bad_tracer.py").write_text("raise ImportError('tracing backend missing')\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    _entry_points_with(monkeypatch, {"cao2.plugins": [("tracer", "bad_tracer", "cao2-tracer")]})
+    install_entry_points(monkeypatch, {"cao2.plugins": [("tracer", "bad_tracer", "cao2-tracer")]})
     assert main(["plugins", "--verbose"]) == 0
     out = capsys.readouterr().out
     assert "tracer [plugin, BROKEN]" in out and "tracer [generator, BROKEN]" not in out
@@ -345,7 +326,7 @@ def test_a_broken_cross_cutting_plugin_is_listed_as_a_plugin(monkeypatch, tmp_pa
 def test_a_third_party_dit_does_not_replace_the_builtin(monkeypatch, tmp_path, capsys, tiny_args):
     (tmp_path / "fake_dit.py").write_text("")
     monkeypatch.syspath_prepend(str(tmp_path))
-    _entry_points_with(monkeypatch, {"cao2.generators": [("dit", "fake_dit", "cao2-pixeldiff")]})
+    install_entry_points(monkeypatch, {"cao2.generators": [("dit", "fake_dit", "cao2-pixeldiff")]})
     assert main(["run", *tiny_args]) == 0
     assert main(["plugins"]) == 0
     out = capsys.readouterr().out
