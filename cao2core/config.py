@@ -19,6 +19,7 @@ from .generators.hookspecs import CLASSIFIER_INPUTS, CONDITION_KINDS, GENERIC_OP
 CONDITIONS = CONDITION_KINDS + ("auto",)
 PROFILES = ("default", "reference")
 STRATEGIES = ("confidence", "stability", "random", "none")     # OSS: cao2core.method.oss
+JUDGED_STRATEGIES = ("confidence", "stability")     # those that decode and classify the pool (a judge is loaded)
 ORDERS = ("easy", "hard")
 KERNEL_BACKENDS = ("auto", "triton", "cuda", "cpp", "torch")   # cao2core.kernels
 PROTOCOLS = ("hard", "rded", "rded-faithful")                   # cao2core.scoring.protocols

@@ -24,7 +24,7 @@ from .. import __version__, kernels
 from . import batchsize, clo, distributed, dryrun, oss, workplan
 from ..generators import precision, weights
 from ..data.classifiers import Classifier, load_classifier
-from ..config import RunConfig
+from ..config import JUDGED_STRATEGIES, RunConfig
 from ..environment import resolve_device, stderr_is_terminal, versions
 from ..errors import UserError
 from ..data.labels import LabelSpace, label_space
@@ -133,13 +133,13 @@ def prepare(cfg: RunConfig, host: Host, ranks, progress: Progress | None = None)
                         f"this sampler has {spec.sample_steps or 'no'} steps; use --sample-steps 2 or more, or "
                         "another --select")
     classifier = targets = None
-    if cfg.select in ("confidence", "stability") or cfg.condition == "auto":
+    if cfg.select in JUDGED_STRATEGIES or cfg.condition == "auto":
         with told("load classifier", cfg.classifier or "the default judge"):
             classifier = load_classifier(cfg.classifier, space, device, cfg.classifier_arch, cfg.classifier_classes,
                                          classifier_input(cfg, spec))
         targets = classifier.output_indices(space)
     selection_amp = None
-    if cfg.select in ("confidence", "stability"):
+    if cfg.select in JUDGED_STRATEGIES:
         selection_amp = precision.selection_autocast(device, cfg.profile, spec.reference_selection_autocast)
         if cfg.profile == "reference" and spec.reference_selection_autocast and selection_amp is None \
                 and ranks.is_main:
@@ -195,7 +195,7 @@ def preflight(work: dryrun.Workload, cfg: RunConfig) -> None:
     plugin that breaks the contract fails here with an empty output folder rather than halfway through."""
     with torch.no_grad():
         latents = work.sample(min(2, cfg.batch_size))
-    if cfg.select in ("confidence", "stability") and work.classifier is not None:
+    if cfg.select in JUDGED_STRATEGIES and work.classifier is not None:
         work.classify(latents)
     if cfg.clo_iters:
         try:
@@ -344,7 +344,7 @@ class ProgressBars:
         self.sample = StageBar("encode" if job.cfg.images else "sample pool", pools, "img", shown, of_ranks,
                                receiver)
         # select_samples decodes and classifies each pool (and, for stability, its snapshots too)
-        self.select = StageBar("select", pools if job.cfg.select in ("confidence", "stability") else 0, "img",
+        self.select = StageBar("select", pools if job.cfg.select in JUDGED_STRATEGIES else 0, "img",
                                shown, of_ranks, receiver)
         self.clo = StageBar("CLO", sum(workplan.chunks(sum(src.keep(ids[p]) for p in groups[g]), size)
                                        for g, _ in todo) * job.cfg.clo_iters, "it", shown, of_ranks, receiver)
@@ -369,7 +369,7 @@ def distill_group(job: Job, store: Store, group: list[int], missing: list[int], 
     t0 = time.perf_counter()
     with bars.select.running(), precision.autocast(job.device, job.selection_autocast):
         kept = select_samples(job, group, cids, labels, pools)
-        if job.cfg.select in ("confidence", "stability"):
+        if job.cfg.select in JUDGED_STRATEGIES:
             bars.select.update(sum(len(pool) for pool, _ in pools))
     latents_init = torch.cat([pool[keep.to(pool.device)] for (pool, _), (keep, _) in zip(pools, kept)])
     times["select"] = time.perf_counter() - t0
@@ -403,7 +403,7 @@ def select_samples(job: Job, group: list[int], cids: list[str], labels: list[int
     classified after decoding, as the classifier input says. Where it is classified (confidence, stability), the
     record keeps what the judge said of every pool sample and small thumbnails of the final decode."""
     cfg = job.cfg
-    if cfg.select in ("confidence", "stability"):
+    if cfg.select in JUDGED_STRATEGIES:
         probs, thumbs = classify(job.gen, job.handle, job.classifier, [p for p, _ in pools], cfg.batch_size,
                                  oss.POOL_THUMB_PX)
         if cfg.select == "stability":
@@ -411,7 +411,7 @@ def select_samples(job: Job, group: list[int], cids: list[str], labels: list[int
     kept = []
     for k, (pos, cid, label) in enumerate(zip(group, cids, labels)):
         ipc = job.source.keep(cid)
-        if cfg.select in ("confidence", "stability"):
+        if cfg.select in JUDGED_STRATEGIES:
             target = job.targets[pos]
             if cfg.select == "confidence":
                 keep = oss.select_confidence(probs[k], target, ipc, cfg.order)
@@ -421,12 +421,7 @@ def select_samples(job: Job, group: list[int], cids: list[str], labels: list[int
                 if cfg.profile == "reference":      # the files, and the pool record's ranks, in the official order
                     keep = oss.official_stability_order(keep)
                 score = oss.stability_of(probs_before[k], probs[k])
-            pool = oss.pool_record(probs[k], target, keep, score, cfg.select == "confidence", thumbs[k])
-            record = {"select": cfg.select, "fields": sorted(pool), "target": target,
-                      "reasons": {str(c): why for c, why in oss.REASONS.items()},
-                      "thumbnails": len(pool["pool_thumb_index"]), "thumbnail_px": oss.POOL_THUMB_PX,
-                      "capped": len(pool["pool_thumb_index"]) < len(score)}
-            kept.append((keep, oss.Selection(score[keep], pool, record)))
+            kept.append((keep, oss.judged_selection(cfg.select, probs[k], target, keep, score, thumbs[k])))
             continue
         keep = (oss.select_random(job.source.size(cid), ipc, unit_generator(cfg.seed, label, 0, "select"))
                 if cfg.select == "random" else torch.arange(ipc))

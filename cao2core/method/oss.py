@@ -74,6 +74,18 @@ class Selection:
     record: dict | None = None
 
 
+def judged_selection(select: str, probs: torch.Tensor, target: int, keep: torch.Tensor, score: torch.Tensor,
+                     thumbs: torch.Tensor) -> Selection:
+    """The Selection of a class whose pool the judge classified (``select`` in ``JUDGED_STRATEGIES``): the kept
+    samples' scores, the pool record (``pool_record``) and what the class's record says of it."""
+    pool = pool_record(probs, target, keep, score, select == "confidence", thumbs)
+    record = {"select": select, "fields": sorted(pool), "target": target,
+              "reasons": {str(c): why for c, why in REASONS.items()},
+              "thumbnails": len(pool["pool_thumb_index"]), "thumbnail_px": POOL_THUMB_PX,
+              "capped": len(pool["pool_thumb_index"]) < len(score)}
+    return Selection(score[keep], pool, record)
+
+
 def pool_record(probs: torch.Tensor, target: int, keep: torch.Tensor, score: torch.Tensor, checks_class: bool,
                 thumbs: torch.Tensor, thumbs_max: int | None = None) -> dict[str, torch.Tensor]:
     """Per pool sample (P of them): ``pool_score`` (what OSS ranked by), ``pool_pred`` and ``pool_pred_prob`` (the

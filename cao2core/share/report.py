@@ -25,6 +25,7 @@ import shutil
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from ..config import JUDGED_STRATEGIES
 from ..errors import UserError, reason
 from ..store.files import locked_folder, new_folder
 from ..store.records import sweep_reports
@@ -356,7 +357,7 @@ def _pool_missing(run: RunImages, cid: str, t: dict) -> str | None:
     config = run.manifest.get("config") or {}
     select = config.get("select", "confidence")
     record = ((run.manifest.get("classes") or {}).get(cid) or {}).get("pool_record")
-    if select not in ("confidence", "stability"):
+    if select not in JUDGED_STRATEGIES:
         command = "cao2 refine" if config.get("images") else "cao2 run"
         return (f"{command} with --select {select} classifies nothing, so no judge's answer on the pool was "
                 "recorded")
