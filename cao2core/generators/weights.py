@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import UserError
+from ..errors import UserError, reason
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 # seconds the hub gets to answer whether a repo exists before it counts as unreachable: huggingface_hub's own
@@ -241,7 +241,7 @@ def hub_files(repo: str, choices: Sequence[Sequence[str]]) -> list[Path]:
             try:
                 return [Path(hf_hub_download(repo, f, cache_dir=cache)) for f in files]
             except Exception as exc:    # the connection dropped mid-way, the disk is full, ...
-                raise HubMiss(f"downloading {files[-1]} failed ({type(exc).__name__}: {_one_line(exc)})") from None
+                raise HubMiss(f"downloading {files[-1]} failed ({type(exc).__name__}: {reason(exc)[:240]})") from None
     raise HubMiss(f"the hub repo has none of {' / '.join(' + '.join(files) for files in choices)}")
 
 
@@ -262,7 +262,7 @@ def hub_snapshot(repo: str, patterns: Sequence[str], complete: Callable[[Path], 
     try:
         return Path(snapshot_download(repo, allow_patterns=list(patterns), cache_dir=cache))
     except Exception as exc:
-        raise HubMiss(f"downloading it failed ({type(exc).__name__}: {_one_line(exc)})") from None
+        raise HubMiss(f"downloading it failed ({type(exc).__name__}: {reason(exc)[:240]})") from None
 
 
 def hub_listing(repo: str) -> set[str]:
@@ -276,10 +276,10 @@ def hub_listing(repo: str) -> set[str]:
     except RepositoryNotFoundError:
         raise HubMiss("the hub has no such model, or it is private or gated (log in with `hf auth login`)") from None
     except HfHubHTTPError as exc:
-        raise HubMiss(f"the hub refused the request ({_one_line(exc)[:120]})") from None
+        raise HubMiss(f"the hub refused the request ({reason(exc)[:120]})") from None
     except Exception as exc:        # DNS, refused connection, timeout: the transport's own error types
         raise HubMiss(f"the hub is unreachable within {HUB_PROBE_TIMEOUT_S:g} s ({type(exc).__name__}: "
-                      f"{_one_line(exc)[:120]})") from None
+                      f"{reason(exc)[:120]})") from None
     return {s.rfilename for s in info.siblings or []}
 
 
@@ -301,7 +301,3 @@ def _require_repo_id(repo: str) -> None:
         validate_repo_id(repo)
     except Exception:
         raise HubMiss("it is neither a local path nor a hub model id (owner/name)") from None
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())[:240]

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from cao2core.generators import weights
-from cao2core.errors import UserError
+from cao2core.errors import UserError, reason
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 # model_index.json entry -> the classes cao2 loads it with (SD 1.x/2.x text-to-image pipelines)
@@ -203,7 +203,7 @@ def load_diffusers(cls, folder: Path, component: str, variant: str | None) -> Co
         raise
     except Exception as exc:
         raise UserError(f"cannot load the {component} from {folder} ({type(exc).__name__}: "
-                        f"{_first_line(exc)})") from None
+                        f"{reason(exc)[:240]})") from None
     _strict(info, folder, component)
     return Component(model, folder, files, dtype)
 
@@ -220,7 +220,7 @@ def load_text_encoder(folder: Path, variant: str | None) -> Component:
                                                         output_loading_info=True, ignore_mismatched_sizes=True)
     except Exception as exc:
         raise UserError(f"cannot load the text_encoder from {folder} ({type(exc).__name__}: "
-                        f"{_first_line(exc)})") from None
+                        f"{reason(exc)[:240]})") from None
     _strict(info, folder, "text_encoder")
     # transformers may load in another dtype than the files'; the cast back is exact (values came from that dtype)
     return Component(model.to(dtype), folder, files, dtype)
@@ -232,7 +232,8 @@ def load_tokenizer(folder: Path, class_name: str) -> Component:
         with quiet():
             tokenizer = getattr(transformers, class_name).from_pretrained(folder)
     except Exception as exc:
-        raise UserError(f"cannot load the tokenizer from {folder} ({type(exc).__name__}: {_first_line(exc)})") from None
+        raise UserError(f"cannot load the tokenizer from {folder} ({type(exc).__name__}: {reason(exc)[:240]})"
+                        ) from None
     return Component(tokenizer, folder, sorted(p for p in folder.iterdir() if p.is_file()))
 
 
@@ -281,7 +282,3 @@ def quiet():
         if bars:
             tlog.enable_progress_bar()
 
-
-def _first_line(exc: BaseException) -> str:
-    """An exception's message on one line (the libraries' loading errors run over several)."""
-    return " ".join(str(exc).split())[:240]
